@@ -1,0 +1,526 @@
+//! Configuration: one typed [`Config`], loaded once at start from (lowest to highest precedence)
+//! defaults, a TOML file, `RELAY_*` environment variables and command-line overrides, then
+//! validated as a whole. Every problem is reported at once, before anything binds.
+//!
+//! Environment variables map onto keys with `__` between sections:
+//! `RELAY_LIMITS__MAX_BODY_BYTES=65536` sets `[limits] max_body_bytes`. Values are read as TOML
+//! scalars when they parse as such (numbers, booleans, arrays), as strings otherwise.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem; the process exits with code 64 (EX_USAGE).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// A duration written as `250ms`, `25s`, `5m`, `2h`, `30d` or `6y` (365 days), or as seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+}
+
+/// Parses a duration string such as `25s` or `6y`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        "y" => secs(365 * 86_400),
+        _ => None,
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur::secs(s)),
+            Raw::Text(t) => parse_duration(&t).map(Dur).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a duration (use e.g. 500ms, 25s, 2h, 30d, 6y)"
+                ))
+            }),
+        }
+    }
+}
+
+/// Dev mode generates its own keys and stays on loopback; production requires real keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Zero-setup local mode.
+    Dev,
+    /// Refuses to start without configured keys.
+    Production,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The relay's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `dev` or `production`.
+    pub mode: Mode,
+    /// Public WebSocket + HTTP listener.
+    pub listen: SocketAddr,
+    /// Admin listener (metrics, health); keep it private.
+    pub admin_listen: SocketAddr,
+    /// Where the embedded store (and dev-mode keys) live.
+    pub data_dir: PathBuf,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `relay=debug`.
+    pub log_level: String,
+    /// How long a drain may take on SIGTERM/SIGINT before remaining sessions are dropped.
+    pub shutdown_grace: Dur,
+    /// TLS for the public listener.
+    pub tls: TlsConfig,
+    /// Device authentication.
+    pub auth: AuthConfig,
+    /// Encryption at rest.
+    pub at_rest: AtRestConfig,
+    /// Sizes, rates and caps.
+    pub limits: LimitsConfig,
+    /// Connection liveness and logoff.
+    pub session: SessionConfig,
+    /// How long data is kept.
+    pub retention: RetentionConfig,
+}
+
+/// TLS certificate and key (PEM). Both or neither.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// Private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Public keys (SPKI PEM, Ed25519 or P-256), inline. Several keys allow rotation.
+    pub public_keys: Option<String>,
+    /// Public keys from a file.
+    pub public_keys_file: Option<PathBuf>,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Clock skew tolerated on `exp`.
+    pub leeway: Dur,
+    /// Browser origins allowed to connect. `scheme://host:*` allows any port.
+    pub allowed_origins: Vec<String>,
+}
+
+/// At-rest keyring.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AtRestConfig {
+    /// `kid:base64key` entries, comma-separated.
+    pub keys: Option<String>,
+    /// The same, from a file.
+    pub keys_file: Option<PathBuf>,
+    /// Key id that seals new data.
+    pub active: Option<String>,
+}
+
+/// Limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest decoded message body.
+    pub max_body_bytes: usize,
+    /// Most recipient users per message.
+    pub max_recipients: usize,
+    /// Most simultaneous connections (TCP) on the public listener.
+    pub max_connections: usize,
+    /// Sustained sends per second per device.
+    pub send_rate_per_s: f64,
+    /// Sends a device may burst above its rate.
+    pub send_burst: u32,
+    /// Deliveries queued per connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Sends per connection awaiting durability before the relay stops reading from it.
+    pub max_pipelined_sends: usize,
+    /// Time allowed for TLS, HTTP request and upgrade.
+    pub handshake_timeout: Dur,
+    /// Time a write to a device may take before it counts as a slow consumer.
+    pub write_timeout: Dur,
+    /// Protocol errors tolerated per minute before closing with 1008.
+    pub max_errors_per_minute: u32,
+}
+
+/// Session liveness.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Server ping interval; a connection silent for two intervals is closed.
+    pub ping_interval: Dur,
+    /// Inactivity logoff (HIPAA automatic logoff).
+    pub idle_timeout: Dur,
+}
+
+/// Retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Ciphertext archive.
+    pub archive: Dur,
+    /// Unacknowledged inbox entries.
+    pub inbox: Dur,
+    /// Message-id deduplication window.
+    pub idempotency: Dur,
+    /// How often expiry runs.
+    pub sweep_interval: Dur,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Dev,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            data_dir: PathBuf::from("relay-data"),
+            log_format: LogFormat::Text,
+            log_level: "info,fjall=warn,lsm_tree=warn".into(),
+            shutdown_grace: Dur::secs(20),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            at_rest: AtRestConfig::default(),
+            limits: LimitsConfig::default(),
+            session: SessionConfig::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            public_keys: None,
+            public_keys_file: None,
+            audience: "relay".into(),
+            leeway: Dur::secs(30),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 256 * 1024,
+            max_recipients: 100,
+            max_connections: 50_000,
+            send_rate_per_s: 50.0,
+            send_burst: 200,
+            outbound_queue: 256,
+            max_pipelined_sends: 64,
+            handshake_timeout: Dur::secs(10),
+            write_timeout: Dur::secs(10),
+            max_errors_per_minute: 10,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ping_interval: Dur::secs(25),
+            idle_timeout: Dur::secs(2 * 3600),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            archive: Dur::secs(6 * 365 * 86_400),
+            inbox: Dur::secs(30 * 86_400),
+            idempotency: Dur::secs(7 * 86_400),
+            sweep_interval: Dur::secs(3600),
+        }
+    }
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a TOML assignment; fall back to a plain string.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Loads the configuration. `overrides` are `section.key=value` pairs from flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut table = match file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => text.parse::<toml::Table>().unwrap_or_else(|e| {
+                    errors.push(format!("{}: {e}", path.display()));
+                    toml::Table::new()
+                }),
+                Err(e) => {
+                    errors.push(format!("cannot read {}: {e}", path.display()));
+                    toml::Table::new()
+                }
+            },
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("RELAY_")?.to_ascii_lowercase(), v)))
+            .collect();
+        env.sort();
+        for (key, raw) in env {
+            let path: Vec<String> = key.split("__").map(str::to_string).collect();
+            if let Err(e) = set_path(&mut table, &path, env_value(&raw)) {
+                errors.push(format!("RELAY_{}: {e}", key.to_ascii_uppercase()));
+            }
+        }
+        for (key, raw) in overrides {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            if let Err(e) = set_path(&mut table, &path, env_value(raw)) {
+                errors.push(format!("{key}: {e}"));
+            }
+        }
+        let config = match Config::deserialize(toml::Value::Table(table)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(e.to_string().trim().to_string());
+                None
+            }
+        };
+        match config {
+            Some(c) if errors.is_empty() => c.validate().map(|()| c),
+            _ => Err(ConfigError(errors)),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut e = Vec::new();
+        let l = &self.limits;
+        if self.mode == Mode::Dev
+            && !(self.listen.ip().is_loopback() && self.admin_listen.ip().is_loopback())
+        {
+            e.push("dev mode listens on loopback only; set mode = \"production\" with real keys to listen elsewhere".into());
+        }
+        if self.mode == Mode::Production {
+            if self.auth.public_keys.is_none() && self.auth.public_keys_file.is_none() {
+                e.push("production mode needs auth.public_keys or auth.public_keys_file".into());
+            }
+            if self.at_rest.keys.is_none() && self.at_rest.keys_file.is_none() {
+                e.push("production mode needs at_rest.keys or at_rest.keys_file".into());
+            }
+            if self.at_rest.active.is_none() {
+                e.push("production mode needs at_rest.active".into());
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            e.push("tls.cert_file and tls.key_file go together".into());
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            e.push("listen and admin_listen must differ".into());
+        }
+        if l.max_body_bytes == 0 || l.max_body_bytes > 16 * 1024 * 1024 {
+            e.push("limits.max_body_bytes must be between 1 and 16 MiB".into());
+        }
+        if l.max_recipients == 0 || l.max_recipients > 10_000 {
+            e.push("limits.max_recipients must be between 1 and 10000".into());
+        }
+        if l.send_rate_per_s.is_nan() || l.send_rate_per_s <= 0.0 || l.send_burst == 0 {
+            e.push("limits.send_rate_per_s and limits.send_burst must be positive".into());
+        }
+        for (name, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.outbound_queue", l.outbound_queue),
+            ("limits.max_pipelined_sends", l.max_pipelined_sends),
+        ] {
+            if v == 0 {
+                e.push(format!("{name} must be positive"));
+            }
+        }
+        for (name, d) in [
+            ("session.ping_interval", self.session.ping_interval),
+            ("session.idle_timeout", self.session.idle_timeout),
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.write_timeout", l.write_timeout),
+            ("retention.sweep_interval", self.retention.sweep_interval),
+        ] {
+            if d.0.is_zero() {
+                e.push(format!("{name} must be positive"));
+            }
+        }
+        for origin in &self.auth.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                e.push(format!(
+                    "allowed origin `{origin}` must start with http:// or https://"
+                ));
+            }
+        }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(e))
+        }
+    }
+
+    /// Largest WebSocket message the relay reads: a `send` frame carrying a maximal body
+    /// (base64 grows it by 4/3) plus room for the envelope and recipients.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.limits.max_body_bytes.div_ceil(3) * 4 + 1024 + self.limits.max_recipients * 140
+    }
+
+    /// Whether a browser `Origin` may connect.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        let dev_defaults = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
+        let extra: &[&str] = if self.mode == Mode::Dev {
+            &dev_defaults
+        } else {
+            &[]
+        };
+        self.auth
+            .allowed_origins
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .any(|allowed| match allowed.strip_suffix(":*") {
+                Some(base) => {
+                    origin == base
+                        || origin
+                            .strip_prefix(base)
+                            .and_then(|rest| rest.strip_prefix(':'))
+                            .is_some_and(|port| port.bytes().all(|b| b.is_ascii_digit()))
+                }
+                None => origin == allowed,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("relay.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).expect("write");
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(file.map(|_| path.as_path()), env, &[])
+    }
+
+    #[test]
+    fn defaults_are_dev_on_loopback() {
+        let c = load(&[], None).expect("defaults");
+        assert_eq!(c.mode, Mode::Dev);
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.session.idle_timeout.0, Duration::from_secs(7200));
+        assert_eq!(c.limits.max_body_bytes, 262_144);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load(
+            &[
+                ("RELAY_LIMITS__MAX_BODY_BYTES", "1000"),
+                ("RELAY_SESSION__IDLE_TIMEOUT", "3s"),
+                ("PATH", "/bin"),
+            ],
+            Some("[limits]\nmax_body_bytes = 5\nmax_recipients = 7\n"),
+        )
+        .expect("config");
+        assert_eq!(c.limits.max_body_bytes, 1000);
+        assert_eq!(c.limits.max_recipients, 7);
+        assert_eq!(c.session.idle_timeout.0, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let err = load(
+            &[("RELAY_MODE", "production"), ("RELAY_LISTEN", "0.0.0.0:80")],
+            None,
+        )
+        .expect_err("incomplete production config");
+        let text = err.to_string();
+        assert!(text.contains("auth.public_keys"), "{text}");
+        assert!(text.contains("at_rest.keys"), "{text}");
+        assert!(load(&[("RELAY_LISTEN", "0.0.0.0:8080")], None).is_err());
+        assert!(load(&[("RELAY_NO_SUCH_KEY", "1")], None).is_err());
+        assert!(load(&[("RELAY_SESSION__PING_INTERVAL", "soon")], None).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_duration("6y"),
+            Some(Duration::from_secs(6 * 365 * 86400))
+        );
+        assert_eq!(parse_duration("2 weeks"), None);
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_port_wildcard() {
+        let mut c = Config::default();
+        c.auth.allowed_origins = vec!["https://app.example.org".into()];
+        assert!(c.origin_allowed("https://app.example.org"));
+        assert!(!c.origin_allowed("https://app.example.org.evil.com"));
+        assert!(c.origin_allowed("http://localhost:5173"));
+        assert!(!c.origin_allowed("http://localhost.evil.com"));
+        c.mode = Mode::Production;
+        assert!(!c.origin_allowed("http://localhost:5173"));
+    }
+}

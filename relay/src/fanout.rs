@@ -1,0 +1,182 @@
+//! The hub of live connections on this node: which device is connected, and its outbound queue.
+//!
+//! The store calls [`Hub::deliver`] after each durable commit, in sequence order. The `deliver`
+//! frame is the same for every recipient device, so it is serialized once and shared.
+//!
+//! **Invariant:** the hub never blocks and never buffers without bound. A full queue marks the
+//! connection as overflowed; the session then catches up from the store (during replay) or
+//! disconnects the device as a slow consumer (live), and the message stays in the inbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{self, ServerFrame, close};
+use crate::store::{DeliverySink, DeviceRef, InboxEntry};
+
+/// A `deliver` frame with its sequence number, queued for one connection.
+pub type Outbound = (u64, Utf8Bytes);
+
+/// State a connection shares with the hub.
+#[derive(Debug, Default)]
+pub struct ConnSignals {
+    /// Set when a delivery found the queue full.
+    pub overflowed: AtomicBool,
+    /// Cancelled to make the session close, with `evict_code`.
+    pub evict: CancellationToken,
+    /// Close code for an eviction.
+    pub evict_code: AtomicU16,
+}
+
+impl ConnSignals {
+    fn evict(&self, code: u16) {
+        self.evict_code.store(code, Ordering::Relaxed);
+        self.evict.cancel();
+    }
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Outbound>,
+    signals: Arc<ConnSignals>,
+}
+
+/// A session's handle on its registration.
+pub struct Registration {
+    /// Unique id of this connection on this node.
+    pub id: u64,
+    /// Live deliveries.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Overflow and eviction signals.
+    pub signals: Arc<ConnSignals>,
+}
+
+/// Live connections of this node, by device.
+#[derive(Default)]
+pub struct Hub {
+    conns: DashMap<DeviceRef, Conn>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    /// Registers a connection for `device`, displacing (closing) an older one of the same device.
+    pub fn register(&self, device: &DeviceRef, queue: usize) -> Registration {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let signals = Arc::new(ConnSignals::default());
+        let conn = Conn {
+            id,
+            tx,
+            signals: signals.clone(),
+        };
+        if let Some(old) = self.conns.insert(device.clone(), conn) {
+            old.signals.evict(close::DISPLACED);
+            metrics::counter!("relay_connections_displaced_total").increment(1);
+        }
+        metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
+        Registration { id, rx, signals }
+    }
+
+    /// Removes the registration `id` of `device`, unless a newer connection replaced it.
+    pub fn unregister(&self, device: &DeviceRef, id: u64) {
+        self.conns.remove_if(device, |_, c| c.id == id);
+        metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
+    }
+
+    /// Devices connected to this node.
+    pub fn online(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether `device` is connected to this node.
+    pub fn is_online(&self, device: &DeviceRef) -> bool {
+        self.conns.contains_key(device)
+    }
+}
+
+/// Builds the `deliver` frame for a stored message.
+pub fn deliver_frame(entry: &InboxEntry) -> Utf8Bytes {
+    let body = protocol::encode_body(&entry.body);
+    ServerFrame::Deliver {
+        id: entry.id,
+        seq: entry.seq,
+        ts: entry.ts,
+        from: protocol::From {
+            user: &entry.from.user,
+            device: &entry.from.device,
+        },
+        body: &body,
+        urgent: entry.urgent,
+    }
+    .to_json()
+    .into()
+}
+
+impl DeliverySink for Hub {
+    fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
+        let mut frame: Option<Utf8Bytes> = None;
+        for device in devices {
+            let Some(conn) = self.conns.get(device) else {
+                continue;
+            };
+            let frame = frame.get_or_insert_with(|| deliver_frame(entry)).clone();
+            if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send((entry.seq, frame)) {
+                conn.signals.overflowed.store(true, Ordering::Relaxed);
+                metrics::counter!("relay_outbound_overflows_total").increment(1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(seq: u64) -> InboxEntry {
+        InboxEntry {
+            seq,
+            ts: 1,
+            id: uuid::Uuid::nil(),
+            from: DeviceRef::new("a", "a1"),
+            urgent: false,
+            body: Bytes::from_static(b"hi"),
+        }
+    }
+
+    #[test]
+    fn newer_connection_displaces_older() {
+        let hub = Hub::default();
+        let d = DeviceRef::new("u", "d");
+        let first = hub.register(&d, 4);
+        let second = hub.register(&d, 4);
+        assert!(first.signals.evict.is_cancelled());
+        assert_eq!(
+            first.signals.evict_code.load(Ordering::Relaxed),
+            close::DISPLACED
+        );
+        // The displaced session's cleanup must not remove the newer registration.
+        hub.unregister(&d, first.id);
+        assert!(hub.is_online(&d));
+        hub.unregister(&d, second.id);
+        assert!(!hub.is_online(&d));
+    }
+
+    #[test]
+    fn full_queue_marks_overflow_without_blocking() {
+        let hub = Hub::default();
+        let d = DeviceRef::new("u", "d");
+        let mut reg = hub.register(&d, 2);
+        for seq in 1..=3 {
+            hub.deliver(std::slice::from_ref(&d), &entry(seq));
+        }
+        assert!(reg.signals.overflowed.load(Ordering::Relaxed));
+        assert_eq!(reg.rx.try_recv().expect("first").0, 1);
+        assert_eq!(reg.rx.try_recv().expect("second").0, 2);
+        assert!(reg.rx.try_recv().is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! A real-time relay for end-to-end-encrypted clinical messaging.
+//!
+//! Devices hold authenticated WebSocket sessions; the relay stores each opaque, already
+//! encrypted message (sealed again at rest), answers `accepted` once it is durable, and delivers
+//! it to every device of its recipients, in order, at least once. See `ARCHITECTURE.md` for the
+//! map and `PROTOCOL.md` for the wire protocol.
+//!
+//! Layout:
+//! - [`config`]: the typed configuration and its loading;
+//! - [`auth`]: device tokens, checked before the upgrade;
+//! - [`protocol`]: frame shapes, codes and close codes (the only place that knows them);
+//! - [`session`]: one device's session: `state` (logic, no IO) and `driver` (the socket);
+//! - [`fanout`]: live connections on this node and their bounded queues;
+//! - [`store`]: the [`store::MessageStore`] trait and its embedded backend;
+//! - [`seal`]: AES-256-GCM at-rest encryption under a rotating keyring;
+//! - [`listener`]: HTTP/WebSocket/TLS listeners; [`server`]: wiring and shutdown;
+//! - [`metrics`]: the Prometheus recorder.
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod fanout;
+pub mod listener;
+pub mod metrics;
+pub mod protocol;
+pub mod seal;
+pub mod server;
+pub mod session;
+pub mod store;

@@ -1,0 +1,274 @@
+//! The `relay` binary: `serve` (default), `token` (mint a device token), `keygen`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use relay::auth::{self, Claims, Minter};
+use relay::config::{Config, LogFormat, parse_duration};
+use relay::seal::Keyring;
+use relay::server;
+
+/// Exit code for bad configuration (EX_USAGE): nothing was bound.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Real-time relay for end-to-end-encrypted clinical messaging"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "RELAY_CONFIG_FILE")]
+    config: Option<PathBuf>,
+    /// Public listener address (overrides `listen`).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Admin listener address (overrides `admin_listen`).
+    #[arg(long, global = true)]
+    admin_listen: Option<String>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long, global = true)]
+    data_dir: Option<String>,
+    /// Any setting, as `section.key=value` (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (the default).
+    Serve,
+    /// Mint a device token, signed with the dev key (or --key).
+    Token(TokenArgs),
+    /// Generate keys: an Ed25519 token-signing pair and an at-rest key.
+    Keygen {
+        /// Directory to write `token-signing-key.pem` and `token-signing-key.pub.pem` into.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long)]
+    user: String,
+    /// Device id (`dev`).
+    #[arg(long)]
+    device: String,
+    /// Organisation id.
+    #[arg(long)]
+    org: Option<String>,
+    /// Lifetime, e.g. 12h.
+    #[arg(long, default_value = "24h")]
+    ttl: String,
+    /// Absolute expiry in Unix seconds (overrides --ttl; may be in the past, for tests).
+    #[arg(long)]
+    expires_at: Option<u64>,
+    /// Session epoch (`sep`).
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// Audience; defaults to the configured `auth.audience`.
+    #[arg(long)]
+    audience: Option<String>,
+    /// PKCS#8 private key (Ed25519 or P-256); defaults to the dev key in the data directory.
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+fn load_config(common: &Common) -> Result<Config, relay::config::ConfigError> {
+    let mut overrides = Vec::new();
+    for (key, value) in [
+        ("listen", &common.listen),
+        ("admin_listen", &common.admin_listen),
+        ("data_dir", &common.data_dir),
+    ] {
+        if let Some(v) = value {
+            overrides.push((key.to_string(), format!("{v:?}")));
+        }
+    }
+    for kv in &common.set {
+        match kv.split_once('=') {
+            Some((k, v)) => overrides.push((k.trim().to_string(), v.to_string())),
+            None => {
+                return Err(relay::config::ConfigError(vec![format!(
+                    "--set `{kv}`: expected KEY=VALUE"
+                )]));
+            }
+        }
+    }
+    let env = std::env::vars().filter(|(k, _)| k != "RELAY_CONFIG_FILE");
+    Config::load(common.config.as_deref(), env, &overrides)
+}
+
+fn init_logs(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(&cli.common) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::Token(args) => token(&config, args),
+        Command::Keygen { out_dir } => keygen(&out_dir),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    init_logs(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let metrics = match relay::metrics::install() {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("relay: metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let server = match server::start(config, metrics).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("relay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM and SIGINT both drain gracefully, so Ctrl-C exercises the same path as a deploy.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn token(config: &Config, args: TokenArgs) -> ExitCode {
+    let key_path = args
+        .key
+        .unwrap_or_else(|| server::dev_signing_key_path(&config.data_dir));
+    let pem = match std::fs::read_to_string(&key_path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "relay token: cannot read {}: {e}\n(run the relay once in dev mode to generate its key, or pass --key)",
+                key_path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = relay::store::now_ms() / 1000;
+    let exp = match (args.expires_at, parse_duration(&args.ttl)) {
+        (Some(at), _) => at,
+        (None, Some(ttl)) => now + ttl.max(Duration::from_secs(1)).as_secs(),
+        (None, None) => {
+            eprintln!("relay token: --ttl `{}` is not a duration", args.ttl);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let claims = Claims {
+        sub: args.user,
+        dev: args.device,
+        org: args.org,
+        iat: now,
+        exp,
+        sep: args.epoch,
+        aud: args
+            .audience
+            .unwrap_or_else(|| config.auth.audience.clone()),
+    };
+    match Minter::from_pem(&pem).and_then(|m| m.mint(&claims)) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(out_dir: &std::path::Path) -> ExitCode {
+    let key = match auth::generate_ed25519() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("relay keygen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let write = |name: &str, text: &str| -> std::io::Result<()> {
+        std::fs::create_dir_all(out_dir)?;
+        std::fs::write(out_dir.join(name), text)
+    };
+    if let Err(e) = write("token-signing-key.pem", &key.private_pem)
+        .and_then(|()| write("token-signing-key.pub.pem", &key.public_pem))
+    {
+        eprintln!("relay keygen: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "wrote {}/token-signing-key.pem (private) and token-signing-key.pub.pem (public)",
+        out_dir.display()
+    );
+    println!(
+        "at-rest key (for at_rest.keys as `kid:key`): {}",
+        Keyring::generate_key_b64()
+    );
+    ExitCode::SUCCESS
+}

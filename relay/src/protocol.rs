@@ -1,0 +1,352 @@
+//! Wire protocol v1: the JSON text frames exchanged over the WebSocket.
+//!
+//! This module is the only place that knows the frame shapes; `PROTOCOL.md` documents them for
+//! client authors. The relay never looks inside a message body: it checks that the body is valid
+//! base64 and measures its decoded size, nothing more.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Protocol version announced in `hello` and in the `relay.v1` subprotocol name.
+pub const VERSION: u32 = 1;
+/// Subprotocol a browser offers (with `bearer.<token>`) and the relay answers with.
+pub const SUBPROTOCOL: &str = "relay.v1";
+/// Most sequence numbers one `ack` frame may carry.
+pub const MAX_ACKS_PER_FRAME: usize = 1024;
+
+/// A user or device identifier: 1 to 128 characters of `[A-Za-z0-9._:@+-]`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@+-".contains(&b))
+}
+
+/// A frame sent by a device.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Send an opaque message to users.
+    Send {
+        /// Client-chosen message id; resending the same id is idempotent.
+        id: Uuid,
+        /// Recipient user ids.
+        to: Vec<String>,
+        /// Opaque end-to-end-encrypted body, standard base64.
+        body: String,
+        /// Urgent messages page on-call devices.
+        #[serde(default)]
+        urgent: bool,
+    },
+    /// Acknowledge delivered messages by sequence number; they leave this device's inbox.
+    Ack {
+        /// Sequence numbers from `deliver` frames.
+        seqs: Vec<u64>,
+    },
+    /// The user did something in the app; resets the inactivity logoff timer.
+    Active,
+}
+
+/// Why a client frame could not be used. Sent back as an `error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameError {
+    /// Not JSON at all.
+    BadJson,
+    /// JSON with a `type` the relay does not know.
+    UnknownType,
+    /// Known type, but fields missing, of the wrong type, or out of range.
+    BadRequest,
+    /// A `send` body that is not standard base64.
+    BadBase64,
+    /// Binary frames are not part of the protocol.
+    BinaryNotSupported,
+}
+
+impl FrameError {
+    /// Code string as it appears on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            FrameError::BadJson => "bad_json",
+            FrameError::UnknownType => "unknown_type",
+            FrameError::BadRequest => "bad_request",
+            FrameError::BadBase64 => "bad_base64",
+            FrameError::BinaryNotSupported => "binary_not_supported",
+        }
+    }
+}
+
+/// Parses one text frame. The error path re-parses to tell the client precisely what is wrong;
+/// it is cold, so the extra work does not matter.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, (FrameError, String)> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => Ok(frame),
+        Err(err) => Err(classify(text, err)),
+    }
+}
+
+fn classify(text: &str, err: serde_json::Error) -> (FrameError, String) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+        return (FrameError::BadJson, "frame is not valid JSON".into());
+    };
+    match value.get("type").and_then(|t| t.as_str()) {
+        None => (FrameError::BadRequest, "missing string field `type`".into()),
+        Some("send" | "ack" | "active") => (FrameError::BadRequest, sanitize(&err)),
+        Some(_) => (FrameError::UnknownType, "unknown frame type".into()),
+    }
+}
+
+/// serde's message names the field and the expectation; drop the echoed input, if any.
+fn sanitize(err: &serde_json::Error) -> String {
+    let msg = err.to_string();
+    let msg = msg.split(" at line ").next().unwrap_or("invalid frame");
+    msg.chars().take(200).collect()
+}
+
+/// Decodes a message body. Returns `None` when it is not standard base64.
+pub fn decode_body(body: &str) -> Option<Vec<u8>> {
+    B64.decode(body).ok()
+}
+
+/// Upper bound of the decoded size of a base64 string, known without decoding it.
+pub fn decoded_len_upper_bound(body: &str) -> usize {
+    body.len() / 4 * 3 + 3
+}
+
+/// Machine-readable reason a `send` was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Body larger than the configured limit.
+    TooLarge,
+    /// Too many recipients, or none.
+    BadRecipients,
+    /// The device sends faster than its rate limit.
+    RateLimited,
+    /// Malformed send: bad base64, bad recipient id.
+    BadRequest,
+    /// The store could not durably accept the message; retry later.
+    Unavailable,
+    /// The relay is shutting down; reconnect and retry.
+    ShuttingDown,
+}
+
+impl RejectCode {
+    /// Whether sending the same frame again later can succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            RejectCode::RateLimited | RejectCode::Unavailable | RejectCode::ShuttingDown
+        )
+    }
+}
+
+/// Sender of a delivered message.
+#[derive(Debug, Serialize)]
+pub struct From<'a> {
+    /// Sender's user id.
+    pub user: &'a str,
+    /// Sender's device id.
+    pub device: &'a str,
+}
+
+/// A frame sent by the relay.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every session.
+    Hello {
+        /// Protocol version.
+        v: u32,
+        /// Authenticated user.
+        user: &'a str,
+        /// Authenticated device.
+        device: &'a str,
+        /// Inactivity logoff, seconds.
+        idle_timeout_s: u64,
+        /// Largest accepted decoded body, bytes.
+        max_body_bytes: usize,
+        /// Most recipients per message.
+        max_recipients: usize,
+    },
+    /// The message is durably stored.
+    Accepted {
+        /// Client's message id.
+        id: Uuid,
+        /// Server sequence; the same `seq` appears in `deliver`.
+        seq: u64,
+        /// Server accept time, milliseconds since the Unix epoch.
+        ts: u64,
+        /// True when this id had been accepted before (nothing new stored or delivered).
+        duplicate: bool,
+    },
+    /// The message was not stored.
+    Rejected {
+        /// Client's message id.
+        id: Uuid,
+        /// Why.
+        code: RejectCode,
+        /// Whether the same send may succeed later.
+        retry: bool,
+    },
+    /// A message for this device.
+    Deliver {
+        /// Message id chosen by the sender.
+        id: Uuid,
+        /// Server sequence, increasing per device; acknowledge with it.
+        seq: u64,
+        /// Accept time, milliseconds since the Unix epoch.
+        ts: u64,
+        /// Sender.
+        from: From<'a>,
+        /// Opaque body, standard base64.
+        body: &'a str,
+        /// Urgent flag set by the sender.
+        urgent: bool,
+    },
+    /// The stored inbox has been replayed; live traffic follows.
+    Synced {
+        /// Highest sequence delivered during replay (0 when none).
+        seq: u64,
+    },
+    /// A client frame could not be used.
+    Error {
+        /// Machine-readable code.
+        code: FrameError,
+        /// Human-readable detail (never echoes the frame).
+        message: &'a str,
+        /// Message id, when the frame was a `send` whose id could be read.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Uuid>,
+    },
+    /// The session ends for inactivity; the app must authenticate again.
+    SessionExpired {
+        /// Inactivity limit that was reached, seconds.
+        idle_timeout_s: u64,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Serializes the frame to its JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no custom
+        // serializers that error.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Encodes a body for a `deliver` frame.
+pub fn encode_body(body: &[u8]) -> String {
+    B64.encode(body)
+}
+
+/// WebSocket close codes used by the relay (see PROTOCOL.md).
+pub mod close {
+    /// Repeated protocol abuse.
+    pub const POLICY: u16 = 1008;
+    /// Frame larger than the configured maximum.
+    pub const TOO_BIG: u16 = 1009;
+    /// The relay restarts or drains; reconnect (with jitter).
+    pub const RESTART: u16 = 1012;
+    /// Inactivity logoff.
+    pub const SESSION_EXPIRED: u16 = 4001;
+    /// Another connection of the same device replaced this one.
+    pub const DISPLACED: u16 = 4002;
+    /// The device did not read fast enough; its messages stay queued.
+    pub const SLOW_CONSUMER: u16 = 4003;
+    /// The token expired during the session; reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4004;
+    /// No pong within two ping intervals.
+    pub const UNRESPONSIVE: u16 = 4005;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> FrameError {
+        parse_client_frame(text).expect_err("should fail").0
+    }
+
+    #[test]
+    fn parses_send_ack_active() {
+        let id = Uuid::new_v4();
+        let f = parse_client_frame(&format!(
+            r#"{{"type":"send","id":"{id}","to":["u2"],"body":"aGk="}}"#
+        ))
+        .expect("send");
+        assert_eq!(
+            f,
+            ClientFrame::Send {
+                id,
+                to: vec!["u2".into()],
+                body: "aGk=".into(),
+                urgent: false
+            }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ack","seqs":[1,2]}"#).expect("ack"),
+            ClientFrame::Ack { seqs: vec![1, 2] }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"active"}"#).expect("active"),
+            ClientFrame::Active
+        );
+    }
+
+    #[test]
+    fn classifies_errors() {
+        assert_eq!(err("{not json"), FrameError::BadJson);
+        assert_eq!(err(r#"{"type":"dance"}"#), FrameError::UnknownType);
+        assert_eq!(err(r#"{"kind":"send"}"#), FrameError::BadRequest);
+        assert_eq!(err(r#"{"type":"send","to":["u"]}"#), FrameError::BadRequest);
+        assert_eq!(
+            err(r#"{"type":"send","id":"nope","to":[],"body":""}"#),
+            FrameError::BadRequest
+        );
+        assert_eq!(err(r#"{"type":"ack","seqs":[-1]}"#), FrameError::BadRequest);
+    }
+
+    #[test]
+    fn error_detail_does_not_echo_input() {
+        let (_, msg) =
+            parse_client_frame(r#"{"type":"send","id":"SECRET-VALUE","to":[],"body":""}"#)
+                .expect_err("bad id");
+        assert!(!msg.contains("SECRET-VALUE"), "{msg}");
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(valid_id("dr.smith@clinic-1"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("has space"));
+        assert!(!valid_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn body_round_trips_and_bounds() {
+        let body = vec![7u8; 1000];
+        let enc = encode_body(&body);
+        assert_eq!(decode_body(&enc).expect("b64"), body);
+        assert!(decoded_len_upper_bound(&enc) >= body.len());
+        assert!(decode_body("***").is_none());
+    }
+
+    #[test]
+    fn server_frames_serialize_with_type_tags() {
+        let json = ServerFrame::Synced { seq: 9 }.to_json();
+        assert_eq!(json, r#"{"type":"synced","seq":9}"#);
+        let json = ServerFrame::Rejected {
+            id: Uuid::nil(),
+            code: RejectCode::RateLimited,
+            retry: RejectCode::RateLimited.retryable(),
+        }
+        .to_json();
+        assert!(
+            json.contains(r#""code":"rate_limited","retry":true"#),
+            "{json}"
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! Wiring: resolve keys, open the store, bind the listeners, run, and drain on shutdown.
+//!
+//! Shutdown order: stop accepting, tell every session to close with 1012 (each first answers its
+//! in-flight sends), wait for sessions up to the grace period, then let the store finish queued
+//! writes and sync. Nothing the relay answered `accepted` is lost.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, Verifier};
+use crate::config::{Config, Mode};
+use crate::fanout::Hub;
+use crate::listener::{self, App, Side};
+use crate::seal::Keyring;
+use crate::session::{SessionContext, state::Limits};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{MessageStore, Retention, now_ms};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Key material missing or unreadable.
+    #[error("keys: {0}")]
+    Keys(String),
+    /// TLS certificate or key unusable.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The store would not open.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A listener would not bind.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// Where dev mode keeps its generated keys: beside the store, never inside it.
+pub fn dev_secrets_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("dev-secrets")
+}
+
+/// File of the dev token-signing key.
+pub fn dev_signing_key_path(data_dir: &Path) -> PathBuf {
+    dev_secrets_dir(data_dir).join("token-signing-key.pem")
+}
+
+fn read(path: &Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path).map_err(|e| StartError::Keys(format!("{}: {e}", path.display())))
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<(), StartError> {
+    let err = |e: std::io::Error| StartError::Keys(format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(err)?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(err)
+}
+
+/// Token verifier and at-rest keyring from configuration, generating dev keys when allowed.
+pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> {
+    let dev = config.mode == Mode::Dev;
+    let secrets = dev_secrets_dir(&config.data_dir);
+    let public_pem = match (&config.auth.public_keys, &config.auth.public_keys_file) {
+        (Some(pem), _) => pem.clone(),
+        (None, Some(path)) => read(path)?,
+        (None, None) if dev => {
+            let private = dev_signing_key_path(&config.data_dir);
+            let public = secrets.join("token-signing-key.pub.pem");
+            if !private.exists() {
+                let key = auth::generate_ed25519().map_err(|e| StartError::Keys(e.to_string()))?;
+                write_secret(&private, &key.private_pem)?;
+                write_secret(&public, &key.public_pem)?;
+                tracing::warn!(path = %private.display(), "DEV MODE: generated a token-signing key; not for production");
+            }
+            read(&public)?
+        }
+        (None, None) => return Err(StartError::Keys("no token public keys configured".into())),
+    };
+    let verifier = Verifier::new(
+        &public_pem,
+        &config.auth.audience,
+        config.auth.leeway.0.as_secs(),
+    )
+    .map_err(|e| StartError::Keys(e.to_string()))?;
+
+    let (spec, active) = match (&config.at_rest.keys, &config.at_rest.keys_file) {
+        (Some(spec), _) => (spec.clone(), config.at_rest.active.clone()),
+        (None, Some(path)) => (read(path)?, config.at_rest.active.clone()),
+        (None, None) if dev => {
+            let path = secrets.join("at-rest.keys");
+            if !path.exists() {
+                write_secret(&path, &format!("dev1:{}\n", Keyring::generate_key_b64()))?;
+                tracing::warn!(path = %path.display(), "DEV MODE: generated an at-rest key; not for production");
+            }
+            (
+                read(&path)?,
+                config.at_rest.active.clone().or(Some("dev1".into())),
+            )
+        }
+        (None, None) => return Err(StartError::Keys("no at-rest keys configured".into())),
+    };
+    let active = active.ok_or_else(|| StartError::Keys("at_rest.active is not set".into()))?;
+    let keyring =
+        Keyring::parse(spec.trim(), &active).map_err(|e| StartError::Keys(e.to_string()))?;
+    Ok((verifier, keyring))
+}
+
+/// A running relay.
+pub struct Server {
+    /// Bound public address.
+    pub public_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    app: Arc<App>,
+    store: Arc<dyn MessageStore>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the relay: everything is bound and serving when this returns.
+pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, StartError> {
+    if config.mode == Mode::Dev {
+        tracing::warn!(
+            "DEV MODE: generated keys, loopback only. Set mode = \"production\" for real deployments"
+        );
+    }
+    let (verifier, keyring) = resolve_keys(&config)?;
+    tracing::info!(active_key = keyring.active_id(), "at-rest keyring loaded");
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(c), Some(k)) => Some(listener::tls_acceptor(c, k).map_err(StartError::Tls)?),
+        _ => None,
+    };
+    let hub = Arc::new(Hub::default());
+    let store_dir = config.data_dir.join("store");
+    let store: Arc<dyn MessageStore> = Arc::new(EmbeddedStore::open(
+        &store_dir,
+        Arc::new(keyring),
+        hub.clone(),
+    )?);
+
+    let public = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+    let public_addr = public
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.listen, e))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+
+    let l = &config.limits;
+    let sessions = Arc::new(SessionContext {
+        store: store.clone(),
+        hub,
+        limits: Limits {
+            max_body_bytes: l.max_body_bytes,
+            max_recipients: l.max_recipients,
+            send_rate_per_s: l.send_rate_per_s,
+            send_burst: l.send_burst,
+            max_errors_per_minute: l.max_errors_per_minute,
+            ping_interval: config.session.ping_interval.0,
+            idle_timeout: config.session.idle_timeout.0,
+        },
+        outbound_queue: l.outbound_queue,
+        max_pipelined: l.max_pipelined_sends,
+        write_timeout: l.write_timeout.0,
+    });
+    // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
+    // per connection would dominate memory.
+    let max_frame = config.max_frame_bytes();
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame.max(1 << 20) * 4)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    let app = Arc::new(App {
+        connections: Arc::new(Semaphore::new(l.max_connections)),
+        config,
+        verifier,
+        sessions,
+        metrics,
+        ws_config,
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+
+    let mut background = vec![
+        tokio::spawn(listener::serve(public, app.clone(), tls, Side::Public)),
+        tokio::spawn(listener::serve(admin, app.clone(), None, Side::Admin)),
+    ];
+    background.push(tokio::spawn(upkeep(app.clone(), store.clone())));
+    tracing::info!(%public_addr, %admin_addr, path = listener::WS_PATH, "relay listening");
+    Ok(Server {
+        public_addr,
+        admin_addr,
+        app,
+        store,
+        background,
+    })
+}
+
+/// Periodic work: metrics upkeep and retention expiry.
+async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
+    let r = &app.config.retention;
+    let retention = Retention {
+        archive_ms: r.archive.0.as_millis() as u64,
+        inbox_ms: r.inbox.0.as_millis() as u64,
+        idempotency_ms: r.idempotency.0.as_millis() as u64,
+    };
+    let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut sweep = tokio::time::interval(r.sweep_interval.0);
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = metrics_tick.tick() => app.metrics.run_upkeep(),
+            _ = sweep.tick() => match store.expire(now_ms(), retention).await {
+                Ok(n) => {
+                    metrics::counter!("relay_retention_expired_rows_total", "table" => "archive").increment(n.archive);
+                    metrics::counter!("relay_retention_expired_rows_total", "table" => "inbox").increment(n.inbox);
+                    metrics::counter!("relay_retention_expired_rows_total", "table" => "idempotency").increment(n.idempotency);
+                    if n != Default::default() {
+                        tracing::info!(archive = n.archive, inbox = n.inbox, idempotency = n.idempotency, "retention expiry");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "retention expiry failed"),
+            },
+        }
+    }
+}
+
+impl Server {
+    /// Drains and stops: see the module docs for the order.
+    pub async fn shutdown(self) {
+        let grace = self.app.config.shutdown_grace.0;
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            sessions = self.app.sessions.hub.online(),
+            "draining"
+        );
+        self.app.shutdown.cancel();
+        self.app.tracker.close();
+        if tokio::time::timeout(grace, self.app.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; dropping remaining connections");
+        }
+        for task in self.background {
+            task.abort();
+        }
+        match self.store.close().await {
+            Ok(()) => tracing::info!("store flushed; stopped"),
+            Err(e) => tracing::error!(error = %e, "store close failed"),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Drives one WebSocket session: feeds frames and deadlines to [`State`], carries out its
+//! actions against the store and the socket, replays the inbox, then forwards live deliveries.
+//!
+//! Replay protocol: the session registers with the hub *before* reading the inbox, so a message
+//! committed during replay is either read from the store or queued live (or both: the cursor
+//! drops the second copy). Live deliveries wait in the bounded queue until replay ends.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::SessionContext;
+use super::state::{Action, State, Timeout};
+use crate::auth::Identity;
+use crate::fanout::{Registration, deliver_frame};
+use crate::protocol::{self, RejectCode, ServerFrame, close};
+use crate::store::{AppendTicket, StoreError};
+
+/// Inbox entries read per replay step.
+const REPLAY_PAGE: usize = 128;
+/// Live deliveries written per flush.
+const LIVE_BATCH: usize = 64;
+/// Close code when the store cannot serve the replay: try again later.
+const TRY_AGAIN_LATER: u16 = 1013;
+
+/// Why a session ended, for logs and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// Close code sent, if any.
+    pub code: Option<u16>,
+    /// Short reason.
+    pub reason: &'static str,
+}
+
+enum Phase {
+    Replaying,
+    Live,
+}
+
+type Ws<S> = WebSocketStream<S>;
+
+/// Runs a session to its end. Never panics on network input; every exit path closes the socket.
+pub async fn run<S>(
+    mut ws: Ws<S>,
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    shutdown: CancellationToken,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let device = identity.device.clone();
+    let now = Instant::now();
+    let token_left = Duration::from_secs(
+        identity
+            .expires_at
+            .saturating_sub(crate::store::now_ms() / 1000),
+    );
+    let mut state = State::new(device.clone(), ctx.limits.clone(), now, now + token_left);
+    let mut reg = ctx.hub.register(&device, ctx.outbound_queue);
+
+    let ended = match ctx.store.register_device(device.clone()).await {
+        Ok(()) => session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "device registration failed");
+            Ended {
+                code: Some(TRY_AGAIN_LATER),
+                reason: "store unavailable",
+            }
+        }
+    };
+    ctx.hub.unregister(&device, reg.id);
+    if let Some(code) = ended.code {
+        close_with(&mut ws, code, ended.reason, ctx.write_timeout).await;
+    }
+    ended
+}
+
+async fn session<S>(
+    ws: &mut Ws<S>,
+    ctx: &SessionContext,
+    state: &mut State,
+    reg: &mut Registration,
+    shutdown: &CancellationToken,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let hello = ServerFrame::Hello {
+        v: protocol::VERSION,
+        user: &state.device().user,
+        device: &state.device().device,
+        idle_timeout_s: ctx.limits.idle_timeout.as_secs(),
+        max_body_bytes: ctx.limits.max_body_bytes,
+        max_recipients: ctx.limits.max_recipients,
+    };
+    if write(ws, vec![hello.to_json().into()], ctx.write_timeout)
+        .await
+        .is_err()
+    {
+        return Ended {
+            code: None,
+            reason: "write failed",
+        };
+    }
+
+    let mut phase = Phase::Replaying;
+    let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
+    let replay_started = Instant::now();
+    let mut replayed = 0u64;
+
+    loop {
+        let deadline = tokio::time::Instant::from_std(state.next_deadline());
+        let replaying = matches!(phase, Phase::Replaying);
+        let reading = pending.len() < ctx.max_pipelined;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                finish_pending(ws, &mut pending, ctx).await;
+                return Ended { code: Some(close::RESTART), reason: "relay restarting" };
+            }
+            _ = reg.signals.evict.cancelled() => {
+                let code = reg.signals.evict_code.load(Ordering::Relaxed);
+                return Ended { code: Some(code), reason: "displaced by a newer connection" };
+            }
+            (id, result, started) = next_reply(&mut pending) => {
+                pending.pop_front();
+                let frame = reply_frame(id, result, started);
+                if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
+                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                }
+            }
+            incoming = ws.next(), if reading => {
+                let now = Instant::now();
+                let action = match incoming {
+                    None => return Ended { code: None, reason: "connection closed" },
+                    Some(Err(WsError::Capacity(_))) => {
+                        metrics::counter!("relay_frames_rejected_total", "reason" => "too_big").increment(1);
+                        return Ended { code: Some(close::TOO_BIG), reason: "frame too big" };
+                    }
+                    Some(Err(_)) => return Ended { code: None, reason: "protocol or io error" },
+                    Some(Ok(Message::Text(text))) => state.handle_text(now, &text),
+                    Some(Ok(Message::Binary(_))) => state.handle_binary(now),
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; push it out.
+                        let _ = tokio::time::timeout(ctx.write_timeout, ws.flush()).await;
+                        return Ended { code: None, reason: "client closed" };
+                    }
+                    Some(Ok(_)) => { state.heard(now); Action::None } // ping, pong
+                };
+                match action {
+                    Action::None => {}
+                    Action::Append(msg) => {
+                        let id = msg.id;
+                        pending.push_back((id, ctx.store.append(msg), now));
+                    }
+                    Action::Reject(id, code) => {
+                        metrics::counter!("relay_messages_rejected_total", "code" => code_label(code)).increment(1);
+                        let frame = ServerFrame::Rejected { id, code, retry: code.retryable() }.to_json();
+                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
+                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                        }
+                    }
+                    Action::Ack(seqs) => {
+                        metrics::counter!("relay_messages_acked_total").increment(seqs.len() as u64);
+                        if ctx.store.ack(state.device().clone(), seqs).await.is_err() {
+                            return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
+                        }
+                    }
+                    Action::Error(code, detail, id) => {
+                        metrics::counter!("relay_frames_rejected_total", "reason" => code.code()).increment(1);
+                        let frame = ServerFrame::Error { code, message: &detail, id }.to_json();
+                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
+                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                        }
+                    }
+                    Action::Close(code, reason) => return Ended { code: Some(code), reason },
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                match state.poll_timeout(Instant::now()) {
+                    Timeout::None => {}
+                    Timeout::Ping => {
+                        if write(ws, vec![Message::Ping(Default::default())], ctx.write_timeout).await.is_err() {
+                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                        }
+                    }
+                    Timeout::IdleLogoff => {
+                        metrics::counter!("relay_idle_logoffs_total").increment(1);
+                        let frame = ServerFrame::SessionExpired { idle_timeout_s: ctx.limits.idle_timeout.as_secs() };
+                        let _ = write(ws, vec![frame.to_json().into()], ctx.write_timeout).await;
+                        return Ended { code: Some(close::SESSION_EXPIRED), reason: "session expired" };
+                    }
+                    Timeout::Close(code, reason) => return Ended { code: Some(code), reason },
+                }
+            }
+            _ = std::future::ready(()), if replaying => {
+                let page = match ctx.store.inbox_page(state.device().clone(), state.cursor(), REPLAY_PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbox replay failed");
+                        return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
+                    }
+                };
+                let full = page.len() == REPLAY_PAGE;
+                let mut frames = Vec::with_capacity(page.len());
+                for entry in &page {
+                    if state.advance(entry.seq) {
+                        frames.push(Message::Text(deliver_frame(entry)));
+                    }
+                }
+                if !full {
+                    // Caught up with the store: whatever is queued live is newer or a duplicate.
+                    while let Ok((seq, frame)) = reg.rx.try_recv() {
+                        if state.advance(seq) {
+                            frames.push(Message::Text(frame));
+                        }
+                    }
+                }
+                replayed += frames.len() as u64;
+                // Deliveries dropped on a full queue during replay are in the store: read again.
+                let overflowed = !full && reg.signals.overflowed.swap(false, Ordering::Relaxed);
+                if !full && !overflowed {
+                    phase = Phase::Live;
+                    frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
+                    metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
+                    metrics::histogram!("relay_replay_messages").record(replayed as f64);
+                }
+                metrics::counter!("relay_messages_delivered_total", "path" => "replay").increment(frames.len() as u64);
+                if write(ws, frames, ctx.write_timeout).await.is_err() {
+                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                }
+            }
+            Some((seq, frame)) = reg.rx.recv(), if !replaying => {
+                let mut frames = Vec::with_capacity(8);
+                if state.advance(seq) {
+                    frames.push(Message::Text(frame));
+                }
+                while frames.len() < LIVE_BATCH {
+                    match reg.rx.try_recv() {
+                        Ok((seq, frame)) => if state.advance(seq) { frames.push(Message::Text(frame)) },
+                        Err(_) => break,
+                    }
+                }
+                metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
+                if write(ws, frames, ctx.write_timeout).await.is_err()
+                    || reg.signals.overflowed.load(Ordering::Relaxed)
+                {
+                    metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
+                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "slow consumer" };
+                }
+            }
+        }
+    }
+}
+
+/// Resolves with the oldest pending append's outcome; pending forever when there is none.
+async fn next_reply(
+    pending: &mut VecDeque<(Uuid, AppendTicket, Instant)>,
+) -> (Uuid, Result<crate::store::Accepted, StoreError>, Instant) {
+    match pending.front_mut() {
+        Some((id, ticket, started)) => {
+            let result = ticket.await.unwrap_or(Err(StoreError::Closed));
+            (*id, result, *started)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn reply_frame(
+    id: Uuid,
+    result: Result<crate::store::Accepted, StoreError>,
+    started: Instant,
+) -> String {
+    match result {
+        Ok(a) => {
+            metrics::histogram!("relay_accept_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if a.duplicate {
+                metrics::counter!("relay_messages_duplicate_total").increment(1);
+            } else {
+                metrics::counter!("relay_messages_accepted_total").increment(1);
+            }
+            ServerFrame::Accepted {
+                id,
+                seq: a.seq,
+                ts: a.ts,
+                duplicate: a.duplicate,
+            }
+            .to_json()
+        }
+        Err(e) => {
+            let code = match e {
+                StoreError::Closed => RejectCode::ShuttingDown,
+                _ => RejectCode::Unavailable,
+            };
+            metrics::counter!("relay_messages_rejected_total", "code" => code_label(code))
+                .increment(1);
+            ServerFrame::Rejected {
+                id,
+                code,
+                retry: true,
+            }
+            .to_json()
+        }
+    }
+}
+
+fn code_label(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::TooLarge => "too_large",
+        RejectCode::BadRecipients => "bad_recipients",
+        RejectCode::RateLimited => "rate_limited",
+        RejectCode::BadRequest => "bad_request",
+        RejectCode::Unavailable => "unavailable",
+        RejectCode::ShuttingDown => "shutting_down",
+    }
+}
+
+/// On shutdown: the store finishes every queued append; tell the device how each ended.
+async fn finish_pending<S>(
+    ws: &mut Ws<S>,
+    pending: &mut VecDeque<(Uuid, AppendTicket, Instant)>,
+    ctx: &SessionContext,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut frames = Vec::new();
+    while let Some((id, ticket, started)) = pending.pop_front() {
+        let result = ticket.await.unwrap_or(Err(StoreError::Closed));
+        frames.push(Message::Text(reply_frame(id, result, started).into()));
+    }
+    let _ = write(ws, frames, ctx.write_timeout).await;
+}
+
+/// Writes frames and flushes once, within `limit`.
+async fn write<S>(ws: &mut Ws<S>, frames: Vec<Message>, limit: Duration) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = async {
+        for frame in frames {
+            ws.feed(frame).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(limit, io).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn close_with<S>(ws: &mut Ws<S>, code: u16, reason: &'static str, limit: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(limit.min(Duration::from_secs(2)), ws.close(Some(frame))).await;
+}

@@ -1,0 +1,27 @@
+//! One device's WebSocket session: `state.rs` holds the protocol logic (no IO, no clocks),
+//! `driver.rs` owns the socket and feeds it.
+
+pub mod driver;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fanout::Hub;
+use crate::store::MessageStore;
+
+/// What every session on this node shares.
+pub struct SessionContext {
+    /// Durable storage.
+    pub store: Arc<dyn MessageStore>,
+    /// Live connections of this node.
+    pub hub: Arc<Hub>,
+    /// Per-session limits.
+    pub limits: state::Limits,
+    /// Deliveries queued per connection.
+    pub outbound_queue: usize,
+    /// Sends per connection awaiting durability.
+    pub max_pipelined: usize,
+    /// Time a write may take before the device counts as a slow consumer.
+    pub write_timeout: Duration,
+}

@@ -1,0 +1,443 @@
+//! Protocol state of one session, free of IO and clocks: the driver passes `now` in and carries
+//! out the [`Action`]s. Everything a device can get wrong is decided here and unit-tested
+//! without sockets.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::protocol::{self, ClientFrame, FrameError, MAX_ACKS_PER_FRAME, RejectCode, close};
+use crate::store::{DeviceRef, NewMessage};
+
+/// Per-session limits, from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest decoded body.
+    pub max_body_bytes: usize,
+    /// Most recipients per message.
+    pub max_recipients: usize,
+    /// Sustained sends per second.
+    pub send_rate_per_s: f64,
+    /// Burst above the rate.
+    pub send_burst: u32,
+    /// Protocol errors tolerated per minute.
+    pub max_errors_per_minute: u32,
+    /// Ping interval.
+    pub ping_interval: Duration,
+    /// Inactivity logoff.
+    pub idle_timeout: Duration,
+}
+
+/// What the driver must do after a frame.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Nothing to do.
+    None,
+    /// Store and fan out this message, then answer `accepted`/`rejected`.
+    Append(NewMessage),
+    /// Answer `rejected`.
+    Reject(Uuid, RejectCode),
+    /// Remove these entries from the inbox.
+    Ack(Vec<u64>),
+    /// Answer an `error` frame (with the message id when known).
+    Error(FrameError, String, Option<Uuid>),
+    /// Close the connection.
+    Close(u16, &'static str),
+}
+
+/// What a deadline asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// Nothing yet.
+    None,
+    /// Send a WebSocket ping.
+    Ping,
+    /// Inactivity logoff: send `session_expired`, then close.
+    IdleLogoff,
+    /// Close with this code.
+    Close(u16, &'static str),
+}
+
+/// State of one authenticated session.
+#[derive(Debug)]
+pub struct State {
+    device: DeviceRef,
+    limits: Limits,
+    last_activity: Instant,
+    last_heard: Instant,
+    next_ping: Instant,
+    token_expiry: Instant,
+    tokens: f64,
+    refilled: Instant,
+    errors: u32,
+    errors_since: Instant,
+    cursor: u64,
+}
+
+impl State {
+    /// A session for `device` whose token expires at `token_expiry`.
+    pub fn new(device: DeviceRef, limits: Limits, now: Instant, token_expiry: Instant) -> Self {
+        State {
+            device,
+            tokens: f64::from(limits.send_burst),
+            next_ping: now + limits.ping_interval,
+            limits,
+            last_activity: now,
+            last_heard: now,
+            token_expiry,
+            refilled: now,
+            errors: 0,
+            errors_since: now,
+            cursor: 0,
+        }
+    }
+
+    /// The authenticated device.
+    pub fn device(&self) -> &DeviceRef {
+        &self.device
+    }
+
+    /// Highest sequence delivered in this session.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Records that `seq` is about to be delivered; false when it already was (live traffic that
+    /// the replay covered), in which case it must be skipped.
+    pub fn advance(&mut self, seq: u64) -> bool {
+        if seq > self.cursor {
+            self.cursor = seq;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The earliest instant at which [`State::poll_timeout`] has something to do.
+    pub fn next_deadline(&self) -> Instant {
+        let silent_limit = self.last_heard + 2 * self.limits.ping_interval;
+        self.next_ping
+            .min(silent_limit)
+            .min(self.last_activity + self.limits.idle_timeout)
+            .min(self.token_expiry)
+    }
+
+    /// What is due at `now`.
+    pub fn poll_timeout(&mut self, now: Instant) -> Timeout {
+        if now >= self.token_expiry {
+            return Timeout::Close(close::TOKEN_EXPIRED, "token expired");
+        }
+        if now >= self.last_activity + self.limits.idle_timeout {
+            return Timeout::IdleLogoff;
+        }
+        if now >= self.last_heard + 2 * self.limits.ping_interval {
+            return Timeout::Close(close::UNRESPONSIVE, "no pong");
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.limits.ping_interval;
+            return Timeout::Ping;
+        }
+        Timeout::None
+    }
+
+    /// Any frame from the device (including pongs) proves the connection is alive.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// A binary frame: not part of the protocol.
+    pub fn handle_binary(&mut self, now: Instant) -> Action {
+        self.heard(now);
+        self.error(
+            now,
+            FrameError::BinaryNotSupported,
+            "use text frames".into(),
+            None,
+        )
+    }
+
+    /// A text frame.
+    pub fn handle_text(&mut self, now: Instant, text: &str) -> Action {
+        self.heard(now);
+        match protocol::parse_client_frame(text) {
+            Err((code, detail)) => self.error(now, code, detail, None),
+            Ok(ClientFrame::Active) => {
+                self.last_activity = now;
+                Action::None
+            }
+            Ok(ClientFrame::Ack { seqs }) => {
+                if seqs.len() > MAX_ACKS_PER_FRAME {
+                    return self.error(
+                        now,
+                        FrameError::BadRequest,
+                        format!("at most {MAX_ACKS_PER_FRAME} seqs per ack"),
+                        None,
+                    );
+                }
+                Action::Ack(seqs)
+            }
+            Ok(ClientFrame::Send {
+                id,
+                to,
+                body,
+                urgent,
+            }) => {
+                // Sending is what a user does: it counts as activity.
+                self.last_activity = now;
+                self.send(now, id, to, &body, urgent)
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        now: Instant,
+        id: Uuid,
+        to: Vec<String>,
+        body: &str,
+        urgent: bool,
+    ) -> Action {
+        if protocol::decoded_len_upper_bound(body) > self.limits.max_body_bytes + 3 {
+            return Action::Reject(id, RejectCode::TooLarge);
+        }
+        let Some(body) = protocol::decode_body(body) else {
+            return self.error(
+                now,
+                FrameError::BadBase64,
+                "body is not standard base64".into(),
+                Some(id),
+            );
+        };
+        if body.len() > self.limits.max_body_bytes {
+            return Action::Reject(id, RejectCode::TooLarge);
+        }
+        if to.is_empty() || to.len() > self.limits.max_recipients {
+            return Action::Reject(id, RejectCode::BadRecipients);
+        }
+        if !to.iter().all(|u| protocol::valid_id(u)) {
+            return self.error(
+                now,
+                FrameError::BadRequest,
+                "recipient ids are 1-128 characters of [A-Za-z0-9._:@+-]".into(),
+                Some(id),
+            );
+        }
+        if !self.take_token(now) {
+            return Action::Reject(id, RejectCode::RateLimited);
+        }
+        let mut to = to;
+        to.sort_unstable();
+        to.dedup();
+        Action::Append(NewMessage {
+            id,
+            from: self.device.clone(),
+            to,
+            body: Bytes::from(body),
+            urgent,
+        })
+    }
+
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * self.limits.send_rate_per_s)
+            .min(f64::from(self.limits.send_burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn error(
+        &mut self,
+        now: Instant,
+        code: FrameError,
+        detail: String,
+        id: Option<Uuid>,
+    ) -> Action {
+        if now >= self.errors_since + Duration::from_secs(60) {
+            self.errors = 0;
+            self.errors_since = now;
+        }
+        self.errors += 1;
+        if self.errors > self.limits.max_errors_per_minute {
+            return Action::Close(close::POLICY, "too many protocol errors");
+        }
+        Action::Error(code, detail, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_body_bytes: 16,
+            max_recipients: 2,
+            send_rate_per_s: 1.0,
+            send_burst: 2,
+            max_errors_per_minute: 3,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(7200),
+        }
+    }
+
+    fn state(now: Instant) -> State {
+        State::new(
+            DeviceRef::new("alice", "phone"),
+            limits(),
+            now,
+            now + Duration::from_secs(86_400),
+        )
+    }
+
+    fn send(to: &str, body: &str) -> String {
+        format!(
+            r#"{{"type":"send","id":"{}","to":[{to}],"body":"{body}"}}"#,
+            Uuid::new_v4()
+        )
+    }
+
+    #[test]
+    fn valid_send_becomes_append_with_deduplicated_recipients() {
+        let now = Instant::now();
+        let mut s = state(now);
+        match s.handle_text(now, &send(r#""bob","bob""#, "aGk=")) {
+            Action::Append(m) => {
+                assert_eq!(m.to, vec!["bob".to_string()]);
+                assert_eq!(&m.body[..], b"hi");
+                assert_eq!(m.from, DeviceRef::new("alice", "phone"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sends_are_checked() {
+        let now = Instant::now();
+        let mut s = state(now);
+        let too_big = protocol::encode_body(&[0u8; 17]);
+        assert!(matches!(
+            s.handle_text(now, &send(r#""bob""#, &too_big)),
+            Action::Reject(_, RejectCode::TooLarge)
+        ));
+        assert!(matches!(
+            s.handle_text(now, &send(r#""a","b","c""#, "aGk=")),
+            Action::Reject(_, RejectCode::BadRecipients)
+        ));
+        assert!(matches!(
+            s.handle_text(now, &send("", "aGk=")),
+            Action::Reject(_, RejectCode::BadRecipients)
+        ));
+        assert!(matches!(
+            s.handle_text(now, &send(r#""bob""#, "!!!")),
+            Action::Error(FrameError::BadBase64, _, Some(_))
+        ));
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time() {
+        let now = Instant::now();
+        let mut s = state(now);
+        let ok = |a: Action| matches!(a, Action::Append(_));
+        assert!(ok(s.handle_text(now, &send(r#""bob""#, "aGk="))));
+        assert!(ok(s.handle_text(now, &send(r#""bob""#, "aGk="))));
+        assert!(matches!(
+            s.handle_text(now, &send(r#""bob""#, "aGk=")),
+            Action::Reject(_, RejectCode::RateLimited)
+        ));
+        let later = now + Duration::from_secs(1);
+        assert!(ok(s.handle_text(later, &send(r#""bob""#, "aGk="))));
+    }
+
+    #[test]
+    fn isolated_errors_survive_repeated_abuse_closes() {
+        let now = Instant::now();
+        let mut s = state(now);
+        for _ in 0..3 {
+            assert!(matches!(
+                s.handle_text(now, "nope"),
+                Action::Error(FrameError::BadJson, _, None)
+            ));
+        }
+        assert_eq!(
+            s.handle_text(now, "nope"),
+            Action::Close(close::POLICY, "too many protocol errors")
+        );
+        // A new minute starts a new budget.
+        let mut s = state(now);
+        for i in 0..6 {
+            let t = now + Duration::from_secs(30 * i);
+            assert!(matches!(s.handle_binary(t), Action::Error(..)));
+        }
+    }
+
+    #[test]
+    fn idle_logoff_counts_user_activity_not_pings_or_acks() {
+        let now = Instant::now();
+        let mut s = state(now);
+        let idle = limits().idle_timeout;
+        // Pongs and acks keep the connection alive but are not user activity.
+        let mut t = now;
+        while t < now + idle - Duration::from_secs(20) {
+            t += Duration::from_secs(20);
+            s.heard(t);
+            assert!(matches!(
+                s.handle_text(t, r#"{"type":"ack","seqs":[]}"#),
+                Action::Ack(_)
+            ));
+            let _ = s.poll_timeout(t);
+        }
+        assert_eq!(s.poll_timeout(now + idle), Timeout::IdleLogoff);
+
+        let mut s = state(now);
+        let halfway = now + idle / 2;
+        s.heard(halfway);
+        assert_eq!(s.handle_text(halfway, r#"{"type":"active"}"#), Action::None);
+        s.heard(now + idle);
+        assert_ne!(s.poll_timeout(now + idle), Timeout::IdleLogoff);
+    }
+
+    #[test]
+    fn pings_and_silence() {
+        let now = Instant::now();
+        let mut s = state(now);
+        let p = limits().ping_interval;
+        assert_eq!(s.next_deadline(), now + p);
+        assert_eq!(s.poll_timeout(now + p), Timeout::Ping);
+        assert_eq!(
+            s.poll_timeout(now + 2 * p),
+            Timeout::Close(close::UNRESPONSIVE, "no pong")
+        );
+    }
+
+    #[test]
+    fn token_expiry_closes() {
+        let now = Instant::now();
+        let mut s = State::new(
+            DeviceRef::new("a", "b"),
+            limits(),
+            now,
+            now + Duration::from_secs(5),
+        );
+        assert_eq!(s.next_deadline(), now + Duration::from_secs(5));
+        assert_eq!(
+            s.poll_timeout(now + Duration::from_secs(5)),
+            Timeout::Close(close::TOKEN_EXPIRED, "token expired")
+        );
+    }
+
+    #[test]
+    fn cursor_skips_already_delivered() {
+        let mut s = state(Instant::now());
+        assert!(s.advance(5));
+        assert!(!s.advance(5));
+        assert!(!s.advance(3));
+        assert!(s.advance(6));
+        assert_eq!(s.cursor(), 6);
+    }
+}

@@ -1,0 +1,595 @@
+//! The embedded backend: fjall (an LSM-tree) in the relay's data directory, for one node with no
+//! services to run.
+//!
+//! One writer thread owns every write. It takes whatever requests queued up while the previous
+//! commit was syncing, writes them as one batch, syncs the journal once (group commit), then fans
+//! the messages out and answers the senders. That gives durable `accepted` at a cost of one
+//! fsync per batch instead of per message, and a single total order of sequence numbers. Reads
+//! (inbox replay) and expiry run on blocking threads beside it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{self, Record};
+use super::{
+    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
+    Retention, StoreError, now_ms, seq_floor,
+};
+use crate::seal::Keyring;
+
+/// Most requests committed in one batch.
+const MAX_BATCH: usize = 2048;
+/// Requests that may wait for the writer before senders get `unavailable`.
+const QUEUE_DEPTH: usize = 65_536;
+/// Rows deleted per batch during expiry.
+const EXPIRY_CHUNK: usize = 10_000;
+
+enum Op {
+    Append(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
+    Register(DeviceRef, oneshot::Sender<Result<(), StoreError>>),
+    Ack(DeviceRef, Vec<u64>),
+    Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+#[derive(Clone)]
+struct Tables {
+    db: Database,
+    inbox: Keyspace,
+    archive: Keyspace,
+    idempotency: Keyspace,
+    devices: Keyspace,
+}
+
+/// fjall-backed [`MessageStore`].
+pub struct EmbeddedStore {
+    tables: Tables,
+    keyring: Arc<Keyring>,
+    ops: mpsc::Sender<Op>,
+    healthy: Arc<AtomicBool>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store under `path` and starts its writer thread.
+    pub fn open(
+        path: &Path,
+        keyring: Arc<Keyring>,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<Self, StoreError> {
+        let db = Database::builder(path).open().map_err(unavailable)?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(unavailable)
+        };
+        let tables = Tables {
+            inbox: ks("inbox")?,
+            archive: ks("archive")?,
+            idempotency: ks("idempotency")?,
+            devices: ks("devices")?,
+            db: db.clone(),
+        };
+        let last_seq = match tables.archive.last_key_value() {
+            Some(guard) => {
+                let key = guard.key().map_err(unavailable)?;
+                key.first_chunk::<8>().map_or(0, |b| u64::from_be_bytes(*b))
+            }
+            None => 0,
+        };
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            t: tables.clone(),
+            keyring: keyring.clone(),
+            sink,
+            last_seq,
+            devices: HashMap::new(),
+            healthy: healthy.clone(),
+        };
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(unavailable)?;
+        Ok(EmbeddedStore {
+            tables,
+            keyring,
+            ops: tx,
+            healthy,
+        })
+    }
+
+    /// Reads one archived message (tests and support tooling).
+    pub fn archived(
+        &self,
+        seq: u64,
+        id: &uuid::Uuid,
+    ) -> Result<Option<record::ArchivedMessage>, StoreError> {
+        let key = record::archive_key(seq, id);
+        match self.tables.archive.get(&key).map_err(unavailable)? {
+            Some(v) => record::open_archive(&self.keyring, &key, &v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn read_page(
+        t: &Tables,
+        keyring: &Keyring,
+        device: &DeviceRef,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let prefix = record::device_key(device);
+        let start = record::inbox_key(device, after.saturating_add(1));
+        let mut out = Vec::with_capacity(limit.min(256));
+        for guard in t.inbox.range(start..) {
+            let (key, value) = guard.into_inner().map_err(unavailable)?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            match record::open_inbox(keyring, &key, &value) {
+                Ok(entry) => out.push(entry),
+                Err(e) => {
+                    // Left in place for investigation; never delivered.
+                    metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+                    tracing::error!(user = %device.user, device = %device.device, error = %e,
+                        "inbox row failed authentication; skipped");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn expire_blocking(t: &Tables, now: u64, r: Retention) -> Result<Expired, StoreError> {
+        let mut expired = Expired::default();
+        let archive_end = seq_floor(now.saturating_sub(r.archive_ms)).to_be_bytes();
+        expired.archive = delete_where(
+            t,
+            &t.archive,
+            t.archive.range(..archive_end.as_slice()),
+            |_, _| true,
+        )?;
+        let inbox_floor = seq_floor(now.saturating_sub(r.inbox_ms));
+        expired.inbox = delete_where(t, &t.inbox, t.inbox.iter(), |k, _| {
+            record::inbox_key_seq(k).is_some_and(|s| s < inbox_floor)
+        })?;
+        let idem_floor = now.saturating_sub(r.idempotency_ms);
+        expired.idempotency = delete_where(t, &t.idempotency, t.idempotency.iter(), |_, v| {
+            record::parse_idempotency_value(v).is_some_and(|(_, ts)| ts < idem_floor)
+        })?;
+        Ok(expired)
+    }
+}
+
+fn delete_where(
+    t: &Tables,
+    ks: &Keyspace,
+    rows: fjall::Iter,
+    pred: impl Fn(&[u8], &[u8]) -> bool,
+) -> Result<u64, StoreError> {
+    let mut deleted = 0u64;
+    let mut batch = t.db.batch();
+    for guard in rows {
+        let (k, v) = guard.into_inner().map_err(unavailable)?;
+        if pred(&k, &v) {
+            batch.remove(ks, k);
+            deleted += 1;
+            if batch.len() >= EXPIRY_CHUNK {
+                std::mem::replace(&mut batch, t.db.batch())
+                    .commit()
+                    .map_err(unavailable)?;
+            }
+        }
+    }
+    batch
+        .durability(Some(PersistMode::SyncAll))
+        .commit()
+        .map_err(unavailable)?;
+    Ok(deleted)
+}
+
+impl MessageStore for EmbeddedStore {
+    fn append(&self, msg: NewMessage) -> AppendTicket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.ops.try_send(Op::Append(msg, tx)) {
+            let err = match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    StoreError::Unavailable("write queue full".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            };
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(err));
+            return rx;
+        }
+        rx
+    }
+
+    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let (tx, rx) = oneshot::channel();
+            self.ops
+                .send(Op::Register(device, tx))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .boxed()
+    }
+
+    fn inbox_page(
+        &self,
+        device: DeviceRef,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
+        let t = self.tables.clone();
+        let keyring = self.keyring.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Self::read_page(&t, &keyring, &device, after, limit)
+            })
+            .await
+            .map_err(unavailable)?
+        }
+        .boxed()
+    }
+
+    fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            self.ops
+                .send(Op::Ack(device, seqs))
+                .await
+                .map_err(|_| StoreError::Closed)
+        }
+        .boxed()
+    }
+
+    fn expire(
+        &self,
+        now_ms: u64,
+        retention: Retention,
+    ) -> BoxFuture<'_, Result<Expired, StoreError>> {
+        let t = self.tables.clone();
+        async move {
+            tokio::task::spawn_blocking(move || Self::expire_blocking(&t, now_ms, retention))
+                .await
+                .map_err(unavailable)?
+        }
+        .boxed()
+    }
+
+    fn ready(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.ops.is_closed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let (tx, rx) = oneshot::channel();
+            if self.ops.send(Op::Close(tx)).await.is_err() {
+                return Ok(()); // already closed
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .boxed()
+    }
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    t: Tables,
+    keyring: Arc<Keyring>,
+    sink: Arc<dyn DeliverySink>,
+    last_seq: u64,
+    /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
+    devices: HashMap<Arc<str>, Vec<DeviceRef>>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// The devices an appended message goes to, and the message.
+type Fanout = (Vec<DeviceRef>, InboxEntry);
+
+/// What one appended message needs after its batch commits.
+struct Done {
+    reply: oneshot::Sender<Result<Accepted, StoreError>>,
+    accepted: Accepted,
+    fanout: Option<Fanout>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = rx.blocking_recv() {
+            ops.push(op);
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.commit(&mut ops) {
+                break;
+            }
+        }
+        // Dropping the receiver fails any later request with `Closed`.
+    }
+
+    fn next_seq(&mut self, now: u64) -> u64 {
+        self.last_seq = (self.last_seq + 1).max(seq_floor(now));
+        self.last_seq
+    }
+
+    fn devices_of(&mut self, user: &str) -> Result<&[DeviceRef], StoreError> {
+        if !self.devices.contains_key(user) {
+            let mut list = Vec::new();
+            for guard in self.t.devices.prefix(record::user_prefix(user)) {
+                let key = guard.key().map_err(unavailable)?;
+                list.extend(record::device_from_key(&key));
+            }
+            self.devices.insert(user.into(), list);
+        }
+        Ok(self.devices.get(user).map_or(&[], Vec::as_slice))
+    }
+
+    /// Commits one batch of requests. Returns true when asked to close.
+    fn commit(&mut self, ops: &mut Vec<Op>) -> bool {
+        let started = Instant::now();
+        let mut batch = self.t.db.batch();
+        let mut done: Vec<Done> = Vec::new();
+        let mut registered: Vec<(DeviceRef, oneshot::Sender<Result<(), StoreError>>)> = Vec::new();
+        let mut close = None;
+        let mut durable = false;
+        let mut in_batch: HashMap<Vec<u8>, Accepted> = HashMap::new();
+        let now = now_ms();
+        let mut failed: Option<StoreError> = None;
+
+        for op in ops.drain(..) {
+            match op {
+                Op::Append(msg, reply) => {
+                    match self.stage_append(&mut batch, &mut in_batch, msg, now) {
+                        Ok((accepted, fanout)) => {
+                            durable |= !accepted.duplicate;
+                            done.push(Done {
+                                reply,
+                                accepted,
+                                fanout,
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Register(device, reply) => {
+                    match self.devices_of(&device.user).map(|d| d.contains(&device)) {
+                        Ok(true) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Ok(false) => {
+                            batch.insert(
+                                &self.t.devices,
+                                record::device_key(&device),
+                                now.to_be_bytes().to_vec(),
+                            );
+                            if let Some(list) = self.devices.get_mut(&device.user) {
+                                list.push(device.clone());
+                            }
+                            durable = true;
+                            registered.push((device, reply));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Ack(device, seqs) => {
+                    for seq in seqs {
+                        batch.remove(&self.t.inbox, record::inbox_key(&device, seq));
+                    }
+                }
+                Op::Close(reply) => {
+                    close = Some(reply);
+                    durable = true;
+                    break; // later requests (there are none once closing) are dropped
+                }
+            }
+        }
+
+        let mode = durable.then_some(PersistMode::SyncAll);
+        if !batch.is_empty() || close.is_some() {
+            let result = batch.durability(mode).commit().and_then(|()| match close {
+                Some(_) => self.t.db.persist(PersistMode::SyncAll),
+                None => Ok(()),
+            });
+            if let Err(e) = result {
+                failed = Some(unavailable(e));
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        metrics::histogram!("relay_store_commit_duration_seconds").record(elapsed);
+        metrics::histogram!("relay_store_commit_batch_size").record(done.len() as f64);
+
+        match failed {
+            None => {
+                self.healthy.store(true, Ordering::Relaxed);
+                for d in done {
+                    if let Some((devices, entry)) = &d.fanout {
+                        self.sink.deliver(devices, entry);
+                    }
+                    let _ = d.reply.send(Ok(d.accepted));
+                }
+                for (_, reply) in registered {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Some(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                metrics::counter!("relay_store_errors_total", "op" => "commit").increment(1);
+                tracing::error!(error = %e, "store commit failed");
+                // The cache may now list devices that were never written: reload on next use.
+                self.devices.clear();
+                for d in done {
+                    let _ = d
+                        .reply
+                        .send(Err(StoreError::Unavailable("commit failed".into())));
+                }
+                for (_, reply) in registered {
+                    let _ = reply.send(Err(StoreError::Unavailable("commit failed".into())));
+                }
+            }
+        }
+        if let Some(reply) = close {
+            let _ = reply.send(Ok(()));
+            return true;
+        }
+        false
+    }
+
+    fn stage_append(
+        &mut self,
+        batch: &mut fjall::OwnedWriteBatch,
+        in_batch: &mut HashMap<Vec<u8>, Accepted>,
+        msg: NewMessage,
+        now: u64,
+    ) -> Result<(Accepted, Option<Fanout>), StoreError> {
+        let idem_key = record::idempotency_key(&msg.from.user, &msg.id);
+        if let Some(prev) = in_batch.get(&idem_key) {
+            return Ok((
+                Accepted {
+                    duplicate: true,
+                    ..*prev
+                },
+                None,
+            ));
+        }
+        if let Some(v) = self.t.idempotency.get(&idem_key).map_err(unavailable)?
+            && let Some((seq, ts)) = record::parse_idempotency_value(&v)
+        {
+            return Ok((
+                Accepted {
+                    seq,
+                    ts,
+                    duplicate: true,
+                },
+                None,
+            ));
+        }
+        let seq = self.next_seq(now);
+        let accepted = Accepted {
+            seq,
+            ts: now,
+            duplicate: false,
+        };
+
+        let mut targets = Vec::new();
+        for user in std::iter::once(&*msg.from.user).chain(msg.to.iter().map(String::as_str)) {
+            for d in self.devices_of(user)? {
+                if *d != msg.from && !targets.contains(d) {
+                    targets.push(d.clone());
+                }
+            }
+        }
+        let inbox_rec = Record {
+            ts: now,
+            urgent: msg.urgent,
+            from: &msg.from,
+            to: &[],
+            body: &msg.body,
+        };
+        for d in &targets {
+            let key = record::inbox_key(d, seq);
+            let value = record::seal_inbox(&self.keyring, &key, &msg.id, &inbox_rec);
+            batch.insert(&self.t.inbox, key, value);
+        }
+        let akey = record::archive_key(seq, &msg.id);
+        let archive_rec = Record {
+            to: &msg.to,
+            ..inbox_rec
+        };
+        let avalue = record::seal_archive(&self.keyring, &akey, &archive_rec);
+        batch.insert(&self.t.archive, akey, avalue);
+        batch.insert(
+            &self.t.idempotency,
+            idem_key.clone(),
+            record::idempotency_value(seq, now).to_vec(),
+        );
+        in_batch.insert(idem_key, accepted);
+
+        let entry = InboxEntry {
+            seq,
+            ts: now,
+            id: msg.id,
+            from: msg.from,
+            urgent: msg.urgent,
+            body: msg.body,
+        };
+        Ok((accepted, (!targets.is_empty()).then_some((targets, entry))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Vec<DeviceRef>, u64)>>);
+    impl DeliverySink for Recorder {
+        fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((devices.to_vec(), entry.seq));
+        }
+    }
+
+    #[tokio::test]
+    async fn fanout_follows_commit_order() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ring = Arc::new(
+            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring"),
+        );
+        let sink = Arc::new(Recorder::default());
+        let store = EmbeddedStore::open(dir.path(), ring, sink.clone()).expect("open");
+        let bob = DeviceRef::new("bob", "b1");
+        store.register_device(bob.clone()).await.expect("register");
+        let mut tickets = Vec::new();
+        for _ in 0..50 {
+            tickets.push(store.append(NewMessage {
+                id: uuid::Uuid::new_v4(),
+                from: DeviceRef::new("alice", "a1"),
+                to: vec!["bob".into()],
+                body: bytes::Bytes::from_static(b"x"),
+                urgent: false,
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tickets {
+            seqs.push(t.await.expect("reply").expect("accepted").seq);
+        }
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "accept order is call order"
+        );
+        let delivered: Vec<u64> = sink
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(delivered, seqs);
+        store.close().await.expect("close");
+    }
+}
