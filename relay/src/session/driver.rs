@@ -368,5 +368,16 @@ where
         code: CloseCode::from(code),
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = tokio::time::timeout(limit.min(Duration::from_secs(2)), ws.close(Some(frame))).await;
+    // Complete the closing handshake: read (and discard) until the peer's Close. Closing a socket
+    // with unread input makes the kernel send a RST, which can destroy the close frame in flight.
+    let handshake = async {
+        ws.close(Some(frame)).await?;
+        while let Some(msg) = ws.next().await {
+            if matches!(msg?, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<(), WsError>(())
+    };
+    let _ = tokio::time::timeout(limit.min(Duration::from_secs(2)), handshake).await;
 }

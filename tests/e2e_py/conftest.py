@@ -1,0 +1,178 @@
+"""Harness for end-to-end tests: the real `relay` binary, driven by the `websockets` library.
+
+Each test gets its own relay process on free loopback ports with its own data directory.
+"""
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY_BIN = Path(os.environ.get("RELAY_BIN", ROOT / "target" / "debug" / "relay"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """One relay process. `env` adds RELAY_* settings."""
+
+    def __init__(self, data_dir: Path, env: dict | None = None):
+        assert RELAY_BIN.exists(), f"{RELAY_BIN} missing: run `cargo build -p relay` (scripts/test does)"
+        self.data_dir = data_dir
+        self.env = dict(env or {})
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.proc = None
+        self.log_path = data_dir.parent / f"relay-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env.update(
+            RELAY_LISTEN=f"127.0.0.1:{self.port}",
+            RELAY_ADMIN_LISTEN=f"127.0.0.1:{self.admin_port}",
+            RELAY_DATA_DIR=str(self.data_dir),
+            RELAY_SHUTDOWN_GRACE="5s",
+            RELAY_LIMITS__SEND_RATE_PER_S="10000",
+            RELAY_LIMITS__SEND_BURST="10000",
+        )
+        env.update(self.env)
+        return env
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(RELAY_BIN)], env=self._env(), stdout=self.log, stderr=self.log)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.logs()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("relay did not become ready: " + self.logs())
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout=15) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    def restart(self, env: dict | None = None):
+        self.stop()
+        if env is not None:
+            self.env = env
+        return self.start()
+
+    def token(self, user, device, *extra) -> str:
+        out = subprocess.run(
+            [str(RELAY_BIN), "token", "--user", user, "--device", device, *extra],
+            env=self._env(), capture_output=True, text=True, check=True,
+        )
+        return out.stdout.strip()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    async def connect(self, user, device, token=None, **kw):
+        token = token or self.token(user, device)
+        headers = {"Authorization": f"Bearer {token}"}
+        ws = await connect(self.url, additional_headers=headers, compression=None, **kw)
+        return Device(ws, user, device)
+
+
+class Device:
+    """A connected device with protocol helpers."""
+
+    def __init__(self, ws, user, device):
+        self.ws, self.user, self.device = ws, user, device
+        self.hello = None
+
+    async def recv(self, timeout=5.0) -> dict:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def expect(self, type_, timeout=5.0) -> dict:
+        frame = await self.recv(timeout)
+        assert frame["type"] == type_, frame
+        return frame
+
+    async def handshake(self) -> list:
+        """Reads `hello`, the replayed deliveries, and `synced`; returns the deliveries."""
+        self.hello = await self.expect("hello")
+        delivered = []
+        while True:
+            frame = await self.recv()
+            if frame["type"] == "synced":
+                return delivered
+            assert frame["type"] == "deliver", frame
+            delivered.append(frame)
+
+    async def send(self, to, body: bytes, msg_id=None, urgent=False) -> str:
+        msg_id = msg_id or str(uuid.uuid4())
+        frame = {"type": "send", "id": msg_id, "to": to, "body": base64.b64encode(body).decode(), "urgent": urgent}
+        await self.ws.send(json.dumps(frame))
+        return msg_id
+
+    async def send_ok(self, to, body: bytes, msg_id=None, urgent=False) -> dict:
+        msg_id = await self.send(to, body, msg_id, urgent)
+        reply = await self.recv()
+        assert reply["type"] == "accepted" and reply["id"] == msg_id, reply
+        return reply
+
+    async def ack(self, seqs):
+        await self.ws.send(json.dumps({"type": "ack", "seqs": list(seqs)}))
+
+    async def close(self):
+        await self.ws.close()
+
+
+def body_of(frame) -> bytes:
+    return base64.b64decode(frame["body"])
+
+
+@pytest.fixture
+def relay(tmp_path):
+    r = Relay(tmp_path / "data").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def make_relay(tmp_path):
+    started = []
+
+    def make(env=None, name="data"):
+        r = Relay(tmp_path / name, env).start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()

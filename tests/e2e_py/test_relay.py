@@ -1,0 +1,417 @@
+"""End-to-end behaviour of the relay binary, seen from devices using the `websockets` library."""
+
+import asyncio
+import functools
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+
+from conftest import RELAY_BIN, Relay, body_of
+
+
+def run(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+async def closed_code(dev, timeout=5.0) -> int:
+    """Reads until the relay closes the connection; returns the close code."""
+    try:
+        while True:
+            await asyncio.wait_for(dev.ws.recv(), timeout)
+    except ConnectionClosed as e:
+        return e.rcvd.code if e.rcvd else None
+
+
+@run
+async def test_two_devices_exchange_both_ways(relay):
+    alice = await relay.connect("alice", "phone")
+    bob = await relay.connect("bob", "laptop")
+    assert await alice.handshake() == []
+    assert await bob.handshake() == []
+    assert alice.hello["v"] == 1 and alice.hello["user"] == "alice"
+
+    acc = await alice.send_ok(["bob"], b"hello bob")
+    got = await bob.expect("deliver")
+    assert body_of(got) == b"hello bob"
+    assert got["seq"] == acc["seq"] and got["ts"] == acc["ts"]
+    assert got["from"] == {"user": "alice", "device": "phone"}
+    assert got["urgent"] is False
+
+    acc2 = await bob.send_ok(["alice"], b"hi alice", urgent=True)
+    got2 = await alice.expect("deliver")
+    assert body_of(got2) == b"hi alice" and got2["urgent"] is True
+    assert acc2["seq"] > acc["seq"]
+
+
+@run
+async def test_every_device_of_recipient_and_senders_other_devices_get_it(relay):
+    devices = {}
+    for user, dev in [("alice", "phone"), ("alice", "laptop"), ("bob", "phone"), ("bob", "tablet")]:
+        devices[(user, dev)] = await relay.connect(user, dev)
+        await devices[(user, dev)].handshake()
+    sender = devices[("alice", "phone")]
+    acc = await sender.send_ok(["bob"], b"to all of bob")
+    for key in [("alice", "laptop"), ("bob", "phone"), ("bob", "tablet")]:
+        got = await devices[key].expect("deliver")
+        assert got["id"] == acc["id"] and body_of(got) == b"to all of bob", key
+    # The sending device itself gets only `accepted`, no copy.
+    with pytest.raises(asyncio.TimeoutError):
+        await sender.recv(timeout=0.5)
+
+
+@run
+async def test_offline_device_gets_queue_in_order_then_synced(relay):
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.close()  # bob is now a known device, offline
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    sent = []
+    for i in range(300):  # more than one replay page
+        sent.append((await alice.send_ok(["bob"], f"m{i}".encode()))["id"])
+
+    bob = await relay.connect("bob", "phone")
+    delivered = await bob.handshake()
+    assert [d["id"] for d in delivered] == sent
+    seqs = [d["seq"] for d in delivered]
+    assert seqs == sorted(seqs)
+    # Live traffic follows the replay.
+    live = await alice.send_ok(["bob"], b"live")
+    assert (await bob.expect("deliver"))["id"] == live["id"]
+
+
+@run
+async def test_live_sends_during_replay_keep_order_without_gaps(relay):
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.close()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    sent = [(await alice.send_ok(["bob"], b"queued"))["id"] for _ in range(500)]
+
+    async def keep_sending():
+        for _ in range(200):
+            sent.append((await alice.send_ok(["bob"], b"during replay"))["id"])
+
+    bob = await relay.connect("bob", "phone")
+    sender = asyncio.create_task(keep_sending())
+    got = []
+    await bob.expect("hello")
+    while len(got) < 700:
+        frame = await bob.recv()
+        if frame["type"] == "deliver":
+            got.append(frame["id"])
+        else:
+            assert frame["type"] == "synced"
+    await sender
+    assert got == sent
+
+
+@run
+async def test_duplicate_send_is_idempotent(relay):
+    alice = await relay.connect("alice", "phone")
+    bob = await relay.connect("bob", "phone")
+    await alice.handshake()
+    await bob.handshake()
+    msg_id = str(uuid.uuid4())
+    first = await alice.send_ok(["bob"], b"once", msg_id=msg_id)
+    again = await alice.send_ok(["bob"], b"once", msg_id=msg_id)
+    assert first["duplicate"] is False and again["duplicate"] is True
+    assert again["seq"] == first["seq"]
+    assert (await bob.expect("deliver"))["id"] == msg_id
+    with pytest.raises(asyncio.TimeoutError):
+        await bob.recv(timeout=0.5)
+    # Still idempotent after a restart (the record is durable).
+    await alice.close()
+    await bob.close()
+    relay.restart()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    assert (await alice.send_ok(["bob"], b"once", msg_id=msg_id))["duplicate"] is True
+
+
+@run
+async def test_ack_removes_and_unacked_is_redelivered(relay):
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    a = await alice.send_ok(["bob"], b"will ack")
+    b = await alice.send_ok(["bob"], b"will not ack")
+    assert (await bob.expect("deliver"))["id"] == a["id"]
+    assert (await bob.expect("deliver"))["id"] == b["id"]
+    await bob.ack([a["seq"]])
+    await asyncio.sleep(0.2)
+    await bob.close()
+
+    bob = await relay.connect("bob", "phone")
+    replay = await bob.handshake()
+    assert [d["id"] for d in replay] == [b["id"]]
+    await bob.ack([b["seq"]])
+    await asyncio.sleep(0.2)
+    await bob.close()
+    bob = await relay.connect("bob", "phone")
+    assert await bob.handshake() == []
+
+
+@run
+async def test_browser_style_subprotocol_auth(relay):
+    token = relay.token("carol", "browser")
+    ws = await connect(
+        relay.url,
+        subprotocols=["relay.v1", f"bearer.{token}"],
+        origin="http://localhost:5173",
+        compression=None,
+    )
+    assert ws.subprotocol == "relay.v1"
+    hello = json.loads(await ws.recv())
+    assert hello["type"] == "hello" and hello["device"] == "browser"
+    await ws.close()
+
+
+def upgrade_status(relay, headers=None, **kw) -> int:
+    async def attempt():
+        try:
+            ws = await connect(relay.url, additional_headers=headers or {}, compression=None, **kw)
+        except InvalidStatus as e:
+            return e.response.status_code
+        await ws.close()
+        return 101
+
+    return asyncio.run(attempt())
+
+
+def test_bad_tokens_and_origins_rejected_before_upgrade(relay, tmp_path):
+    other_keys = tmp_path / "other-keys"
+    subprocess.run([str(RELAY_BIN), "keygen", "--out-dir", str(other_keys)], check=True, capture_output=True)
+    forged = relay.token("alice", "phone", "--key", str(other_keys / "token-signing-key.pem"))
+    expired = relay.token("alice", "phone", "--expires-at", str(int(time.time()) - 3600))
+    wrong_aud = relay.token("alice", "phone", "--audience", "someone-else")
+    good = relay.token("alice", "phone")
+
+    assert upgrade_status(relay) == 401
+    for bad in [forged, expired, wrong_aud, "not-a-jwt", good[:-4] + "AAAA"]:
+        assert upgrade_status(relay, {"Authorization": f"Bearer {bad}"}) == 401
+    assert upgrade_status(relay, {"Authorization": f"Bearer {good}"}, origin="https://evil.example") == 403
+    assert upgrade_status(relay, {"Authorization": f"Bearer {good}"}) == 101
+    # Tokens in the URL are never accepted.
+    async def url_token():
+        try:
+            await connect(relay.url + f"?access_token={good}", compression=None)
+        except InvalidStatus as e:
+            return e.response.status_code
+    assert asyncio.run(url_token()) == 401
+    metrics = relay.metrics()
+    assert 'relay_handshakes_total{outcome="bad_signature"}' in metrics
+    assert 'relay_handshakes_total{outcome="token_expired"}' in metrics
+    assert 'relay_handshakes_total{outcome="forbidden_origin"}' in metrics
+    # Logs carry reasons, never a token.
+    assert good not in relay.logs() and forged not in relay.logs()
+
+
+@run
+async def test_oversized_frame_closed_with_1009(make_relay):
+    relay = make_relay({"RELAY_LIMITS__MAX_BODY_BYTES": "1024"})
+    alice = await relay.connect("alice", "phone", max_size=None)
+    await alice.handshake()
+    assert alice.hello["max_body_bytes"] == 1024
+    # Just over the body limit but within the frame limit: rejected, connection survives.
+    msg_id = await alice.send(["bob"], b"x" * 1025)
+    reply = await alice.recv()
+    assert reply == {"type": "rejected", "id": msg_id, "code": "too_large", "retry": False}
+    # A frame beyond the WebSocket limit closes the connection with 1009.
+    await alice.send(["bob"], b"x" * 200_000)
+    assert await closed_code(alice) == 1009
+
+
+@run
+async def test_malformed_frames_get_errors_then_repeated_abuse_closes(relay):
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    cases = [
+        ("{oops", "bad_json"),
+        (json.dumps({"type": "dance"}), "unknown_type"),
+        (json.dumps({"type": "send", "to": ["bob"]}), "bad_request"),
+        (json.dumps({"type": "send", "id": str(uuid.uuid4()), "to": ["bob"], "body": "%%%"}), "bad_base64"),
+        (json.dumps({"type": "send", "id": str(uuid.uuid4()), "to": ["no spaces"], "body": ""}), "bad_request"),
+    ]
+    for text, code in cases:
+        await alice.ws.send(text)
+        frame = await alice.expect("error")
+        assert frame["code"] == code, (text, frame)
+    await alice.ws.send(b"\x00binary")
+    assert (await alice.expect("error"))["code"] == "binary_not_supported"
+    # Still usable after isolated mistakes.
+    await alice.send_ok(["bob"], b"still here")
+    # Default budget: 10 errors a minute; this is the 7th..11th.
+    for _ in range(5):
+        await alice.ws.send("{oops")
+    assert await closed_code(alice) == 1008
+
+
+@run
+async def test_rate_limit(make_relay):
+    relay = make_relay({"RELAY_LIMITS__SEND_RATE_PER_S": "1", "RELAY_LIMITS__SEND_BURST": "3"})
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    codes = []
+    for _ in range(5):
+        msg_id = await alice.send(["bob"], b"x")
+        reply = await alice.recv()
+        codes.append(reply["type"] if reply["type"] == "accepted" else reply["code"])
+        if reply["type"] == "rejected":
+            assert reply["retry"] is True
+    assert codes == ["accepted"] * 3 + ["rate_limited"] * 2
+
+
+@run
+async def test_second_connection_displaces_first(relay):
+    first = await relay.connect("alice", "phone")
+    await first.handshake()
+    second = await relay.connect("alice", "phone")
+    await second.handshake()
+    assert await closed_code(first) == 4002
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.send_ok(["alice"], b"to the new connection")
+    assert body_of(await second.expect("deliver")) == b"to the new connection"
+
+
+@run
+async def test_idle_logoff(make_relay):
+    relay = make_relay({"RELAY_SESSION__IDLE_TIMEOUT": "2s", "RELAY_SESSION__PING_INTERVAL": "1s"})
+    idle = await relay.connect("alice", "phone")
+    await idle.handshake()
+    active = await relay.connect("bob", "phone")
+    await active.handshake()
+    started = time.monotonic()
+    # `active` frames reset the timer; pongs (the client answers pings) do not.
+    for _ in range(6):
+        await asyncio.sleep(0.5)
+        await active.ws.send(json.dumps({"type": "active"}))
+    frame = await idle.recv(timeout=5)
+    assert frame == {"type": "session_expired", "idle_timeout_s": 2}
+    assert await closed_code(idle) == 4001
+    assert 1.5 <= time.monotonic() - started <= 5
+    await active.send_ok(["alice"], b"still active")
+    assert "relay_idle_logoffs_total 1" in relay.metrics()
+
+
+@run
+async def test_accepted_survives_kill_9(relay):
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.close()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    accepted = [(await alice.send_ok(["bob"], f"durable {i}".encode()))["id"] for i in range(20)]
+    relay.kill()  # no chance to flush anything
+    relay.start()
+    bob = await relay.connect("bob", "phone")
+    assert [d["id"] for d in await bob.handshake()] == accepted
+
+
+@run
+async def test_graceful_shutdown_closes_with_1012_and_loses_nothing(relay):
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.close()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    ids = [await alice.send(["bob"], b"in flight") for _ in range(200)]
+    relay.proc.send_signal(signal.SIGTERM)
+    accepted, code = [], None
+    try:
+        while True:
+            frame = await alice.recv(timeout=10)
+            if frame["type"] == "accepted":
+                accepted.append(frame["id"])
+    except ConnectionClosed as e:
+        code = e.rcvd.code if e.rcvd else None
+    assert code == 1012
+    assert relay.proc.wait(timeout=15) == 0
+    relay.start()
+    bob = await relay.connect("bob", "phone")
+    delivered = [d["id"] for d in await bob.handshake()]
+    # Everything accepted is there, in send order; nothing else appears.
+    assert set(accepted) <= set(delivered)
+    assert delivered == [i for i in ids if i in set(delivered)]
+
+
+@run
+async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
+    k1 = "k1:" + __import__("base64").b64encode(os.urandom(32)).decode()
+    k2 = "k2:" + __import__("base64").b64encode(os.urandom(32)).decode()
+    relay = make_relay({"RELAY_AT_REST__KEYS": k1, "RELAY_AT_REST__ACTIVE": "k1"})
+    bob = await relay.connect("bob", "phone")
+    await bob.handshake()
+    await bob.close()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    canary = b"CANARY-PAYLOAD-" + uuid.uuid4().hex.encode()
+    await alice.send_ok(["bob"], canary)
+    await alice.close()
+    relay.kill()  # leave the journal as written
+
+    store = relay.data_dir / "store"
+    blobs = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
+    assert len(blobs) > 0
+    assert canary not in blobs
+    assert __import__("base64").b64encode(canary)[:24] not in blobs
+
+    # Rotate: k2 seals new data, k1 stays readable.
+    relay.env = {"RELAY_AT_REST__KEYS": f"{k1},{k2}", "RELAY_AT_REST__ACTIVE": "k2"}
+    relay.start()
+    bob = await relay.connect("bob", "phone")
+    replay = await bob.handshake()
+    assert [body_of(d) for d in replay] == [canary]
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    await alice.send_ok(["bob"], b"sealed with k2")
+    assert body_of(await bob.expect("deliver")) == b"sealed with k2"
+    await bob.close()
+    await alice.close()
+
+    # Without the keys that sealed them, rows do not open: nothing is delivered.
+    relay.stop()
+    k3 = "k3:" + __import__("base64").b64encode(os.urandom(32)).decode()
+    relay.env = {"RELAY_AT_REST__KEYS": k3, "RELAY_AT_REST__ACTIVE": "k3"}
+    relay.start()
+    bob = await relay.connect("bob", "phone")
+    assert await bob.handshake() == []
+    assert "relay_store_corrupt_rows_total 2" in relay.metrics()
+
+
+def test_bad_config_exits_64_before_binding(tmp_path):
+    r = Relay(tmp_path / "data", {"RELAY_LIMITS__MAX_BODY_BYTES": "lots", "RELAY_MODE": "production"})
+    proc = subprocess.run([str(RELAY_BIN)], env=r._env(), capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 64, proc.stderr
+    assert "max_body_bytes" in proc.stderr or "invalid" in proc.stderr
+    # Nothing was created or bound.
+    assert not (tmp_path / "data").exists()
+    proc = subprocess.run([str(RELAY_BIN)], env={**r._env(), "RELAY_LIMITS__MAX_BODY_BYTES": "1000"},
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 64
+    assert "auth.public_keys" in proc.stderr and "at_rest.keys" in proc.stderr
+
+
+def test_health_endpoints(relay):
+    import urllib.request
+
+    for port in (relay.port, relay.admin_port):
+        for path in ("/healthz", "/readyz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                assert r.status == 200
+    metrics = relay.metrics()
+    assert "relay_build_info" in metrics
