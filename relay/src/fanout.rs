@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +24,16 @@ use crate::store::{DeliverySink, DeviceRef, InboxEntry};
 /// A `deliver` frame with its sequence number, queued for one connection.
 pub type Outbound = (u64, Utf8Bytes);
 
-/// State a connection shares with the hub.
+/// One connection's bounded outbound queue and the signals it shares with the hub.
+///
+/// A `VecDeque` behind a mutex rather than a channel: it allocates nothing until the first
+/// delivery, which matters when most connections sit idle.
 #[derive(Debug, Default)]
-pub struct ConnSignals {
+pub struct Outbox {
+    queue: Mutex<VecDeque<Outbound>>,
+    capacity: usize,
+    /// Woken when deliveries are queued.
+    pub ready: Notify,
     /// Set when a delivery found the queue full.
     pub overflowed: AtomicBool,
     /// Cancelled to make the session close, with `evict_code`.
@@ -32,27 +42,57 @@ pub struct ConnSignals {
     pub evict_code: AtomicU16,
 }
 
-impl ConnSignals {
+impl Outbox {
+    fn new(capacity: usize) -> Self {
+        Outbox {
+            capacity: capacity.max(1),
+            ..Default::default()
+        }
+    }
+
     fn evict(&self, code: u16) {
         self.evict_code.store(code, Ordering::Relaxed);
         self.evict.cancel();
+    }
+
+    fn push(&self, item: Outbound) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.capacity {
+            drop(q);
+            self.overflowed.store(true, Ordering::Relaxed);
+            metrics::counter!("relay_outbound_overflows_total").increment(1);
+            return;
+        }
+        q.push_back(item);
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Takes up to `max` queued deliveries, oldest first. Frees the queue's memory once empty.
+    pub fn take(&self, max: usize) -> Vec<Outbound> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let n = q.len().min(max);
+        let batch: Vec<Outbound> = q.drain(..n).collect();
+        if q.is_empty() {
+            *q = VecDeque::new();
+        } else {
+            self.ready.notify_one(); // more to take: come back
+        }
+        batch
     }
 }
 
 struct Conn {
     id: u64,
-    tx: mpsc::Sender<Outbound>,
-    signals: Arc<ConnSignals>,
+    outbox: Arc<Outbox>,
 }
 
 /// A session's handle on its registration.
 pub struct Registration {
     /// Unique id of this connection on this node.
     pub id: u64,
-    /// Live deliveries.
-    pub rx: mpsc::Receiver<Outbound>,
-    /// Overflow and eviction signals.
-    pub signals: Arc<ConnSignals>,
+    /// Live deliveries and signals.
+    pub outbox: Arc<Outbox>,
 }
 
 /// Live connections of this node, by device.
@@ -65,20 +105,18 @@ pub struct Hub {
 impl Hub {
     /// Registers a connection for `device`, displacing (closing) an older one of the same device.
     pub fn register(&self, device: &DeviceRef, queue: usize) -> Registration {
-        let (tx, rx) = mpsc::channel(queue.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let signals = Arc::new(ConnSignals::default());
+        let outbox = Arc::new(Outbox::new(queue));
         let conn = Conn {
             id,
-            tx,
-            signals: signals.clone(),
+            outbox: outbox.clone(),
         };
         if let Some(old) = self.conns.insert(device.clone(), conn) {
-            old.signals.evict(close::DISPLACED);
+            old.outbox.evict(close::DISPLACED);
             metrics::counter!("relay_connections_displaced_total").increment(1);
         }
         metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
-        Registration { id, rx, signals }
+        Registration { id, outbox }
     }
 
     /// Removes the registration `id` of `device`, unless a newer connection replaced it.
@@ -124,10 +162,7 @@ impl DeliverySink for Hub {
                 continue;
             };
             let frame = frame.get_or_insert_with(|| deliver_frame(entry)).clone();
-            if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send((entry.seq, frame)) {
-                conn.signals.overflowed.store(true, Ordering::Relaxed);
-                metrics::counter!("relay_outbound_overflows_total").increment(1);
-            }
+            conn.outbox.push((entry.seq, frame));
         }
     }
 }
@@ -154,9 +189,9 @@ mod tests {
         let d = DeviceRef::new("u", "d");
         let first = hub.register(&d, 4);
         let second = hub.register(&d, 4);
-        assert!(first.signals.evict.is_cancelled());
+        assert!(first.outbox.evict.is_cancelled());
         assert_eq!(
-            first.signals.evict_code.load(Ordering::Relaxed),
+            first.outbox.evict_code.load(Ordering::Relaxed),
             close::DISPLACED
         );
         // The displaced session's cleanup must not remove the newer registration.
@@ -170,13 +205,13 @@ mod tests {
     fn full_queue_marks_overflow_without_blocking() {
         let hub = Hub::default();
         let d = DeviceRef::new("u", "d");
-        let mut reg = hub.register(&d, 2);
+        let reg = hub.register(&d, 2);
         for seq in 1..=3 {
             hub.deliver(std::slice::from_ref(&d), &entry(seq));
         }
-        assert!(reg.signals.overflowed.load(Ordering::Relaxed));
-        assert_eq!(reg.rx.try_recv().expect("first").0, 1);
-        assert_eq!(reg.rx.try_recv().expect("second").0, 2);
-        assert!(reg.rx.try_recv().is_err());
+        assert!(reg.outbox.overflowed.load(Ordering::Relaxed));
+        let taken: Vec<u64> = reg.outbox.take(10).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(taken, vec![1, 2]);
+        assert!(reg.outbox.take(10).is_empty());
     }
 }

@@ -181,10 +181,10 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         write_timeout: l.write_timeout.0,
     });
     // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
-    // per connection would dominate memory.
+    // per connection would dominate memory. The buffer grows on demand for large frames.
     let max_frame = config.max_frame_bytes();
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(max_frame.max(1 << 20) * 4)
         .max_message_size(Some(max_frame))

@@ -415,3 +415,11 @@ def test_health_endpoints(relay):
                 assert r.status == 200
     metrics = relay.metrics()
     assert "relay_build_info" in metrics
+
+
+@run
+async def test_sequence_numbers_are_exact_in_javascript(relay):
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    acc = await alice.send_ok(["bob"], b"x")
+    assert 0 < acc["seq"] < 2**53

@@ -129,8 +129,8 @@ where
                 finish_pending(ws, &mut pending, ctx).await;
                 return Ended { code: Some(close::RESTART), reason: "relay restarting" };
             }
-            _ = reg.signals.evict.cancelled() => {
-                let code = reg.signals.evict_code.load(Ordering::Relaxed);
+            _ = reg.outbox.evict.cancelled() => {
+                let code = reg.outbox.evict_code.load(Ordering::Relaxed);
                 return Ended { code: Some(code), reason: "displaced by a newer connection" };
             }
             (id, result, started) = next_reply(&mut pending) => {
@@ -221,7 +221,7 @@ where
                 }
                 if !full {
                     // Caught up with the store: whatever is queued live is newer or a duplicate.
-                    while let Ok((seq, frame)) = reg.rx.try_recv() {
+                    for (seq, frame) in reg.outbox.take(usize::MAX) {
                         if state.advance(seq) {
                             frames.push(Message::Text(frame));
                         }
@@ -229,7 +229,7 @@ where
                 }
                 replayed += frames.len() as u64;
                 // Deliveries dropped on a full queue during replay are in the store: read again.
-                let overflowed = !full && reg.signals.overflowed.swap(false, Ordering::Relaxed);
+                let overflowed = !full && reg.outbox.overflowed.swap(false, Ordering::Relaxed);
                 if !full && !overflowed {
                     phase = Phase::Live;
                     frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
@@ -241,20 +241,17 @@ where
                     return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
                 }
             }
-            Some((seq, frame)) = reg.rx.recv(), if !replaying => {
-                let mut frames = Vec::with_capacity(8);
-                if state.advance(seq) {
-                    frames.push(Message::Text(frame));
-                }
-                while frames.len() < LIVE_BATCH {
-                    match reg.rx.try_recv() {
-                        Ok((seq, frame)) => if state.advance(seq) { frames.push(Message::Text(frame)) },
-                        Err(_) => break,
-                    }
-                }
+            _ = reg.outbox.ready.notified(), if !replaying => {
+                let frames: Vec<Message> = reg
+                    .outbox
+                    .take(LIVE_BATCH)
+                    .into_iter()
+                    .filter(|(seq, _)| state.advance(*seq))
+                    .map(|(_, frame)| Message::Text(frame))
+                    .collect();
                 metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
                 if write(ws, frames, ctx.write_timeout).await.is_err()
-                    || reg.signals.overflowed.load(Ordering::Relaxed)
+                    || reg.outbox.overflowed.load(Ordering::Relaxed)
                 {
                     metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
                     return Ended { code: Some(close::SLOW_CONSUMER), reason: "slow consumer" };

@@ -130,14 +130,16 @@ impl EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<InboxEntry>, StoreError> {
-        let prefix = record::device_key(device);
+        // A bounded range: an open end would walk past this device's rows over other devices'
+        // ack tombstones until it found a live key.
         let start = record::inbox_key(device, after.saturating_add(1));
+        let end = record::inbox_key(device, u64::MAX);
         let mut out = Vec::with_capacity(limit.min(256));
-        for guard in t.inbox.range(start..) {
-            let (key, value) = guard.into_inner().map_err(unavailable)?;
-            if !key.starts_with(&prefix) || out.len() >= limit {
+        for guard in t.inbox.range(start..=end) {
+            if out.len() >= limit {
                 break;
             }
+            let (key, value) = guard.into_inner().map_err(unavailable)?;
             match record::open_inbox(keyring, &key, &value) {
                 Ok(entry) => out.push(entry),
                 Err(e) => {

@@ -169,9 +169,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sequence numbers are `unix_ms << 16 | counter`: increasing, and readable as a time, which
-/// makes time-based expiry a key-range scan.
-pub const SEQ_COUNTER_BITS: u32 = 16;
+/// Sequence numbers are `unix_ms << 10 | counter`: increasing, and readable as a time, which
+/// makes time-based expiry a key-range scan. They must stay below 2^53, the largest integer a
+/// JavaScript client parses exactly from JSON (true until the year 2248). Bursts above 1,024
+/// messages in a millisecond borrow from the next millisecond; order is unaffected.
+pub const SEQ_COUNTER_BITS: u32 = 10;
+
+/// Largest integer JSON clients in JavaScript read exactly.
+pub const MAX_SAFE_SEQ: u64 = (1 << 53) - 1;
 
 /// First sequence number at or after `ms`.
 pub fn seq_floor(ms: u64) -> u64 {
@@ -181,4 +186,17 @@ pub fn seq_floor(ms: u64) -> u64 {
 /// Accept time encoded in a sequence number.
 pub fn seq_time_ms(seq: u64) -> u64 {
     seq >> SEQ_COUNTER_BITS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_stay_exact_in_javascript_for_centuries() {
+        let year_2200_ms = 7_258_118_400_000u64;
+        assert!(seq_floor(year_2200_ms) | ((1 << SEQ_COUNTER_BITS) - 1) < MAX_SAFE_SEQ);
+        let t = 1_767_225_600_123;
+        assert_eq!(seq_time_ms(seq_floor(t) + 1000), t);
+    }
 }
