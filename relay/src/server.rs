@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
@@ -150,12 +150,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         hub.clone(),
     )?);
 
-    let public = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError::Bind(config.listen, e))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+    let public = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
+    let admin = bind(config.admin_listen).map_err(|e| StartError::Bind(config.admin_listen, e))?;
     let public_addr = public
         .local_addr()
         .map_err(|e| StartError::Bind(config.listen, e))?;
@@ -213,6 +209,15 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         store,
         background,
     })
+}
+
+/// Binds with a deep accept backlog: after a deploy or an outage every device reconnects at once,
+/// and a full backlog drops SYNs, which clients only retry after a second.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Periodic work: metrics upkeep and retention expiry.
