@@ -93,6 +93,7 @@ struct ConnStats {
     rejected: u64,
     delivered: Vec<u64>,
     latency_us: Option<Histogram<u64>>,
+    closed_by_relay: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -134,6 +135,8 @@ struct Report {
     delivered_per_s: f64,
     lost: u64,
     duplicates: u64,
+    connection_errors: u64,
+    closed_by_relay: std::collections::BTreeMap<u16, u64>,
     end_to_end: Option<Latency>,
     relay_rss_before_kib: Option<u64>,
     relay_rss_after_kib: Option<u64>,
@@ -207,6 +210,9 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
 struct Shared {
     start: Instant,
     sending: AtomicBool,
+    /// Set a moment after `sending` clears, once no send can still be starting: only then may a
+    /// connection conclude that everything accepted has arrived.
+    draining: AtomicBool,
     in_flight: AtomicU64,
     accepted: AtomicU64,
     delivered: AtomicU64,
@@ -228,11 +234,11 @@ async fn drive(
     args: Arc<Args>,
     shared: Arc<Shared>,
     per_conn_interval: Option<Duration>,
-) -> anyhow::Result<ConnStats> {
-    let mut stats = ConnStats {
-        latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        ..Default::default()
-    };
+    slot: Arc<tokio::sync::Mutex<ConnStats>>,
+) -> anyhow::Result<()> {
+    let mut guard = slot.lock().await;
+    let stats = &mut *guard;
+    stats.latency_us = Some(Histogram::new_with_bounds(1, 60_000_000, 3)?);
     let mut k = 0u64;
     let mut outstanding = 0usize;
     let mut acks: Vec<u64> = Vec::new();
@@ -247,7 +253,7 @@ async fn drive(
     let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         let sending = shared.sending.load(Ordering::Relaxed);
-        if !sending && outstanding == 0 && acks.is_empty() {
+        if shared.draining.load(Ordering::Relaxed) && outstanding == 0 && acks.is_empty() {
             // Keep reading until the collector says every accepted message arrived or time is up.
             if shared.delivered.load(Ordering::Relaxed) >= shared.accepted.load(Ordering::Relaxed)
                 && shared.in_flight.load(Ordering::Relaxed) == 0
@@ -263,17 +269,17 @@ async fn drive(
         tokio::select! {
             _ = async { tick.as_mut().expect("tick").tick().await }, if tick.is_some() && sending => {
                 let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
+                shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 ws.send(Message::text(frame.to_string())).await?;
                 k += 1;
                 outstanding += 1;
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
             }
             _ = std::future::ready(()), if want_send => {
                 let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
+                shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 ws.feed(Message::text(frame.to_string())).await?;
                 k += 1;
                 outstanding += 1;
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 if outstanding >= args.window { ws.flush().await?; }
             }
             _ = ack_tick.tick() => {
@@ -285,8 +291,15 @@ async fn drive(
                 }
             }
             msg = ws.next() => {
-                let Some(msg) = msg else { bail!("connection {conn} closed by relay") };
-                let Message::Text(text) = msg? else { continue };
+                let msg = match msg {
+                    None => bail!("connection {conn} closed"),
+                    Some(Ok(Message::Close(frame))) => {
+                        stats.closed_by_relay = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                        bail!("connection {conn} closed by the relay");
+                    }
+                    Some(m) => m?,
+                };
+                let Message::Text(text) = msg else { continue };
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 match v["type"].as_str() {
                     Some("accepted") => {
@@ -326,7 +339,7 @@ async fn drive(
         }
     }
     let _ = ws.close(None).await;
-    Ok(stats)
+    Ok(())
 }
 
 #[tokio::main]
@@ -386,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         start: Instant::now(),
         sending: AtomicBool::new(args.scenario == Scenario::Steady),
+        draining: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
@@ -407,6 +421,8 @@ async fn main() -> anyhow::Result<()> {
         delivered_per_s: 0.0,
         lost: 0,
         duplicates: 0,
+        connection_errors: 0,
+        closed_by_relay: Default::default(),
         end_to_end: None,
         relay_rss_before_kib: rss_before,
         relay_rss_after_kib: None,
@@ -430,8 +446,12 @@ async fn main() -> anyhow::Result<()> {
 
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(n as f64 / args.rate as f64));
     let mut tasks = Vec::with_capacity(n);
+    let slots: Vec<_> = (0..n)
+        .map(|_| Arc::new(tokio::sync::Mutex::new(ConnStats::default())))
+        .collect();
     for (i, ws) in sockets.into_iter().enumerate() {
         let to = format!("{}-{}", args.prefix, (i + 1) % n);
+        let slot = slots[i].clone();
         tasks.push(tokio::spawn(drive(
             ws,
             i,
@@ -439,6 +459,7 @@ async fn main() -> anyhow::Result<()> {
             args.clone(),
             shared.clone(),
             interval,
+            slot,
         )));
     }
     let send_start = Instant::now();
@@ -463,20 +484,27 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     shared.sending.store(false, Ordering::Relaxed);
     report.send_seconds = send_start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    shared.draining.store(true, Ordering::Relaxed);
 
     // Drain: every connection ends once all accepted messages are delivered, or after 10 s.
-    let mut all = Vec::with_capacity(n);
-    let drain = async {
-        for t in tasks {
-            all.push(t.await?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    for t in tasks {
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                report.connection_errors += 1;
+                eprintln!("{e:#}");
+            }
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => bail!("connection task failed: {e}"),
+            Err(_) => {
+                eprintln!("drain timed out: not every accepted message arrived within 10 s");
+                aborts.iter().for_each(|a| a.abort());
+                break;
+            }
         }
-        Ok::<_, anyhow::Error>(())
-    };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
-    {
-        eprintln!("drain timed out: some accepted messages were not delivered within 10 s");
     }
     progress.abort();
 
@@ -484,12 +512,28 @@ async fn main() -> anyhow::Result<()> {
     let mut delivered_ids = HashSet::new();
     let mut delivered_total = 0u64;
     let mut accepted_total = 0u64;
-    for stats in all {
-        let stats = stats?;
+    for slot in slots {
+        // A connection still running after the deadline holds its lock; wait for it briefly.
+        let Ok(stats) = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                if let Ok(mut g) = slot.try_lock() {
+                    break std::mem::take(&mut *g);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        else {
+            report.connection_errors += 1;
+            continue;
+        };
         accepted_total += stats.accepted.len() as u64;
         report.rejected += stats.rejected;
         delivered_total += stats.delivered.len() as u64;
         delivered_ids.extend(stats.delivered);
+        if let Some(code) = stats.closed_by_relay {
+            *report.closed_by_relay.entry(code).or_default() += 1;
+        }
         if let Some(h) = stats.latency_us {
             e2e.add(h)?;
         }

@@ -214,7 +214,11 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
 /// Binds with a deep accept backlog: after a deploy or an outage every device reconnects at once,
 /// and a full backlog drops SYNs, which clients only retry after a second.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
