@@ -114,6 +114,83 @@ pub struct Config {
     pub session: SessionConfig,
     /// How long data is kept.
     pub retention: RetentionConfig,
+    /// Which store, and how to reach it.
+    pub storage: StorageConfig,
+    /// This node's id (0-31), unique among nodes sharing a store; part of every sequence number.
+    pub node_id: u8,
+}
+
+/// Storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// fjall under `data_dir` (one node).
+    Embedded,
+    /// A ScyllaDB (or Cassandra) cluster.
+    Scylla,
+}
+
+/// Store selection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `embedded` or `scylla`.
+    pub backend: Backend,
+    /// ScyllaDB settings, used when `backend = "scylla"`.
+    pub scylla: ScyllaConfig,
+}
+
+/// ScyllaDB / Cassandra connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// Keyspace.
+    pub keyspace: String,
+    /// Data centre to prefer (token-aware, DC-aware routing); none = all.
+    pub local_dc: Option<String>,
+    /// `one`, `local_quorum`, `quorum`, `all`, …
+    pub consistency: String,
+    /// Per-request timeout.
+    pub request_timeout: Dur,
+    /// Replication used by `relay migrate` when it creates the keyspace: data centre → factor
+    /// (NetworkTopologyStrategy).
+    pub replication: std::collections::BTreeMap<String, u32>,
+    /// Username (PasswordAuthenticator).
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// CA certificate (PEM) to verify the cluster; enables TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Archive partitions per hour (spreads writes; see schema/0001_initial.cql).
+    pub archive_shards: u16,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Embedded,
+            scylla: ScyllaConfig::default(),
+        }
+    }
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "relay".into(),
+            local_dc: None,
+            consistency: "local_quorum".into(),
+            request_timeout: Dur::secs(5),
+            replication: [("datacenter1".to_string(), 3)].into(),
+            username: None,
+            password: None,
+            tls_ca_file: None,
+            archive_shards: 32,
+        }
+    }
 }
 
 /// TLS certificate and key (PEM). Both or neither.
@@ -212,7 +289,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             data_dir: PathBuf::from("relay-data"),
             log_format: LogFormat::Text,
-            log_level: "info,fjall=warn,lsm_tree=warn".into(),
+            log_level: "info,fjall=warn,lsm_tree=warn,scylla=warn".into(),
             shutdown_grace: Dur::secs(20),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -220,6 +297,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             session: SessionConfig::default(),
             retention: RetentionConfig::default(),
+            storage: StorageConfig::default(),
+            node_id: 0,
         }
     }
 }
@@ -401,6 +480,38 @@ impl Config {
                 e.push(format!("{name} must be positive"));
             }
         }
+        if self.node_id >= crate::store::MAX_NODES {
+            e.push(format!("node_id must be below {}", crate::store::MAX_NODES));
+        }
+        if self.storage.backend == Backend::Scylla {
+            let sc = &self.storage.scylla;
+            if sc.nodes.is_empty() {
+                e.push("storage.scylla.nodes must list at least one contact point".into());
+            }
+            if !sc
+                .keyspace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || sc.keyspace.is_empty()
+            {
+                e.push("storage.scylla.keyspace must be letters, digits and underscores".into());
+            }
+            if crate::store::scylla::parse_consistency(&sc.consistency).is_none() {
+                e.push(format!(
+                    "storage.scylla.consistency `{}` is not a consistency level",
+                    sc.consistency
+                ));
+            }
+            if sc.replication.is_empty() || sc.replication.values().any(|&rf| rf == 0) {
+                e.push("storage.scylla.replication needs at least one data centre with a factor above 0".into());
+            }
+            if sc.archive_shards == 0 {
+                e.push("storage.scylla.archive_shards must be positive".into());
+            }
+            if sc.username.is_some() != sc.password.is_some() {
+                e.push("storage.scylla.username and password go together".into());
+            }
+        }
         for origin in &self.auth.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 e.push(format!(
@@ -412,6 +523,16 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError(e))
+        }
+    }
+
+    /// Retention periods in the store's terms.
+    pub fn retention(&self) -> crate::store::Retention {
+        let r = &self.retention;
+        crate::store::Retention {
+            archive_ms: r.archive.0.as_millis() as u64,
+            inbox_ms: r.inbox.0.as_millis() as u64,
+            idempotency_ms: r.idempotency.0.as_millis() as u64,
         }
     }
 

@@ -50,6 +50,8 @@ enum Command {
     Serve,
     /// Mint a device token, signed with the dev key (or --key).
     Token(TokenArgs),
+    /// Create the ScyllaDB keyspace if missing and apply missing schema migrations.
+    Migrate,
     /// Generate keys: an Ed25519 token-signing pair and an at-rest key.
     Keygen {
         /// Directory to write `token-signing-key.pem` and `token-signing-key.pub.pem` into.
@@ -125,6 +127,9 @@ fn init_logs(config: &Config) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keygen { out_dir }) = &cli.command {
+        return keygen(out_dir);
+    }
     let config = match load_config(&cli.common) {
         Ok(c) => c,
         Err(e) => {
@@ -135,7 +140,8 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
         Command::Token(args) => token(&config, args),
-        Command::Keygen { out_dir } => keygen(&out_dir),
+        Command::Keygen { .. } => ExitCode::SUCCESS, // handled above: needs no configuration
+        Command::Migrate => migrate(&config),
     }
 }
 
@@ -195,6 +201,38 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn migrate(config: &Config) -> ExitCode {
+    let sc = &config.storage.scylla;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(relay::store::scylla::migrate(sc)) {
+        Ok(applied) if applied.is_empty() => {
+            println!(
+                "keyspace `{}` is up to date (schema version {})",
+                sc.keyspace,
+                relay::store::scylla::SCHEMA_VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!("keyspace `{}`: applied migrations {applied:?}", sc.keyspace);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay migrate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

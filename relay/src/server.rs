@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Verifier};
-use crate::config::{Config, Mode};
+use crate::config::{Backend, Config, Mode};
 use crate::fanout::Hub;
 use crate::listener::{self, App, Side};
 use crate::seal::Keyring;
 use crate::session::{SessionContext, state::Limits};
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{MessageStore, Retention, now_ms};
+use crate::store::scylla::ScyllaStore;
+use crate::store::{MessageStore, now_ms};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -143,12 +144,22 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         _ => None,
     };
     let hub = Arc::new(Hub::default());
-    let store_dir = config.data_dir.join("store");
-    let store: Arc<dyn MessageStore> = Arc::new(EmbeddedStore::open(
-        &store_dir,
-        Arc::new(keyring),
-        hub.clone(),
-    )?);
+    let keyring = Arc::new(keyring);
+    let store: Arc<dyn MessageStore> = match config.storage.backend {
+        Backend::Embedded => Arc::new(EmbeddedStore::open(
+            &config.data_dir.join("store"),
+            keyring,
+            hub.clone(),
+        )?),
+        Backend::Scylla => {
+            let sc = &config.storage.scylla;
+            tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
+            Arc::new(
+                ScyllaStore::open(sc, config.node_id, keyring, config.retention(), hub.clone())
+                    .await?,
+            )
+        }
+    };
 
     let public = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
     let admin = bind(config.admin_listen).map_err(|e| StartError::Bind(config.admin_listen, e))?;
@@ -226,14 +237,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Periodic work: metrics upkeep and retention expiry.
 async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
-    let r = &app.config.retention;
-    let retention = Retention {
-        archive_ms: r.archive.0.as_millis() as u64,
-        inbox_ms: r.inbox.0.as_millis() as u64,
-        idempotency_ms: r.idempotency.0.as_millis() as u64,
-    };
+    let retention = app.config.retention();
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
-    let mut sweep = tokio::time::interval(r.sweep_interval.0);
+    let mut sweep = tokio::time::interval(app.config.retention.sweep_interval.0);
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,

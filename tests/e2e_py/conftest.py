@@ -21,6 +21,16 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[2]
 RELAY_BIN = Path(os.environ.get("RELAY_BIN", ROOT / "target" / "debug" / "relay"))
 
+# `embedded` (default) or `cassandra`: the same suite runs against both backends.
+BACKEND = os.environ.get("E2E_BACKEND", "embedded")
+CASSANDRA_RUN = ROOT / "target" / "cassandra" / "run"
+
+
+def cassandra_port() -> int:
+    port_file = CASSANDRA_RUN / "port"
+    assert port_file.exists(), "Cassandra is not running: start it with `scripts/cassandra start` (scripts/test does)"
+    return int(port_file.read_text())
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,6 +49,8 @@ class Relay:
         self.admin_port = free_port()
         self.proc = None
         self.log_path = data_dir.parent / f"relay-{self.port}.log"
+        self.keyspace = "e2e_" + uuid.uuid4().hex[:16]
+        self.migrated = BACKEND != "cassandra"
 
     @property
     def url(self) -> str:
@@ -54,10 +66,28 @@ class Relay:
             RELAY_LIMITS__SEND_RATE_PER_S="10000",
             RELAY_LIMITS__SEND_BURST="10000",
         )
+        if BACKEND == "cassandra":
+            env.update(
+                RELAY_STORAGE__BACKEND="scylla",
+                RELAY_STORAGE__SCYLLA__NODES=f'["127.0.0.1:{cassandra_port()}"]',
+                RELAY_STORAGE__SCYLLA__KEYSPACE=self.keyspace,
+                RELAY_STORAGE__SCYLLA__REPLICATION="{ datacenter1 = 1 }",
+            )
         env.update(self.env)
         return env
 
+    def store_files(self):
+        """Every file the store wrote: where a payload in clear would show."""
+        if BACKEND == "cassandra":
+            roots = [CASSANDRA_RUN / "commitlog", *CASSANDRA_RUN.glob(f"data/{self.keyspace}")]
+        else:
+            roots = [self.data_dir / "store"]
+        return [p for root in roots for p in root.rglob("*") if p.is_file()]
+
     def start(self):
+        if not self.migrated:
+            subprocess.run([str(RELAY_BIN), "migrate"], env=self._env(), check=True, capture_output=True, timeout=120)
+            self.migrated = True
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(RELAY_BIN)], env=self._env(), stdout=self.log, stderr=self.log)
         deadline = time.time() + 20

@@ -364,8 +364,7 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     await alice.close()
     relay.kill()  # leave the journal as written
 
-    store = relay.data_dir / "store"
-    blobs = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
+    blobs = b"".join(p.read_bytes() for p in relay.store_files())
     assert len(blobs) > 0
     assert canary not in blobs
     assert __import__("base64").b64encode(canary)[:24] not in blobs

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
-    Retention, StoreError, now_ms, seq_floor,
+    Retention, SeqClock, StoreError, now_ms, seq_floor,
 };
 use crate::seal::Keyring;
 
@@ -92,7 +92,7 @@ impl EmbeddedStore {
             t: tables.clone(),
             keyring: keyring.clone(),
             sink,
-            last_seq,
+            clock: SeqClock::new(0, last_seq),
             devices: HashMap::new(),
             healthy: healthy.clone(),
         };
@@ -293,7 +293,7 @@ struct Writer {
     t: Tables,
     keyring: Arc<Keyring>,
     sink: Arc<dyn DeliverySink>,
-    last_seq: u64,
+    clock: SeqClock,
     /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
     devices: HashMap<Arc<str>, Vec<DeviceRef>>,
     healthy: Arc<AtomicBool>,
@@ -325,11 +325,6 @@ impl Writer {
             }
         }
         // Dropping the receiver fails any later request with `Closed`.
-    }
-
-    fn next_seq(&mut self, now: u64) -> u64 {
-        self.last_seq = (self.last_seq + 1).max(seq_floor(now));
-        self.last_seq
     }
 
     fn devices_of(&mut self, user: &str) -> Result<&[DeviceRef], StoreError> {
@@ -487,7 +482,7 @@ impl Writer {
                 None,
             ));
         }
-        let seq = self.next_seq(now);
+        let seq = self.clock.next(now);
         let accepted = Accepted {
             seq,
             ts: now,

@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod record;
+pub mod scylla;
 
 use std::sync::Arc;
 
@@ -169,23 +170,64 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sequence numbers are `unix_ms << 10 | counter`: increasing, and readable as a time, which
-/// makes time-based expiry a key-range scan. They must stay below 2^53, the largest integer a
-/// JavaScript client parses exactly from JSON (true until the year 2248). Bursts above 1,024
-/// messages in a millisecond borrow from the next millisecond; order is unaffected.
-pub const SEQ_COUNTER_BITS: u32 = 10;
+/// Sequence numbers: `ms since 2025-01-01 (41 bits) | node id (5 bits) | counter (7 bits)`.
+///
+/// They increase per node, read as a time (so expiry is a key-range scan and partitions can be
+/// bucketed by time), are unique across up to 32 nodes writing the same inbox, and stay below
+/// 2^53, the largest integer a JavaScript client parses exactly from JSON (until the year 2094).
+/// Bursts above 128 messages per millisecond on one node borrow from the next millisecond.
+const SEQ_EPOCH_MS: u64 = 1_735_689_600_000;
+const NODE_BITS: u32 = 5;
+const COUNTER_BITS: u32 = 7;
+const TIME_SHIFT: u32 = NODE_BITS + COUNTER_BITS;
+
+/// Most relay nodes that can write to one store.
+pub const MAX_NODES: u8 = 1 << NODE_BITS;
 
 /// Largest integer JSON clients in JavaScript read exactly.
 pub const MAX_SAFE_SEQ: u64 = (1 << 53) - 1;
 
-/// First sequence number at or after `ms`.
+/// First sequence number at or after `ms`, for any node.
 pub fn seq_floor(ms: u64) -> u64 {
-    ms << SEQ_COUNTER_BITS
+    ms.saturating_sub(SEQ_EPOCH_MS) << TIME_SHIFT
 }
 
 /// Accept time encoded in a sequence number.
 pub fn seq_time_ms(seq: u64) -> u64 {
-    seq >> SEQ_COUNTER_BITS
+    (seq >> TIME_SHIFT) + SEQ_EPOCH_MS
+}
+
+/// Issues increasing sequence numbers for one node.
+#[derive(Debug)]
+pub struct SeqClock {
+    node: u64,
+    last: u64,
+}
+
+impl SeqClock {
+    /// A clock for node `node` (below [`MAX_NODES`]) that continues after `last`.
+    pub fn new(node: u8, last: u64) -> Self {
+        SeqClock {
+            node: u64::from(node % MAX_NODES),
+            last,
+        }
+    }
+
+    /// The next sequence number at wall-clock time `now_ms`.
+    pub fn next(&mut self, now_ms: u64) -> u64 {
+        let mask = (1u64 << COUNTER_BITS) - 1;
+        let now = now_ms.saturating_sub(SEQ_EPOCH_MS);
+        let (last_ms, last_ctr) = (self.last >> TIME_SHIFT, self.last & mask);
+        let (ms, ctr) = if now > last_ms {
+            (now, 0)
+        } else if last_ctr < mask {
+            (last_ms, last_ctr + 1)
+        } else {
+            (last_ms + 1, 0)
+        };
+        self.last = ms << TIME_SHIFT | self.node << COUNTER_BITS | ctr;
+        self.last
+    }
 }
 
 #[cfg(test)]
@@ -193,10 +235,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequences_stay_exact_in_javascript_for_centuries() {
-        let year_2200_ms = 7_258_118_400_000u64;
-        assert!(seq_floor(year_2200_ms) | ((1 << SEQ_COUNTER_BITS) - 1) < MAX_SAFE_SEQ);
+    fn sequences_stay_exact_in_javascript_until_2094() {
+        let year_2094_ms = 3_928_000_000_000u64;
+        assert!(seq_floor(year_2094_ms) | ((1 << TIME_SHIFT) - 1) < MAX_SAFE_SEQ);
         let t = 1_767_225_600_123;
-        assert_eq!(seq_time_ms(seq_floor(t) + 1000), t);
+        assert_eq!(seq_time_ms(seq_floor(t) + 100), t);
+    }
+
+    #[test]
+    fn clock_increases_and_nodes_never_collide() {
+        let now = 1_767_225_600_000;
+        let mut a = SeqClock::new(1, 0);
+        let mut b = SeqClock::new(2, 0);
+        let mut seen = std::collections::HashSet::new();
+        let mut last = 0;
+        for i in 0..1000 {
+            let s = a.next(now + i / 500); // bursts well above 128 per ms
+            assert!(s > last);
+            last = s;
+            assert!(seen.insert(s));
+            assert!(seen.insert(b.next(now + i / 500)));
+        }
+        // Time never runs backwards even if the wall clock does.
+        assert!(a.next(now - 10_000) > last);
     }
 }

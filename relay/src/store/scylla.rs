@@ -1,0 +1,910 @@
+//! The ScyllaDB backend (also runs against Apache Cassandra): the store of a relay cluster.
+//!
+//! **Invariant:** this is the only file that speaks CQL. `schema/*.cql` is the source of truth
+//! for the tables; `relay migrate` applies those files.
+//!
+//! Appends go through one writer task per node, like the embedded backend, so sequence numbers
+//! follow call order and fan-out follows commit order. A batch of appends is written in phases,
+//! each phase's statements concurrently:
+//!
+//! 1. read `message_ids` for every message id;
+//! 2. write `message_ids` rows (`complete = false`) for new ids, reserving their seq;
+//! 3. write the inbox rows (one per recipient device) and the archive row;
+//! 4. mark `message_ids` complete, then fan out and answer `accepted`.
+//!
+//! A message whose phase fails is answered `unavailable` (retryable). A retry that finds an
+//! incomplete `message_ids` row rewrites the same rows under the same seq, so a timed-out write
+//! is neither lost nor duplicated; a complete row answers `duplicate`. All statements are
+//! idempotent (same keys, same values), so the driver may retry them on timeouts.
+//!
+//! Known limit: two nodes handling the same message id at the same instant (a client retrying on
+//! another node while the first attempt is still in flight) can both store it; devices dedupe
+//! by id, as at-least-once delivery requires anyway.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, join_all};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::frame::types::Consistency;
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::prepared::PreparedStatement;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::record::{self, Record};
+use super::{
+    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
+    Retention, SeqClock, StoreError, now_ms, seq_floor, seq_time_ms,
+};
+use crate::config::ScyllaConfig;
+use crate::seal::Keyring;
+
+/// Schema version this relay needs.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Migrations, in order: (version, name, CQL).
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../../schema/0001_initial.cql"),
+)];
+
+const MAX_BATCH: usize = 512;
+const QUEUE_DEPTH: usize = 65_536;
+/// How long a node trusts its cached device list of a user (devices register on other nodes).
+const DEVICE_CACHE_TTL: Duration = Duration::from_secs(5);
+const WEEK_MS: u64 = 7 * 86_400_000;
+const HOUR_MS: u64 = 3_600_000;
+
+/// Parses a consistency level name (`local_quorum`, `QUORUM`, …).
+pub fn parse_consistency(s: &str) -> Option<Consistency> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "any" => Consistency::Any,
+        "one" => Consistency::One,
+        "two" => Consistency::Two,
+        "three" => Consistency::Three,
+        "quorum" => Consistency::Quorum,
+        "all" => Consistency::All,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "local_one" => Consistency::LocalOne,
+        _ => return None,
+    })
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Opens a driver session (without selecting a keyspace).
+pub async fn connect(cfg: &ScyllaConfig) -> Result<Session, StoreError> {
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if let Some(dc) = &cfg.local_dc {
+        policy = policy.prefer_datacenter(dc.clone());
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(parse_consistency(&cfg.consistency).unwrap_or(Consistency::LocalQuorum))
+        .request_timeout(Some(cfg.request_timeout.0))
+        .load_balancing_policy(policy.build())
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&cfg.nodes)
+        .connection_timeout(cfg.request_timeout.0)
+        .default_execution_profile_handle(profile.into_handle());
+    if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+        builder = builder.user(user, pass);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        builder = builder.tls_context(Some(tls_config(ca)?));
+    }
+    builder.build().await.map_err(unavailable)
+}
+
+fn tls_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, StoreError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?
+    {
+        roots
+            .add(cert.map_err(|e| unavailable(format!("{}: {e}", ca.display())))?)
+            .map_err(unavailable)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(unavailable)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The statements of a migration file, in order (comments dropped).
+pub fn statements(cql: &str) -> Vec<String> {
+    let text: String = cql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Creates the keyspace if missing and applies missing migrations. Returns the versions applied.
+pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
+    let session = connect(cfg).await?;
+    let replication: Vec<String> = cfg
+        .replication
+        .iter()
+        .map(|(dc, rf)| format!("'{}': {rf}", dc.replace('\'', "")))
+        .collect();
+    let ks = &cfg.keyspace;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', {}}}",
+                replication.join(", ")
+            ),
+            (),
+        )
+        .await
+        .map_err(unavailable)?;
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(unavailable)?;
+    session.use_keyspace(ks, false).await.map_err(unavailable)?;
+    session
+        .query_unpaged(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)",
+            (),
+        )
+        .await
+        .map_err(unavailable)?;
+    let have = applied_versions(&session).await?;
+    let mut applied = Vec::new();
+    for (version, name, cql) in MIGRATIONS {
+        if have.contains(version) {
+            continue;
+        }
+        for stmt in statements(cql) {
+            session.query_unpaged(stmt, ()).await.map_err(unavailable)?;
+        }
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(unavailable)?;
+        session
+            .query_unpaged(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, toTimestamp(now()))",
+                (version, name),
+            )
+            .await
+            .map_err(unavailable)?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+async fn applied_versions(session: &Session) -> Result<Vec<i32>, StoreError> {
+    let rows = session
+        .query_unpaged("SELECT version FROM schema_migrations", ())
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    rows.rows::<(i32,)>()
+        .map_err(unavailable)?
+        .map(|r| r.map(|(v,)| v).map_err(unavailable))
+        .collect()
+}
+
+/// Why `relay serve` will not use a keyspace.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The keyspace or its migration table is missing, or the database is unreachable.
+    #[error("cannot read the schema version ({0}); run `relay migrate`")]
+    Unreadable(String),
+    /// Older than this relay needs.
+    #[error(
+        "schema version {found} is older than the {needed} this relay needs; run `relay migrate`"
+    )]
+    TooOld {
+        /// Applied version.
+        found: i32,
+        /// Needed version.
+        needed: i32,
+    },
+}
+
+struct Statements {
+    insert_inbox: PreparedStatement,
+    select_inbox: PreparedStatement,
+    delete_inbox: PreparedStatement,
+    insert_archive: PreparedStatement,
+    select_msg_id: PreparedStatement,
+    insert_msg_id: PreparedStatement,
+    complete_msg_id: PreparedStatement,
+    insert_device: PreparedStatement,
+    select_devices: PreparedStatement,
+}
+
+impl Statements {
+    async fn prepare(s: &Session) -> Result<Self, StoreError> {
+        let p = |cql: &'static str| async move {
+            let mut st = s.prepare(cql).await.map_err(unavailable)?;
+            st.set_is_idempotent(true);
+            Ok::<_, StoreError>(st)
+        };
+        Ok(Statements {
+            insert_inbox: p("INSERT INTO inbox (user_id, device_id, week, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_inbox: p("SELECT seq, sealed FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq > ? LIMIT ?").await?,
+            delete_inbox: p("DELETE FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq = ?").await?,
+            insert_archive: p("INSERT INTO archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_msg_id: p("SELECT seq, ts, complete FROM message_ids WHERE sender = ? AND msg_id = ?").await?,
+            insert_msg_id: p("INSERT INTO message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
+            complete_msg_id: p("UPDATE message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
+            insert_device: p("INSERT INTO devices (user_id, device_id, registered_at) VALUES (?, ?, ?)").await?,
+            select_devices: p("SELECT device_id FROM devices WHERE user_id = ?").await?,
+        })
+    }
+}
+
+enum Op {
+    Append(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
+    Register(DeviceRef, oneshot::Sender<Result<(), StoreError>>),
+    Ack(DeviceRef, Vec<u64>),
+    Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+fn week_of(seq: u64) -> i32 {
+    (seq_time_ms(seq) / WEEK_MS) as i32
+}
+
+fn ttl_secs(ms: u64) -> i32 {
+    // Both ScyllaDB and Cassandra cap a TTL at 20 years.
+    (ms / 1000).clamp(1, 630_720_000) as i32
+}
+
+struct Shared {
+    session: Session,
+    st: Statements,
+    keyring: Arc<Keyring>,
+    retention: Retention,
+    archive_shards: u16,
+    healthy: AtomicBool,
+}
+
+/// ScyllaDB-backed [`MessageStore`].
+pub struct ScyllaStore {
+    shared: Arc<Shared>,
+    ops: mpsc::Sender<Op>,
+    pinger: tokio::task::JoinHandle<()>,
+}
+
+impl ScyllaStore {
+    /// Connects, checks the schema version, prepares statements and starts the writer task.
+    pub async fn open(
+        cfg: &ScyllaConfig,
+        node_id: u8,
+        keyring: Arc<Keyring>,
+        retention: Retention,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<Self, StoreError> {
+        let session = connect(cfg).await?;
+        session
+            .use_keyspace(&cfg.keyspace, false)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(SchemaError::Unreadable(e.to_string()).to_string())
+            })?;
+        let found = applied_versions(&session)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(SchemaError::Unreadable(e.to_string()).to_string())
+            })?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(
+                SchemaError::TooOld {
+                    found,
+                    needed: SCHEMA_VERSION,
+                }
+                .to_string(),
+            ));
+        }
+        let st = Statements::prepare(&session).await?;
+        let shared = Arc::new(Shared {
+            session,
+            st,
+            keyring,
+            retention,
+            archive_shards: cfg.archive_shards.max(1),
+            healthy: AtomicBool::new(true),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = Writer {
+            s: shared.clone(),
+            sink,
+            // Sequence numbers carry the node id, so nodes never collide; a restarted node
+            // continues from the wall clock.
+            clock: SeqClock::new(node_id, seq_floor(now_ms())),
+            devices: HashMap::new(),
+        };
+        tokio::spawn(writer.run(rx));
+        let pinger = tokio::spawn(ping(shared.clone()));
+        Ok(ScyllaStore {
+            shared,
+            ops: tx,
+            pinger,
+        })
+    }
+
+    async fn read_page(
+        s: &Shared,
+        device: &DeviceRef,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let now = now_ms();
+        let oldest = seq_floor(now.saturating_sub(s.retention.inbox_ms));
+        let from = week_of(after.saturating_add(1).max(oldest));
+        // One week ahead: another node's clock may run slightly ahead of ours.
+        let to = week_of(seq_floor(now + WEEK_MS));
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut cursor = after;
+        for week in from..=to {
+            let want = (limit - out.len()) as i32;
+            let rows = s
+                .session
+                .execute_unpaged(
+                    &s.st.select_inbox,
+                    (&*device.user, &*device.device, week, cursor as i64, want),
+                )
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            for row in rows.rows::<(i64, Vec<u8>)>().map_err(unavailable)? {
+                let (seq, sealed) = row.map_err(unavailable)?;
+                let key = record::inbox_key(device, seq as u64);
+                match record::open_inbox(&s.keyring, &key, &sealed) {
+                    Ok(entry) => out.push(entry),
+                    Err(e) => {
+                        metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+                        tracing::error!(user = %device.user, device = %device.device, error = %e,
+                            "inbox row failed authentication; skipped");
+                    }
+                }
+                cursor = cursor.max(seq as u64);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ScyllaStore {
+    fn drop(&mut self) {
+        self.pinger.abort();
+    }
+}
+
+/// Keeps `ready()` truthful while no traffic flows, and notices recovery on its own.
+async fn ping(s: Arc<Shared>) {
+    loop {
+        let ok = s
+            .session
+            .query_unpaged("SELECT release_version FROM system.local", ())
+            .await
+            .is_ok();
+        if s.healthy.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("database reachable again");
+            } else {
+                tracing::warn!("database unreachable");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl MessageStore for ScyllaStore {
+    fn append(&self, msg: NewMessage) -> AppendTicket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.ops.try_send(Op::Append(msg, tx)) {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    StoreError::Unavailable("write queue full".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            }));
+            return rx;
+        }
+        rx
+    }
+
+    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let (tx, rx) = oneshot::channel();
+            self.ops
+                .send(Op::Register(device, tx))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .boxed()
+    }
+
+    fn inbox_page(
+        &self,
+        device: DeviceRef,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
+        async move { Self::read_page(&self.shared, &device, after, limit).await }.boxed()
+    }
+
+    fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            self.ops
+                .send(Op::Ack(device, seqs))
+                .await
+                .map_err(|_| StoreError::Closed)
+        }
+        .boxed()
+    }
+
+    fn expire(
+        &self,
+        _now_ms: u64,
+        _retention: Retention,
+    ) -> BoxFuture<'_, Result<Expired, StoreError>> {
+        // Every row is written with a TTL: the database expires them itself.
+        async { Ok(Expired::default()) }.boxed()
+    }
+
+    fn ready(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed) && !self.ops.is_closed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let (tx, rx) = oneshot::channel();
+            if self.ops.send(Op::Close(tx)).await.is_err() {
+                return Ok(());
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+        .boxed()
+    }
+}
+
+struct Writer {
+    s: Arc<Shared>,
+    sink: Arc<dyn DeliverySink>,
+    clock: SeqClock,
+    devices: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
+}
+
+/// One append in flight through the phases.
+struct Pending {
+    msg: NewMessage,
+    reply: oneshot::Sender<Result<Accepted, StoreError>>,
+    /// Index of an earlier append in this batch with the same id.
+    same_as: Option<usize>,
+    seq: u64,
+    ts: u64,
+    /// Already complete in the database: answer `duplicate`.
+    duplicate: bool,
+    /// Needs its `message_ids` row written (a new id).
+    reserve: bool,
+    targets: Vec<DeviceRef>,
+    failed: Option<StoreError>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = rx.recv().await {
+            ops.push(op);
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let started = Instant::now();
+            let close = self.commit(std::mem::take(&mut ops)).await;
+            metrics::histogram!("relay_store_commit_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if let Some(reply) = close {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+        }
+    }
+
+    fn mark(&self, ok: bool) {
+        self.s.healthy.store(ok, Ordering::Relaxed);
+        if !ok {
+            metrics::counter!("relay_store_errors_total", "op" => "write").increment(1);
+        }
+    }
+
+    async fn commit(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+        let mut appends = Vec::new();
+        let mut registers = Vec::new();
+        let mut acks = Vec::new();
+        let mut close = None;
+        for op in ops {
+            match op {
+                Op::Append(m, r) => appends.push((m, r)),
+                Op::Register(d, r) => registers.push((d, r)),
+                Op::Ack(d, seqs) => acks.push((d, seqs)),
+                Op::Close(r) => close = Some(r),
+            }
+        }
+        // Registrations first, so appends in the same batch reach the new devices.
+        let now = now_ms() as i64;
+        let results = join_all(registers.iter().map(|(d, _)| {
+            self.s
+                .session
+                .execute_unpaged(&self.s.st.insert_device, (&*d.user, &*d.device, now))
+        }))
+        .await;
+        for ((device, reply), result) in registers.into_iter().zip(results) {
+            self.mark(result.is_ok());
+            if result.is_ok()
+                && let Some((list, _)) = self.devices.get_mut(&device.user)
+                && !list.contains(&device)
+            {
+                list.push(device.clone());
+            }
+            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
+        }
+        let deletes: Vec<_> = acks
+            .iter()
+            .flat_map(|(d, seqs)| seqs.iter().map(move |&seq| (d, seq)))
+            .map(|(d, seq)| {
+                self.s.session.execute_unpaged(
+                    &self.s.st.delete_inbox,
+                    (&*d.user, &*d.device, week_of(seq), seq as i64),
+                )
+            })
+            .collect();
+        for r in join_all(deletes).await {
+            if let Err(e) = r {
+                // A lost ack only means a redelivery.
+                metrics::counter!("relay_store_errors_total", "op" => "ack").increment(1);
+                tracing::warn!(error = %e, "ack delete failed");
+            }
+        }
+        if !appends.is_empty() {
+            self.appends(appends).await;
+        }
+        close
+    }
+
+    async fn devices_of(&mut self, users: &[&str]) -> Result<(), StoreError> {
+        let stale: Vec<&str> = users
+            .iter()
+            .copied()
+            .filter(|u| {
+                self.devices
+                    .get(*u)
+                    .is_none_or(|(_, at)| at.elapsed() > DEVICE_CACHE_TTL)
+            })
+            .collect();
+        let reads = join_all(stale.iter().map(|u| {
+            self.s
+                .session
+                .execute_unpaged(&self.s.st.select_devices, (*u,))
+        }))
+        .await;
+        for (user, result) in stale.into_iter().zip(reads) {
+            let rows = result
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            let mut list = Vec::new();
+            for row in rows.rows::<(String,)>().map_err(unavailable)? {
+                list.push(DeviceRef::new(user, &row.map_err(unavailable)?.0));
+            }
+            self.devices.insert(user.into(), (list, Instant::now()));
+        }
+        Ok(())
+    }
+
+    async fn appends(
+        &mut self,
+        batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
+    ) {
+        let s = self.s.clone();
+        let idem_ttl = ttl_secs(s.retention.idempotency_ms);
+        let mut first: HashMap<(Arc<str>, Uuid), usize> = HashMap::new();
+        let mut p: Vec<Pending> = Vec::with_capacity(batch.len());
+        for (msg, reply) in batch {
+            let key = (msg.from.user.clone(), msg.id);
+            let same_as = first.get(&key).copied();
+            if same_as.is_none() {
+                first.insert(key, p.len());
+            }
+            p.push(Pending {
+                msg,
+                reply,
+                same_as,
+                seq: 0,
+                ts: 0,
+                duplicate: false,
+                reserve: false,
+                targets: Vec::new(),
+                failed: None,
+            });
+        }
+
+        // Phase 1: what the database knows of these ids.
+        let firsts: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
+        let reads = join_all(firsts.iter().map(|&i| {
+            s.session
+                .execute_unpaged(&s.st.select_msg_id, (&*p[i].msg.from.user, p[i].msg.id))
+        }))
+        .await;
+        let now = now_ms();
+        for (&i, read) in firsts.iter().zip(reads) {
+            let known = read
+                .map_err(unavailable)
+                .and_then(|r| r.into_rows_result().map_err(unavailable))
+                .and_then(|rows| {
+                    rows.maybe_first_row::<(i64, i64, Option<bool>)>()
+                        .map_err(unavailable)
+                });
+            match known {
+                Err(e) => p[i].failed = Some(e),
+                Ok(Some((seq, ts, complete))) => {
+                    (p[i].seq, p[i].ts) = (seq as u64, ts as u64);
+                    p[i].duplicate = complete.unwrap_or(false);
+                }
+                Ok(None) => {
+                    (p[i].seq, p[i].ts) = (self.clock.next(now), now);
+                    p[i].reserve = true;
+                }
+            }
+        }
+
+        // Phase 2: reserve new ids.
+        let reserving: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| p[i].reserve && p[i].failed.is_none())
+            .collect();
+        let writes = join_all(reserving.iter().map(|&i| {
+            let m = &p[i].msg;
+            s.session.execute_unpaged(
+                &s.st.insert_msg_id,
+                (
+                    &*m.from.user,
+                    m.id,
+                    p[i].seq as i64,
+                    p[i].ts as i64,
+                    idem_ttl,
+                ),
+            )
+        }))
+        .await;
+        for (&i, w) in reserving.iter().zip(writes) {
+            if let Err(e) = w {
+                p[i].failed = Some(unavailable(e));
+            }
+        }
+
+        // Phase 3: inbox and archive rows.
+        let writing: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| !p[i].duplicate && p[i].failed.is_none())
+            .collect();
+        let mut users: Vec<&str> = Vec::new();
+        for &i in &writing {
+            users.push(&p[i].msg.from.user);
+            users.extend(p[i].msg.to.iter().map(String::as_str));
+        }
+        users.sort_unstable();
+        users.dedup();
+        let users: Vec<String> = users.into_iter().map(str::to_string).collect();
+        let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        if let Err(e) = self.devices_of(&user_refs).await {
+            for &i in &writing {
+                p[i].failed = Some(unavailable(&e));
+            }
+        }
+        let inbox_ttl = ttl_secs(s.retention.inbox_ms);
+        let archive_ttl = ttl_secs(s.retention.archive_ms);
+        let mut statements = Vec::new();
+        let ready: Vec<usize> = writing
+            .iter()
+            .copied()
+            .filter(|&i| p[i].failed.is_none())
+            .collect();
+        for i in ready {
+            let m = &p[i].msg;
+            let mut targets = Vec::new();
+            for user in std::iter::once(&*m.from.user).chain(m.to.iter().map(String::as_str)) {
+                for d in self
+                    .devices
+                    .get(user)
+                    .map_or(&[][..], |(l, _)| l.as_slice())
+                {
+                    if *d != m.from && !targets.contains(d) {
+                        targets.push(d.clone());
+                    }
+                }
+            }
+            let (seq, ts) = (p[i].seq, p[i].ts);
+            let rec = Record {
+                ts,
+                urgent: m.urgent,
+                from: &m.from,
+                to: &[],
+                body: &m.body,
+            };
+            for d in &targets {
+                let key = record::inbox_key(d, seq);
+                let value = record::seal_inbox(&s.keyring, &key, &m.id, &rec);
+                statements.push((
+                    i,
+                    s.session
+                        .execute_unpaged(
+                            &s.st.insert_inbox,
+                            (
+                                d.user.to_string(),
+                                d.device.to_string(),
+                                week_of(seq),
+                                seq as i64,
+                                m.id,
+                                value,
+                                inbox_ttl,
+                            ),
+                        )
+                        .boxed(),
+                ));
+            }
+            let akey = record::archive_key(seq, &m.id);
+            let avalue = record::seal_archive(&s.keyring, &akey, &Record { to: &m.to, ..rec });
+            let shard = (m.id.as_u128() % u128::from(s.archive_shards)) as i16;
+            let hour = (seq_time_ms(seq) / HOUR_MS) as i32;
+            statements.push((
+                i,
+                s.session
+                    .execute_unpaged(
+                        &s.st.insert_archive,
+                        (hour, shard, seq as i64, m.id, avalue, archive_ttl),
+                    )
+                    .boxed(),
+            ));
+            p[i].targets = targets;
+        }
+        let (owners, futures): (Vec<usize>, Vec<_>) = statements.into_iter().unzip();
+        for (i, r) in owners.into_iter().zip(join_all(futures).await) {
+            if let Err(e) = r {
+                p[i].failed.get_or_insert(unavailable(e));
+            }
+        }
+
+        // Phase 4: mark complete.
+        let completing: Vec<usize> = writing
+            .iter()
+            .copied()
+            .filter(|&i| p[i].failed.is_none())
+            .collect();
+        let marks = join_all(completing.iter().map(|&i| {
+            s.session.execute_unpaged(
+                &s.st.complete_msg_id,
+                (idem_ttl, &*p[i].msg.from.user, p[i].msg.id),
+            )
+        }))
+        .await;
+        for (&i, r) in completing.iter().zip(marks) {
+            if let Err(e) = r {
+                p[i].failed = Some(unavailable(e));
+            }
+        }
+
+        let any_failed = p.iter().any(|x| x.failed.is_some());
+        self.mark(!any_failed);
+        if any_failed {
+            tracing::warn!(
+                failed = p.iter().filter(|x| x.failed.is_some()).count(),
+                "appends failed; senders told to retry"
+            );
+        }
+
+        // Fan out in sequence order, then answer.
+        let mut order: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
+        order.sort_by_key(|&i| p[i].seq);
+        for &i in &order {
+            let x = &p[i];
+            if x.failed.is_none() && !x.duplicate && !x.targets.is_empty() {
+                let entry = InboxEntry {
+                    seq: x.seq,
+                    ts: x.ts,
+                    id: x.msg.id,
+                    from: x.msg.from.clone(),
+                    urgent: x.msg.urgent,
+                    body: x.msg.body.clone(),
+                };
+                self.sink.deliver(&x.targets, &entry);
+            }
+        }
+        let outcomes: Vec<Result<Accepted, String>> = p
+            .iter()
+            .map(|x| match &x.failed {
+                Some(e) => Err(e.to_string()),
+                None => Ok(Accepted {
+                    seq: x.seq,
+                    ts: x.ts,
+                    duplicate: x.duplicate,
+                }),
+            })
+            .collect();
+        for (i, x) in p.into_iter().enumerate() {
+            let outcome = match x.same_as {
+                None => outcomes[i].clone(),
+                Some(j) => outcomes[j].clone().map(|a| Accepted {
+                    duplicate: true,
+                    ..a
+                }),
+            };
+            let _ = x.reply.send(outcome.map_err(StoreError::Unavailable));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_split_into_statements() {
+        for (_, _, cql) in MIGRATIONS {
+            let stmts = statements(cql);
+            assert!(stmts.len() >= 4);
+            assert!(
+                stmts
+                    .iter()
+                    .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")),
+                "{stmts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn consistency_names() {
+        assert_eq!(
+            parse_consistency("LOCAL_QUORUM"),
+            Some(Consistency::LocalQuorum)
+        );
+        assert_eq!(parse_consistency("mostly"), None);
+    }
+
+    #[test]
+    fn ttls_fit_both_databases() {
+        assert_eq!(ttl_secs(6 * 365 * 86_400_000), 189_216_000);
+        assert_eq!(ttl_secs(u64::MAX), 630_720_000);
+    }
+}
