@@ -108,21 +108,6 @@ impl EmbeddedStore {
         })
     }
 
-    /// Reads one archived message (tests and support tooling).
-    pub fn archived(
-        &self,
-        seq: u64,
-        id: &uuid::Uuid,
-    ) -> Result<Option<record::ArchivedMessage>, StoreError> {
-        let key = record::archive_key(seq, id);
-        match self.tables.archive.get(&key).map_err(unavailable)? {
-            Some(v) => record::open_archive(&self.keyring, &key, &v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(e.to_string())),
-            None => Ok(None),
-        }
-    }
-
     fn read_page(
         t: &Tables,
         keyring: &Keyring,
@@ -254,6 +239,29 @@ impl MessageStore for EmbeddedStore {
                 .send(Op::Ack(device, seqs))
                 .await
                 .map_err(|_| StoreError::Closed)
+        }
+        .boxed()
+    }
+
+    fn archived(
+        &self,
+        seq: u64,
+        id: uuid::Uuid,
+    ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>> {
+        let t = self.tables.clone();
+        let keyring = self.keyring.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let key = record::archive_key(seq, &id);
+                match t.archive.get(&key).map_err(unavailable)? {
+                    Some(v) => record::open_archive(&keyring, &key, &v)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string())),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(unavailable)?
         }
         .boxed()
     }

@@ -148,6 +148,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// a redelivery, so this need not be durable before it returns.
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Reads one archived message by its sequence and id (support tooling, legal holds, tests).
+    fn archived(
+        &self,
+        seq: u64,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>>;
+
     /// Deletes what is past retention as of `now_ms`.
     fn expire(
         &self,

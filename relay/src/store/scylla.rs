@@ -232,6 +232,7 @@ struct Statements {
     select_inbox: PreparedStatement,
     delete_inbox: PreparedStatement,
     insert_archive: PreparedStatement,
+    select_archive: PreparedStatement,
     select_msg_id: PreparedStatement,
     insert_msg_id: PreparedStatement,
     complete_msg_id: PreparedStatement,
@@ -251,6 +252,7 @@ impl Statements {
             select_inbox: p("SELECT seq, sealed FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq > ? LIMIT ?").await?,
             delete_inbox: p("DELETE FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq = ?").await?,
             insert_archive: p("INSERT INTO archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_archive: p("SELECT sealed FROM archive WHERE hour = ? AND shard = ? AND seq = ? AND msg_id = ?").await?,
             select_msg_id: p("SELECT seq, ts, complete FROM message_ids WHERE sender = ? AND msg_id = ?").await?,
             insert_msg_id: p("INSERT INTO message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
             complete_msg_id: p("UPDATE message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
@@ -269,6 +271,14 @@ enum Op {
 
 fn week_of(seq: u64) -> i32 {
     (seq_time_ms(seq) / WEEK_MS) as i32
+}
+
+fn archive_hour(seq: u64) -> i32 {
+    (seq_time_ms(seq) / HOUR_MS) as i32
+}
+
+fn archive_shard(id: &Uuid, shards: u16) -> i16 {
+    (id.as_u128() % u128::from(shards)) as i16
 }
 
 fn ttl_secs(ms: u64) -> i32 {
@@ -470,6 +480,40 @@ impl MessageStore for ScyllaStore {
         .boxed()
     }
 
+    fn archived(
+        &self,
+        seq: u64,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let rows = s
+                .session
+                .execute_unpaged(
+                    &s.st.select_archive,
+                    (
+                        archive_hour(seq),
+                        archive_shard(&id, s.archive_shards),
+                        seq as i64,
+                        id,
+                    ),
+                )
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            match rows.maybe_first_row::<(Vec<u8>,)>().map_err(unavailable)? {
+                Some((sealed,)) => {
+                    record::open_archive(&s.keyring, &record::archive_key(seq, &id), &sealed)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                }
+                None => Ok(None),
+            }
+        }
+        .boxed()
+    }
+
     fn expire(
         &self,
         _now_ms: u64,
@@ -560,24 +604,7 @@ impl Writer {
                 Op::Close(r) => close = Some(r),
             }
         }
-        // Registrations first, so appends in the same batch reach the new devices.
-        let now = now_ms() as i64;
-        let results = join_all(registers.iter().map(|(d, _)| {
-            self.s
-                .session
-                .execute_unpaged(&self.s.st.insert_device, (&*d.user, &*d.device, now))
-        }))
-        .await;
-        for ((device, reply), result) in registers.into_iter().zip(results) {
-            self.mark(result.is_ok());
-            if result.is_ok()
-                && let Some((list, _)) = self.devices.get_mut(&device.user)
-                && !list.contains(&device)
-            {
-                list.push(device.clone());
-            }
-            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
-        }
+        // Acks first: a later answer in this batch then implies they are applied.
         let deletes: Vec<_> = acks
             .iter()
             .flat_map(|(d, seqs)| seqs.iter().map(move |&seq| (d, seq)))
@@ -594,6 +621,24 @@ impl Writer {
                 metrics::counter!("relay_store_errors_total", "op" => "ack").increment(1);
                 tracing::warn!(error = %e, "ack delete failed");
             }
+        }
+        // Registrations before appends, so appends in the same batch reach the new devices.
+        let now = now_ms() as i64;
+        let results = join_all(registers.iter().map(|(d, _)| {
+            self.s
+                .session
+                .execute_unpaged(&self.s.st.insert_device, (&*d.user, &*d.device, now))
+        }))
+        .await;
+        for ((device, reply), result) in registers.into_iter().zip(results) {
+            self.mark(result.is_ok());
+            if result.is_ok()
+                && let Some((list, _)) = self.devices.get_mut(&device.user)
+                && !list.contains(&device)
+            {
+                list.push(device.clone());
+            }
+            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
         }
         if !appends.is_empty() {
             self.appends(appends).await;

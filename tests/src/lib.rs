@@ -1,0 +1,108 @@
+//! Shared helpers for the relay's integration tests: opening either store backend against real
+//! services. The Python and Node end-to-end suites live beside this crate (`e2e_py/`,
+//! `e2e_node/`); Cassandra is started by `scripts/cassandra` (which `scripts/test` runs).
+
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use relay::config::ScyllaConfig;
+use relay::seal::Keyring;
+use relay::store::embedded::EmbeddedStore;
+use relay::store::scylla::{self, ScyllaStore};
+use relay::store::{DeliverySink, DeviceRef, InboxEntry, MessageStore, Retention};
+
+/// Which backend a conformance case runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// fjall in a temporary directory.
+    Embedded,
+    /// A fresh keyspace in the Cassandra started by `scripts/cassandra start`.
+    Cassandra,
+}
+
+/// Records fan-out calls: (devices, seq).
+#[derive(Default)]
+pub struct Recorder(pub Mutex<Vec<(Vec<DeviceRef>, u64)>>);
+
+impl DeliverySink for Recorder {
+    fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((devices.to_vec(), entry.seq));
+        }
+    }
+}
+
+/// Where a backend keeps its data, so a test can reopen the same store.
+pub struct Place {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    keyspace: String,
+}
+
+fn cassandra_port() -> u16 {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/cassandra/run/port");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|_| {
+        panic!(
+            "Cassandra is not running ({} missing): start it with `scripts/cassandra start` (scripts/test does)",
+            file.display()
+        )
+    });
+    text.trim().parse().expect("port file holds a port")
+}
+
+/// A ring with the given keys (`kid:base64`), `active` sealing.
+pub fn keyring(spec: &str, active: &str) -> Arc<Keyring> {
+    Arc::new(Keyring::parse(spec, active).expect("keyring"))
+}
+
+/// A random at-rest key entry `kid:base64`.
+pub fn key_entry(kid: &str) -> String {
+    format!("{kid}:{}", Keyring::generate_key_b64())
+}
+
+impl Place {
+    /// A new empty place for `kind`.
+    pub async fn new(kind: Kind) -> Place {
+        let place = Place {
+            kind,
+            dir: tempfile::tempdir().expect("tempdir"),
+            keyspace: format!("conf_{}", uuid::Uuid::new_v4().simple()),
+        };
+        if let Kind::Cassandra = kind {
+            scylla::migrate(&place.scylla_config())
+                .await
+                .expect("migrate");
+        }
+        place
+    }
+
+    fn scylla_config(&self) -> ScyllaConfig {
+        ScyllaConfig {
+            nodes: vec![format!("127.0.0.1:{}", cassandra_port())],
+            keyspace: self.keyspace.clone(),
+            replication: [("datacenter1".to_string(), 1)].into(),
+            ..ScyllaConfig::default()
+        }
+    }
+
+    /// Opens the store here.
+    pub async fn open(
+        &self,
+        keyring: Arc<Keyring>,
+        retention: Retention,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Arc<dyn MessageStore> {
+        match self.kind {
+            Kind::Embedded => Arc::new(
+                EmbeddedStore::open(&self.dir.path().join("store"), keyring, sink).expect("open"),
+            ),
+            Kind::Cassandra => Arc::new(
+                ScyllaStore::open(&self.scylla_config(), 0, keyring, retention, sink)
+                    .await
+                    .expect("open"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! One conformance suite for every `MessageStore` backend: each case runs unchanged against the
+//! embedded store and against a real Cassandra (started by `scripts/cassandra start`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
+use relay_tests::{Kind, Place, Recorder, key_entry, keyring};
+use uuid::Uuid;
+
+const LONG: Retention = Retention {
+    archive_ms: 6 * 365 * 86_400_000,
+    inbox_ms: 30 * 86_400_000,
+    idempotency_ms: 7 * 86_400_000,
+};
+
+fn msg(from: &DeviceRef, to: &[&str], body: &str) -> NewMessage {
+    NewMessage {
+        id: Uuid::new_v4(),
+        from: from.clone(),
+        to: to.iter().map(|s| s.to_string()).collect(),
+        body: Bytes::from(body.to_string()),
+        urgent: false,
+    }
+}
+
+async fn setup(kind: Kind, retention: Retention) -> (Place, Arc<dyn MessageStore>, Arc<Recorder>) {
+    let place = Place::new(kind).await;
+    let sink = Arc::new(Recorder::default());
+    let store = place
+        .open(keyring(&key_entry("k1"), "k1"), retention, sink.clone())
+        .await;
+    (place, store, sink)
+}
+
+async fn all_pages(store: &dyn MessageStore, d: &DeviceRef, page: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let got = store
+            .inbox_page(d.clone(), cursor, page)
+            .await
+            .expect("page");
+        assert!(got.len() <= page);
+        seqs.extend(got.iter().map(|e| e.seq));
+        match got.last() {
+            Some(last) if got.len() == page => cursor = last.seq,
+            _ => return seqs,
+        }
+    }
+}
+
+async fn ordering_and_paging(kind: Kind) {
+    let (_p, store, sink) = setup(kind, LONG).await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "tablet");
+    store.register_device(bob.clone()).await.expect("register");
+    let tickets: Vec<_> = (0..300)
+        .map(|i| store.append(msg(&alice, &["bob"], &format!("m{i}"))))
+        .collect();
+    let mut accepted = Vec::new();
+    for t in tickets {
+        accepted.push(t.await.expect("reply").expect("accepted").seq);
+    }
+    assert!(
+        accepted.windows(2).all(|w| w[0] < w[1]),
+        "call order is seq order"
+    );
+    assert_eq!(all_pages(&*store, &bob, 128).await, accepted);
+    let page = store.inbox_page(bob.clone(), 0, 3).await.expect("page");
+    let bodies: Vec<&[u8]> = page.iter().map(|e| &e.body[..]).collect();
+    assert_eq!(bodies, vec![&b"m0"[..], b"m1", b"m2"]);
+    assert_eq!(page[0].from, alice);
+    // Fan-out happened after durability, in seq order, to bob only.
+    let fanned: Vec<u64> = sink
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(fanned, accepted);
+    store.close().await.expect("close");
+}
+
+async fn fanout_targets(kind: Kind) {
+    let (_p, store, sink) = setup(kind, LONG).await;
+    let devices = [
+        DeviceRef::new("alice", "phone"),
+        DeviceRef::new("alice", "laptop"),
+        DeviceRef::new("bob", "phone"),
+        DeviceRef::new("bob", "tablet"),
+        DeviceRef::new("carol", "phone"),
+    ];
+    for d in &devices {
+        store.register_device(d.clone()).await.expect("register");
+    }
+    let a = store
+        .append(msg(&devices[0], &["bob"], "x"))
+        .await
+        .expect("reply")
+        .expect("accepted");
+    let mut targets = sink.0.lock().expect("lock")[0].0.clone();
+    targets.sort();
+    let mut want = vec![devices[1].clone(), devices[2].clone(), devices[3].clone()];
+    want.sort();
+    assert_eq!(
+        targets, want,
+        "recipient's devices and sender's other devices"
+    );
+    for d in &want {
+        assert_eq!(all_pages(&*store, d, 10).await, vec![a.seq]);
+    }
+    assert!(all_pages(&*store, &devices[0], 10).await.is_empty());
+    assert!(all_pages(&*store, &devices[4], 10).await.is_empty());
+    store.close().await.expect("close");
+}
+
+async fn idempotency(kind: Kind) {
+    let (place, store, sink) = setup(kind, LONG).await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "phone");
+    store.register_device(bob.clone()).await.expect("register");
+    let m = msg(&alice, &["bob"], "once");
+    // Twice in one batch, then again later, then after reopening.
+    let (t1, t2) = (store.append(m.clone()), store.append(m.clone()));
+    let first = t1.await.expect("reply").expect("accepted");
+    let second = t2.await.expect("reply").expect("accepted");
+    let third = store
+        .append(m.clone())
+        .await
+        .expect("reply")
+        .expect("accepted");
+    assert!(!first.duplicate && second.duplicate && third.duplicate);
+    assert_eq!((second.seq, third.seq), (first.seq, first.seq));
+    assert_eq!(all_pages(&*store, &bob, 10).await, vec![first.seq]);
+    assert_eq!(sink.0.lock().expect("lock").len(), 1, "delivered once");
+    // The same id from another sender is another message.
+    let other = NewMessage {
+        from: DeviceRef::new("carol", "phone"),
+        ..m.clone()
+    };
+    let o = store.append(other).await.expect("reply").expect("accepted");
+    assert!(!o.duplicate);
+    store.close().await.expect("close");
+    drop(store);
+    let store = place
+        .open(
+            keyring(&key_entry("k9"), "k9"),
+            LONG,
+            Arc::new(Recorder::default()),
+        )
+        .await;
+    let again = store.append(m).await.expect("reply").expect("accepted");
+    assert!(
+        again.duplicate && again.seq == first.seq,
+        "durable across restarts"
+    );
+    store.close().await.expect("close");
+}
+
+async fn ack_removes(kind: Kind) {
+    let (_p, store, _sink) = setup(kind, LONG).await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "phone");
+    store.register_device(bob.clone()).await.expect("register");
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let a = store
+            .append(msg(&alice, &["bob"], &i.to_string()))
+            .await
+            .expect("reply")
+            .expect("accepted");
+        seqs.push(a.seq);
+    }
+    store
+        .ack(bob.clone(), vec![seqs[0], seqs[2], seqs[4]])
+        .await
+        .expect("ack");
+    // Acks are applied by the writer; a following durable write orders after them.
+    store
+        .register_device(DeviceRef::new("z", "z"))
+        .await
+        .expect("barrier");
+    assert_eq!(all_pages(&*store, &bob, 10).await, vec![seqs[1], seqs[3]]);
+    // Acking twice, or acking an unknown seq, is harmless.
+    store
+        .ack(bob.clone(), vec![seqs[0], 12345])
+        .await
+        .expect("ack");
+    store
+        .register_device(DeviceRef::new("z", "y"))
+        .await
+        .expect("barrier");
+    assert_eq!(all_pages(&*store, &bob, 10).await, vec![seqs[1], seqs[3]]);
+    store.close().await.expect("close");
+}
+
+async fn retention_expires(kind: Kind) {
+    let short = Retention {
+        archive_ms: 2_000,
+        inbox_ms: 2_000,
+        idempotency_ms: 2_000,
+    };
+    let (_p, store, _sink) = setup(kind, short).await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "phone");
+    store.register_device(bob.clone()).await.expect("register");
+    let m = msg(&alice, &["bob"], "short-lived");
+    let a = store
+        .append(m.clone())
+        .await
+        .expect("reply")
+        .expect("accepted");
+    let archived = store
+        .archived(a.seq, m.id)
+        .await
+        .expect("read")
+        .expect("archived");
+    assert_eq!(&archived.entry.body[..], b"short-lived");
+    assert_eq!(archived.to, vec!["bob".to_string()]);
+    assert_eq!(all_pages(&*store, &bob, 10).await, vec![a.seq]);
+
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let expired = store.expire(now_ms(), short).await.expect("expire");
+    assert!(store.archived(a.seq, m.id).await.expect("read").is_none());
+    assert!(all_pages(&*store, &bob, 10).await.is_empty());
+    // Past the idempotency window the id is new again.
+    let again = store.append(m).await.expect("reply").expect("accepted");
+    assert!(!again.duplicate);
+    if let Kind::Embedded = kind {
+        assert_eq!(
+            (expired.archive, expired.inbox, expired.idempotency),
+            (1, 1, 1)
+        );
+    }
+    store.close().await.expect("close");
+}
+
+async fn key_rotation(kind: Kind) {
+    let k1 = key_entry("k1");
+    let k2 = key_entry("k2");
+    let place = Place::new(kind).await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "phone");
+    let store = place
+        .open(keyring(&k1, "k1"), LONG, Arc::new(Recorder::default()))
+        .await;
+    store.register_device(bob.clone()).await.expect("register");
+    let old = msg(&alice, &["bob"], "sealed with k1");
+    let a_old = store
+        .append(old.clone())
+        .await
+        .expect("reply")
+        .expect("accepted");
+    store.close().await.expect("close");
+    drop(store);
+
+    let both = format!("{k1},{k2}");
+    let store = place
+        .open(keyring(&both, "k2"), LONG, Arc::new(Recorder::default()))
+        .await;
+    let new = msg(&alice, &["bob"], "sealed with k2");
+    let a_new = store
+        .append(new.clone())
+        .await
+        .expect("reply")
+        .expect("accepted");
+    let page = store.inbox_page(bob.clone(), 0, 10).await.expect("page");
+    let bodies: Vec<&[u8]> = page.iter().map(|e| &e.body[..]).collect();
+    assert_eq!(bodies, vec![&b"sealed with k1"[..], b"sealed with k2"]);
+    assert!(
+        store
+            .archived(a_old.seq, old.id)
+            .await
+            .expect("read")
+            .is_some()
+    );
+    store.close().await.expect("close");
+    drop(store);
+
+    // Without k1, what k1 sealed does not open: never delivered, counted as corrupt.
+    let store = place
+        .open(keyring(&k2, "k2"), LONG, Arc::new(Recorder::default()))
+        .await;
+    let page = store.inbox_page(bob.clone(), 0, 10).await.expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![a_new.seq]
+    );
+    assert!(store.archived(a_old.seq, old.id).await.is_err());
+    store.close().await.expect("close");
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(relay_tests::Kind::Embedded).await } )*
+        }
+        mod cassandra {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(relay_tests::Kind::Cassandra).await } )*
+        }
+    };
+}
+
+conformance!(
+    ordering_and_paging,
+    fanout_targets,
+    idempotency,
+    ack_removes,
+    retention_expires,
+    key_rotation,
+);
