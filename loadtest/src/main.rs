@@ -93,6 +93,7 @@ struct ConnStats {
     rejected: u64,
     delivered: Vec<u64>,
     latency_us: Option<Histogram<u64>>,
+    accept_us: Option<Histogram<u64>>,
     closed_by_relay: Option<u16>,
 }
 
@@ -138,6 +139,7 @@ struct Report {
     connection_errors: u64,
     closed_by_relay: std::collections::BTreeMap<u16, u64>,
     end_to_end: Option<Latency>,
+    accept: Option<Latency>,
     relay_rss_before_kib: Option<u64>,
     relay_rss_after_kib: Option<u64>,
     relay_rss_per_conn_bytes: Option<f64>,
@@ -239,6 +241,9 @@ async fn drive(
     let mut guard = slot.lock().await;
     let stats = &mut *guard;
     stats.latency_us = Some(Histogram::new_with_bounds(1, 60_000_000, 3)?);
+    stats.accept_us = Some(Histogram::new_with_bounds(1, 60_000_000, 3)?);
+    // Replies come in send order: the oldest send time belongs to the next reply.
+    let mut sent_at: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
     let mut k = 0u64;
     let mut outstanding = 0usize;
     let mut acks: Vec<u64> = Vec::new();
@@ -270,6 +275,7 @@ async fn drive(
             _ = async { tick.as_mut().expect("tick").tick().await }, if tick.is_some() && sending => {
                 let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
                 shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                sent_at.push_back(Instant::now());
                 ws.send(Message::text(frame.to_string())).await?;
                 k += 1;
                 outstanding += 1;
@@ -277,6 +283,7 @@ async fn drive(
             _ = std::future::ready(()), if want_send => {
                 let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
                 shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                sent_at.push_back(Instant::now());
                 ws.feed(Message::text(frame.to_string())).await?;
                 k += 1;
                 outstanding += 1;
@@ -303,6 +310,9 @@ async fn drive(
                 let v: serde_json::Value = serde_json::from_str(&text)?;
                 match v["type"].as_str() {
                     Some("accepted") => {
+                        if let (Some(t), Some(h)) = (sent_at.pop_front(), stats.accept_us.as_mut()) {
+                            h.saturating_record(t.elapsed().as_micros() as u64);
+                        }
                         outstanding = outstanding.saturating_sub(1);
                         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                         shared.accepted.fetch_add(1, Ordering::Relaxed);
@@ -310,6 +320,7 @@ async fn drive(
                         stats.accepted.push(stats.accepted.len() as u64 | (conn as u64) << 32);
                     }
                     Some("rejected") => {
+                        sent_at.pop_front();
                         outstanding = outstanding.saturating_sub(1);
                         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                         stats.rejected += 1;
@@ -424,6 +435,7 @@ async fn main() -> anyhow::Result<()> {
         connection_errors: 0,
         closed_by_relay: Default::default(),
         end_to_end: None,
+        accept: None,
         relay_rss_before_kib: rss_before,
         relay_rss_after_kib: None,
         relay_rss_per_conn_bytes: None,
@@ -509,6 +521,7 @@ async fn main() -> anyhow::Result<()> {
     progress.abort();
 
     let mut e2e = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut accept = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut delivered_ids = HashSet::new();
     let mut delivered_total = 0u64;
     let mut accepted_total = 0u64;
@@ -537,6 +550,9 @@ async fn main() -> anyhow::Result<()> {
         if let Some(h) = stats.latency_us {
             e2e.add(h)?;
         }
+        if let Some(h) = stats.accept_us {
+            accept.add(h)?;
+        }
     }
     report.accepted = accepted_total.max(shared.accepted.load(Ordering::Relaxed));
     report.delivered = delivered_ids.len() as u64;
@@ -545,6 +561,7 @@ async fn main() -> anyhow::Result<()> {
     report.accepted_per_s = report.accepted as f64 / report.send_seconds;
     report.delivered_per_s = report.delivered as f64 / report.send_seconds;
     report.end_to_end = Some(summarize(&e2e));
+    report.accept = Some(summarize(&accept));
     finish(&args, report)
 }
 

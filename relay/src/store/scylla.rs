@@ -241,23 +241,25 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(s: &Session) -> Result<Self, StoreError> {
+    /// Table names are qualified with the keyspace: `USE` with prepared statements is ambiguous.
+    async fn prepare(s: &Session, ks: &str) -> Result<Self, StoreError> {
         let p = |cql: &'static str| async move {
+            let cql = cql.replace("{ks}", ks);
             let mut st = s.prepare(cql).await.map_err(unavailable)?;
             st.set_is_idempotent(true);
             Ok::<_, StoreError>(st)
         };
         Ok(Statements {
-            insert_inbox: p("INSERT INTO inbox (user_id, device_id, week, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?").await?,
-            select_inbox: p("SELECT seq, sealed FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq > ? LIMIT ?").await?,
-            delete_inbox: p("DELETE FROM inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq = ?").await?,
-            insert_archive: p("INSERT INTO archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
-            select_archive: p("SELECT sealed FROM archive WHERE hour = ? AND shard = ? AND seq = ? AND msg_id = ?").await?,
-            select_msg_id: p("SELECT seq, ts, complete FROM message_ids WHERE sender = ? AND msg_id = ?").await?,
-            insert_msg_id: p("INSERT INTO message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
-            complete_msg_id: p("UPDATE message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
-            insert_device: p("INSERT INTO devices (user_id, device_id, registered_at) VALUES (?, ?, ?)").await?,
-            select_devices: p("SELECT device_id FROM devices WHERE user_id = ?").await?,
+            insert_inbox: p("INSERT INTO {ks}.inbox (user_id, device_id, week, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_inbox: p("SELECT seq, sealed FROM {ks}.inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq > ? LIMIT ?").await?,
+            delete_inbox: p("DELETE FROM {ks}.inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq = ?").await?,
+            insert_archive: p("INSERT INTO {ks}.archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_archive: p("SELECT sealed FROM {ks}.archive WHERE hour = ? AND shard = ? AND seq = ? AND msg_id = ?").await?,
+            select_msg_id: p("SELECT seq, ts, complete FROM {ks}.message_ids WHERE sender = ? AND msg_id = ?").await?,
+            insert_msg_id: p("INSERT INTO {ks}.message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
+            complete_msg_id: p("UPDATE {ks}.message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
+            insert_device: p("INSERT INTO {ks}.devices (user_id, device_id, registered_at) VALUES (?, ?, ?)").await?,
+            select_devices: p("SELECT device_id FROM {ks}.devices WHERE user_id = ?").await?,
         })
     }
 }
@@ -335,7 +337,7 @@ impl ScyllaStore {
                 .to_string(),
             ));
         }
-        let st = Statements::prepare(&session).await?;
+        let st = Statements::prepare(&session, &cfg.keyspace).await?;
         let shared = Arc::new(Shared {
             session,
             st,
