@@ -422,3 +422,50 @@ async def test_sequence_numbers_are_exact_in_javascript(relay):
     await alice.handshake()
     acc = await alice.send_ok(["bob"], b"x")
     assert 0 < acc["seq"] < 2**53
+
+
+@run
+async def test_wss_with_in_app_tls(make_relay, tmp_path):
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    relay = make_relay({"RELAY_TLS__CERT_FILE": str(cert), "RELAY_TLS__KEY_FILE": str(key)})
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.set_alpn_protocols(["http/1.1"])
+    url = relay.url.replace("ws://", "wss://")
+    token = relay.token("alice", "phone")
+    async with connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello"
+        tls = ws.transport.get_extra_info("ssl_object")
+        # rustls speaks only TLS 1.2 and 1.3; the listener advertises only http/1.1.
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert tls.selected_alpn_protocol() == "http/1.1"
+    # Plain ws:// to the TLS listener gets nowhere.
+    with pytest.raises(Exception):
+        await connect(relay.url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=5)
+
+
+@run
+async def test_slow_consumer_is_disconnected_and_loses_nothing(make_relay):
+    relay = make_relay({"RELAY_LIMITS__OUTBOUND_QUEUE": "16", "RELAY_LIMITS__WRITE_TIMEOUT": "1s"})
+    # bob reads nothing: the client library's queue fills, then TCP, then the relay's queue.
+    bob = await relay.connect("bob", "phone", max_queue=1)
+    await bob.handshake()
+    alice = await relay.connect("alice", "phone")
+    await alice.handshake()
+    body = b"x" * 16_000
+    sent = [(await alice.send_ok(["bob"], body))["id"] for _ in range(600)]
+    # The close frame (4003) sits behind the unread data; a client that never reads may only see
+    # the connection drop. The relay's own count is the proof.
+    assert await closed_code(bob, timeout=15) in (4003, None)
+    assert "relay_slow_consumer_disconnects_total 1" in relay.metrics()
+    # Everything is still queued for bob: a reconnect replays all of it, in order.
+    bob = await relay.connect("bob", "phone", max_size=None)
+    assert [d["id"] for d in await bob.handshake()] == sent

@@ -15,7 +15,7 @@ from test_relay import run
 
 def ready(relay) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{relay.port}/readyz", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/readyz", timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
