@@ -16,8 +16,9 @@ use std::time::Instant;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use super::queue::{self, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
@@ -32,13 +33,6 @@ const QUEUE_DEPTH: usize = 65_536;
 /// Rows deleted per batch during expiry.
 const EXPIRY_CHUNK: usize = 10_000;
 
-enum Op {
-    Append(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
-    Register(DeviceRef, oneshot::Sender<Result<(), StoreError>>),
-    Ack(DeviceRef, Vec<u64>),
-    Close(oneshot::Sender<Result<(), StoreError>>),
-}
-
 #[derive(Clone)]
 struct Tables {
     db: Database,
@@ -52,7 +46,7 @@ struct Tables {
 pub struct EmbeddedStore {
     tables: Tables,
     keyring: Arc<Keyring>,
-    ops: mpsc::Sender<Op>,
+    ops: WriterQueue,
     healthy: Arc<AtomicBool>,
 }
 
@@ -86,7 +80,7 @@ impl EmbeddedStore {
             }
             None => 0,
         };
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             t: tables.clone(),
@@ -188,31 +182,11 @@ fn delete_where(
 
 impl MessageStore for EmbeddedStore {
     fn append(&self, msg: NewMessage) -> AppendTicket {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.ops.try_send(Op::Append(msg, tx)) {
-            let err = match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    StoreError::Unavailable("write queue full".into())
-                }
-                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-            };
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Err(err));
-            return rx;
-        }
-        rx
+        self.ops.append(msg)
     }
 
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            let (tx, rx) = oneshot::channel();
-            self.ops
-                .send(Op::Register(device, tx))
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
-        .boxed()
+        self.ops.register(device).boxed()
     }
 
     fn inbox_page(
@@ -234,13 +208,7 @@ impl MessageStore for EmbeddedStore {
     }
 
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            self.ops
-                .send(Op::Ack(device, seqs))
-                .await
-                .map_err(|_| StoreError::Closed)
-        }
-        .boxed()
+        self.ops.ack(device, seqs).boxed()
     }
 
     fn archived(
@@ -285,14 +253,7 @@ impl MessageStore for EmbeddedStore {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            let (tx, rx) = oneshot::channel();
-            if self.ops.send(Op::Close(tx)).await.is_err() {
-                return Ok(()); // already closed
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
-        .boxed()
+        self.ops.close().boxed()
     }
 }
 
@@ -318,16 +279,8 @@ struct Done {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
-        let mut ops = Vec::with_capacity(MAX_BATCH);
-        while let Some(op) = rx.blocking_recv() {
-            ops.push(op);
-            while ops.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
+    fn run(mut self, mut batches: Batches) {
+        while let Some(mut ops) = batches.next_blocking() {
             if self.commit(&mut ops) {
                 break;
             }

@@ -10,6 +10,7 @@
 //! device. A live delivery therefore never overtakes the store.
 
 pub mod embedded;
+mod queue;
 pub mod record;
 pub mod scylla;
 

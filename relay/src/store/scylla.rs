@@ -34,9 +34,10 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::frame::types::Consistency;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::statement::prepared::PreparedStatement;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::queue::{self, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
@@ -264,13 +265,6 @@ impl Statements {
     }
 }
 
-enum Op {
-    Append(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>),
-    Register(DeviceRef, oneshot::Sender<Result<(), StoreError>>),
-    Ack(DeviceRef, Vec<u64>),
-    Close(oneshot::Sender<Result<(), StoreError>>),
-}
-
 fn week_of(seq: u64) -> i32 {
     (seq_time_ms(seq) / WEEK_MS) as i32
 }
@@ -300,7 +294,7 @@ struct Shared {
 /// ScyllaDB-backed [`MessageStore`].
 pub struct ScyllaStore {
     shared: Arc<Shared>,
-    ops: mpsc::Sender<Op>,
+    ops: WriterQueue,
     pinger: tokio::task::JoinHandle<()>,
 }
 
@@ -346,7 +340,7 @@ impl ScyllaStore {
             archive_shards: cfg.archive_shards.max(1),
             healthy: AtomicBool::new(true),
         });
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
         let writer = Writer {
             s: shared.clone(),
             sink,
@@ -437,30 +431,11 @@ async fn ping(s: Arc<Shared>) {
 
 impl MessageStore for ScyllaStore {
     fn append(&self, msg: NewMessage) -> AppendTicket {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.ops.try_send(Op::Append(msg, tx)) {
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Err(match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    StoreError::Unavailable("write queue full".into())
-                }
-                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-            }));
-            return rx;
-        }
-        rx
+        self.ops.append(msg)
     }
 
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            let (tx, rx) = oneshot::channel();
-            self.ops
-                .send(Op::Register(device, tx))
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
-        .boxed()
+        self.ops.register(device).boxed()
     }
 
     fn inbox_page(
@@ -473,13 +448,7 @@ impl MessageStore for ScyllaStore {
     }
 
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            self.ops
-                .send(Op::Ack(device, seqs))
-                .await
-                .map_err(|_| StoreError::Closed)
-        }
-        .boxed()
+        self.ops.ack(device, seqs).boxed()
     }
 
     fn archived(
@@ -530,14 +499,7 @@ impl MessageStore for ScyllaStore {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        async move {
-            let (tx, rx) = oneshot::channel();
-            if self.ops.send(Op::Close(tx)).await.is_err() {
-                return Ok(());
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
-        .boxed()
+        self.ops.close().boxed()
     }
 }
 
@@ -565,18 +527,10 @@ struct Pending {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
-        let mut ops = Vec::with_capacity(MAX_BATCH);
-        while let Some(op) = rx.recv().await {
-            ops.push(op);
-            while ops.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
+    async fn run(mut self, mut batches: Batches) {
+        while let Some(ops) = batches.next().await {
             let started = Instant::now();
-            let close = self.commit(std::mem::take(&mut ops)).await;
+            let close = self.commit(ops).await;
             metrics::histogram!("relay_store_commit_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             if let Some(reply) = close {
