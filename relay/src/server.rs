@@ -243,7 +243,10 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
-            _ = metrics_tick.tick() => app.metrics.run_upkeep(),
+            _ = metrics_tick.tick() => {
+                metrics::gauge!("relay_store_ready").set(if store.ready() { 1.0 } else { 0.0 });
+                app.metrics.run_upkeep();
+            }
             _ = sweep.tick() => match store.expire(now_ms(), retention).await {
                 Ok(n) => {
                     metrics::counter!("relay_retention_expired_rows_total", "table" => "archive").increment(n.archive);

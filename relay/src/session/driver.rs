@@ -115,6 +115,8 @@ where
     }
 
     let mut phase = Phase::Replaying;
+    // Sequences above this were delivered live (known once the replay ends).
+    let mut live_after: Option<u64> = None;
     let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
     let replay_started = Instant::now();
     let mut replayed = 0u64;
@@ -173,6 +175,16 @@ where
                     }
                     Action::Ack(seqs) => {
                         metrics::counter!("relay_messages_acked_total").increment(seqs.len() as u64);
+                        // The accept time is in the seq: accept → device ack, the delivery SLO.
+                        let now = crate::store::now_ms();
+                        for &seq in &seqs {
+                            let accepted = crate::store::seq_time_ms(seq);
+                            let path = if live_after.is_some_and(|c| seq > c) { "live" } else { "replay" };
+                            if accepted <= now {
+                                metrics::histogram!("relay_delivery_duration_seconds", "path" => path)
+                                    .record((now - accepted) as f64 / 1000.0);
+                            }
+                        }
                         if ctx.store.ack(state.device().clone(), seqs).await.is_err() {
                             return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
                         }
@@ -232,6 +244,7 @@ where
                 let overflowed = !full && reg.outbox.overflowed.swap(false, Ordering::Relaxed);
                 if !full && !overflowed {
                     phase = Phase::Live;
+                    live_after = Some(state.cursor());
                     frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
                     metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
                     metrics::histogram!("relay_replay_messages").record(replayed as f64);

@@ -597,6 +597,7 @@ impl Writer {
             let _ = reply.send(result.map(|_| ()).map_err(unavailable));
         }
         if !appends.is_empty() {
+            metrics::histogram!("relay_store_commit_batch_size").record(appends.len() as f64);
             self.appends(appends).await;
         }
         close
