@@ -1,21 +1,29 @@
 //! `loadtest`: drives a relay through the real protocol and measures what SREs care about.
 //!
 //! Every connection is a device of its own user; device `i` sends to user `i+1` (a ring), so
-//! every accepted message has exactly one intended recipient device. The send time travels
-//! inside the opaque body, which gives end-to-end latency (send → deliver) without clock sync.
-//! At the end a total-queue check compares every accepted message with every delivery: loss and
-//! duplicates.
+//! every accepted message has exactly one intended recipient device. The send time (wall clock)
+//! and the message's (sender, index) travel inside the opaque body, so end-to-end latency needs
+//! no clock sync on one machine, and the total-queue check at the end compares, per sender, the
+//! messages answered `accepted` with the ones delivered: loss and duplicates, exactly.
 //!
-//! Scenarios:
-//! - `steady`: open loop at `--rate` messages/s in total (or closed loop with `--rate 0`,
-//!   `--window` sends in flight per connection: the accept-throughput ceiling);
+//! Scenarios (presets; flags override):
+//! - `steady`: open loop at `--rate` messages/s in total, or closed loop (`--rate 0`) with
+//!   `--window` sends in flight per connection;
+//! - `storm`: connections opened at `--handshake-rate` per second, then held;
+//! - `churn`: steady traffic while devices go offline for `--offline` s every ~`--churn-every` s,
+//!   and drain their queues on reconnect;
+//! - `soak`: long, lower-rate steady traffic;
 //! - `idle`: connect, sync, hold; reports the relay's memory per connection (`--relay-pid`).
+//!
+//! Past one process's file limit, `--workers K` runs K worker processes (this binary again),
+//! each with its share of the connections and its own loopback source address (127.0.0.2, …).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
@@ -23,29 +31,41 @@ use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
 use relay::auth::{Claims, Minter};
-use serde::Serialize;
-use tokio::sync::Semaphore;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-#[derive(Clone, Copy, ValueEnum, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq, Debug)]
 #[serde(rename_all = "lowercase")]
 enum Scenario {
     Steady,
+    Storm,
+    Churn,
+    Soak,
     Idle,
 }
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(about = "Load generator for the relay")]
 struct Args {
-    /// Relay WebSocket URL.
+    /// Relay WebSocket URL (ws:// or wss://).
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
-    /// Token-signing private key (PKCS#8 PEM), e.g. relay-data/dev-secrets/token-signing-key.pem.
+    /// Token-signing private key (PKCS#8 PEM) to mint device tokens with.
+    #[arg(long, required_unless_present = "tokens")]
+    key: Option<PathBuf>,
+    /// Or: a file of device tokens, one per line (at least --connections of them).
     #[arg(long)]
-    key: PathBuf,
+    tokens: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for wss:// (besides nothing else: tests use their own CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Token audience.
     #[arg(long, default_value = "relay")]
     audience: String,
@@ -54,22 +74,37 @@ struct Args {
     /// Connections (one device, one user each).
     #[arg(long, default_value_t = 100)]
     connections: usize,
-    /// Total messages per second, open loop; 0 = closed loop as fast as accepted.
-    #[arg(long, default_value_t = 1000)]
-    rate: u64,
+    /// Total messages per second, open loop; 0 = closed loop. Default: 1000 (soak: 200).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Sends in flight per connection in closed loop.
     #[arg(long, default_value_t = 32)]
     window: usize,
-    /// Sending (steady) or holding (idle) time, seconds.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
-    /// Body size in bytes (at least 16).
+    /// Seconds of sending (or holding). Default: 10 (churn: 20, soak: 600).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Body size in bytes (at least 24).
     #[arg(long, default_value_t = 256)]
     payload: usize,
+    /// Fraction of messages marked urgent.
+    #[arg(long, default_value_t = 0.0)]
+    urgent: f64,
     /// Handshakes in flight while connecting.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Relay process id, to report its memory (idle scenario).
+    /// Storm: connections opened per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 2000)]
+    handshake_rate: u64,
+    /// Churn: a device goes offline about this often (seconds).
+    #[arg(long, default_value_t = 5)]
+    churn_every: u64,
+    /// Churn: seconds a device stays offline.
+    #[arg(long, default_value_t = 2)]
+    offline: u64,
+    /// Worker processes; each takes a share of the connections and its own source address.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Relay process id, to report its memory (idle and storm).
     #[arg(long)]
     relay_pid: Option<u32>,
     /// User-id prefix, so runs do not share inboxes.
@@ -84,17 +119,80 @@ struct Args {
     /// Exit non-zero if more than this fraction of accepted messages is lost.
     #[arg(long, default_value_t = 0.0)]
     max_loss: f64,
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long, hide = true)]
+    run_id: Option<u64>,
+    #[arg(long, hide = true)]
+    start_at_ms: Option<u64>,
 }
 
-/// What one connection saw.
-#[derive(Default)]
-struct ConnStats {
-    accepted: Vec<u64>,
-    rejected: u64,
-    delivered: Vec<u64>,
-    latency_us: Option<Histogram<u64>>,
-    accept_us: Option<Histogram<u64>>,
-    closed_by_relay: Option<u16>,
+impl Args {
+    fn rate(&self) -> u64 {
+        self.rate.unwrap_or(if self.scenario == Scenario::Soak {
+            200
+        } else {
+            1000
+        })
+    }
+    fn duration(&self) -> u64 {
+        self.duration.unwrap_or(match self.scenario {
+            Scenario::Churn => 20,
+            Scenario::Soak => 600,
+            _ => 10,
+        })
+    }
+    fn sends(&self) -> bool {
+        matches!(
+            self.scenario,
+            Scenario::Steady | Scenario::Churn | Scenario::Soak
+        )
+    }
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour, 3 significant digits: construction cannot fail with these bounds.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
+}
+
+/// What one worker saw; merged by the parent.
+#[derive(Serialize, Deserialize, Default)]
+struct WorkerReport {
+    connect_seconds: f64,
+    connected: u64,
+    connection_errors: u64,
+    closed_by_relay: BTreeMap<u16, u64>,
+    rejected: BTreeMap<String, u64>,
+    /// Per sender: message indices answered `accepted`.
+    accepted: HashMap<u32, Vec<u32>>,
+    /// Per sender: message indices delivered (with repeats).
+    delivered: HashMap<u32, Vec<u32>>,
+    handshake: String,
+    accept: String,
+    end_to_end: String,
+    send_seconds: f64,
+}
+
+fn encode(h: &Histogram<u64>) -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(B64.encode(buf))
+}
+
+fn decode(s: &str) -> anyhow::Result<Histogram<u64>> {
+    let bytes = B64.decode(s)?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 #[derive(Serialize)]
@@ -123,6 +221,7 @@ fn summarize(h: &Histogram<u64>) -> Latency {
 struct Report {
     scenario: Scenario,
     connections: usize,
+    workers: usize,
     payload_bytes: usize,
     target_rate: u64,
     connect_seconds: f64,
@@ -131,13 +230,14 @@ struct Report {
     send_seconds: f64,
     accepted: u64,
     rejected: u64,
+    rejected_by_code: BTreeMap<String, u64>,
     accepted_per_s: f64,
     delivered: u64,
     delivered_per_s: f64,
     lost: u64,
     duplicates: u64,
     connection_errors: u64,
-    closed_by_relay: std::collections::BTreeMap<u16, u64>,
+    closed_by_relay: BTreeMap<u16, u64>,
     end_to_end: Option<Latency>,
     accept: Option<Latency>,
     relay_rss_before_kib: Option<u64>,
@@ -152,8 +252,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Kernel memory that grows with sockets: slab (socket structs, inodes, dentries) plus TCP buffer
-/// pages. System-wide, so it includes the client end of each loopback connection.
+/// Kernel memory that grows with sockets: slab plus TCP buffer pages (system-wide, so both ends
+/// of a loopback connection).
 fn kernel_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let slab_kib: u64 = meminfo
@@ -164,8 +264,11 @@ fn kernel_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
-    let tcp = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
-    let fields: Vec<&str> = tcp.split_whitespace().collect();
+    let fields: Vec<&str> = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))?
+        .split_whitespace()
+        .collect();
     let pages: u64 = fields
         .iter()
         .position(|f| *f == "mem")
@@ -174,19 +277,92 @@ fn kernel_bytes() -> Option<u64> {
     Some(slab_kib * 1024 + pages * 4096)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Ws = WebSocketStream<Box<dyn Io>>;
 
-async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
-    let mut req = url.into_client_request()?;
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
+/// Shared by every connection of one worker.
+struct Ctx {
+    args: Args,
+    run_id: u64,
+    tokens: Vec<(String, String)>,
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    sending: AtomicBool,
+    draining: AtomicBool,
+    in_flight: AtomicU64,
+    last_delivery_us: AtomicU64,
+    accepted: AtomicU64,
+    delivered: AtomicU64,
+    report: Mutex<WorkerReport>,
+    handshake: Mutex<Histogram<u64>>,
+    accept: Mutex<Histogram<u64>>,
+    end_to_end: Mutex<Histogram<u64>>,
+}
+
+impl Ctx {
+    async fn record_delivery(
+        &self,
+        v: &serde_json::Value,
+        local: &mut Vec<(u32, u32)>,
+        e2e: &mut Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        let b = B64.decode(v["body"].as_str().unwrap_or_default())?;
+        if b.len() < 24 || u64::from_be_bytes(b[16..24].try_into()?) != self.run_id {
+            return Ok(()); // another run's message: acked, not counted
+        }
+        let sent_us = u64::from_be_bytes(b[..8].try_into()?);
+        let sender = u32::from_be_bytes(b[8..12].try_into()?);
+        let k = u32::from_be_bytes(b[12..16].try_into()?);
+        e2e.saturating_record(wall_us().saturating_sub(sent_us).max(1));
+        local.push((sender, k));
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_delivery_us.store(wall_us(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn open(ctx: &Ctx, conn: usize) -> anyhow::Result<Ws> {
+    let socket = if ctx.target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = ctx.source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(ctx.target).await?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn Io> = match &ctx.tls {
+        Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
+        None => Box::new(tcp),
+    };
+    let mut req = ctx.args.url.as_str().into_client_request()?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", ctx.tokens[conn].1).parse()?,
+    );
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
-    // hello, replayed messages (acknowledged so the run starts clean), synced
-    let mut stale = Vec::new();
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config)).await?;
+    Ok(ws)
+}
+
+/// Connects and syncs: replayed messages are counted as deliveries and acknowledged.
+async fn connect(
+    ctx: &Ctx,
+    conn: usize,
+    local: &mut Vec<(u32, u32)>,
+    e2e: &mut Histogram<u64>,
+) -> anyhow::Result<Ws> {
+    let started = Instant::now();
+    let mut ws = open(ctx, conn).await?;
+    let mut acks = Vec::new();
     loop {
         let Some(msg) = ws.next().await else {
             bail!("closed during sync")
@@ -195,12 +371,19 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
             let v: serde_json::Value = serde_json::from_str(&t)?;
             match v["type"].as_str() {
                 Some("synced") => break,
-                Some("deliver") => stale.extend(v["seq"].as_u64()),
+                Some("deliver") => {
+                    ctx.record_delivery(&v, local, e2e).await?;
+                    acks.extend(v["seq"].as_u64());
+                }
                 _ => {}
             }
         }
     }
-    for chunk in stale.chunks(1024) {
+    ctx.handshake
+        .lock()
+        .await
+        .saturating_record(started.elapsed().as_micros() as u64);
+    for chunk in acks.chunks(1024) {
         ws.send(Message::text(
             serde_json::json!({"type":"ack","seqs":chunk}).to_string(),
         ))
@@ -209,360 +392,564 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-struct Shared {
-    start: Instant,
-    sending: AtomicBool,
-    /// Set a moment after `sending` clears, once no send can still be starting: only then may a
-    /// connection conclude that everything accepted has arrived.
-    draining: AtomicBool,
-    in_flight: AtomicU64,
-    accepted: AtomicU64,
-    delivered: AtomicU64,
+fn send_frame(ctx: &Ctx, conn: usize, k: u32) -> String {
+    let mut b = vec![0xA5u8; ctx.args.payload.max(24)];
+    b[..8].copy_from_slice(&wall_us().to_be_bytes());
+    b[8..12].copy_from_slice(&(conn as u32).to_be_bytes());
+    b[12..16].copy_from_slice(&k.to_be_bytes());
+    b[16..24].copy_from_slice(&ctx.run_id.to_be_bytes());
+    let urgent = ctx.args.urgent > 0.0 && (k as f64 * 0.618_034).fract() < ctx.args.urgent;
+    let to = &ctx.tokens[(conn + 1) % ctx.tokens.len()].0;
+    serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[to],"body":B64.encode(b),"urgent":urgent}).to_string()
 }
 
-fn body(shared: &Shared, conn: usize, k: u64, size: usize) -> String {
-    let mut b = vec![0xA5u8; size.max(16)];
-    let sent_us = shared.start.elapsed().as_micros() as u64;
-    b[..8].copy_from_slice(&sent_us.to_be_bytes());
-    b[8..16].copy_from_slice(&((conn as u64) << 32 | k).to_be_bytes());
-    B64.encode(b)
-}
-
-/// Runs one connection: sends (per `per_conn_rate`, or closed loop), receives, acks.
-async fn drive(
-    mut ws: Ws,
-    conn: usize,
-    to: String,
-    args: Arc<Args>,
-    shared: Arc<Shared>,
-    per_conn_interval: Option<Duration>,
-    slot: Arc<tokio::sync::Mutex<ConnStats>>,
-) -> anyhow::Result<()> {
-    let mut guard = slot.lock().await;
-    let stats = &mut *guard;
-    stats.latency_us = Some(Histogram::new_with_bounds(1, 60_000_000, 3)?);
-    stats.accept_us = Some(Histogram::new_with_bounds(1, 60_000_000, 3)?);
-    // Replies come in send order: the oldest send time belongs to the next reply.
-    let mut sent_at: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
-    let mut k = 0u64;
-    let mut outstanding = 0usize;
-    let mut acks: Vec<u64> = Vec::new();
-    let mut tick = per_conn_interval.map(|i| {
-        let mut t = tokio::time::interval_at(
-            tokio::time::Instant::now() + i.mul_f64((conn % 97) as f64 / 97.0),
-            i,
-        );
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        t
-    });
-    let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        let sending = shared.sending.load(Ordering::Relaxed);
-        if shared.draining.load(Ordering::Relaxed) && outstanding == 0 && acks.is_empty() {
-            // Keep reading until the collector says every accepted message arrived or time is up.
-            if shared.delivered.load(Ordering::Relaxed) >= shared.accepted.load(Ordering::Relaxed)
-                && shared.in_flight.load(Ordering::Relaxed) == 0
-            {
-                break;
-            }
-        }
-        let want_send = sending
-            && match per_conn_interval {
-                None => outstanding < args.window,
-                Some(_) => false,
-            };
-        tokio::select! {
-            _ = async { tick.as_mut().expect("tick").tick().await }, if tick.is_some() && sending => {
-                let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                sent_at.push_back(Instant::now());
-                ws.send(Message::text(frame.to_string())).await?;
-                k += 1;
-                outstanding += 1;
-            }
-            _ = std::future::ready(()), if want_send => {
-                let frame = serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[&to],"body":body(&shared, conn, k, args.payload)});
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                sent_at.push_back(Instant::now());
-                ws.feed(Message::text(frame.to_string())).await?;
-                k += 1;
-                outstanding += 1;
-                if outstanding >= args.window { ws.flush().await?; }
-            }
-            _ = ack_tick.tick() => {
-                if want_send { ws.flush().await?; }
-                if !acks.is_empty() {
-                    let frame = serde_json::json!({"type":"ack","seqs":&acks});
-                    acks.clear();
-                    ws.send(Message::text(frame.to_string())).await?;
+/// One device for the whole run: sessions, churn, sends, receipts, acks.
+async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duration>) {
+    let mut accepted: Vec<u32> = Vec::new();
+    let mut local: Vec<(u32, u32)> = Vec::new();
+    let mut e2e = histogram();
+    let mut acc_h = histogram();
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut closed_code = None;
+    let mut error = false;
+    let mut k = 0u32;
+    let churn = ctx.args.scenario == Scenario::Churn;
+    let result: anyhow::Result<()> = async {
+        loop {
+            // One session.
+            let mut outstanding: VecDeque<(u32, Instant)> = VecDeque::new();
+            let mut acks: Vec<u64> = Vec::new();
+            let mut tick = interval.map(|i| {
+                let offset = i.mul_f64((conn % 97) as f64 / 97.0);
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
+            let churn_at = churn.then(|| {
+                let spread = (conn as u64 * 7919) % (ctx.args.churn_every * 1000);
+                tokio::time::Instant::now() + Duration::from_millis(ctx.args.churn_every * 500 + spread)
+            });
+            let go_offline = loop {
+                let sending = ctx.sending.load(Ordering::Relaxed);
+                if ctx.draining.load(Ordering::Relaxed) && outstanding.is_empty() && acks.is_empty() {
+                    break false;
                 }
-            }
-            msg = ws.next() => {
-                let msg = match msg {
-                    None => bail!("connection {conn} closed"),
-                    Some(Ok(Message::Close(frame))) => {
-                        stats.closed_by_relay = Some(frame.map_or(1005, |f| u16::from(f.code)));
-                        bail!("connection {conn} closed by the relay");
+                let closed_loop = sending && interval.is_none() && outstanding.len() < ctx.args.window;
+                tokio::select! {
+                    _ = async { tick.as_mut().expect("tick").tick().await }, if tick.is_some() && sending => {
+                        ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+                        outstanding.push_back((k, Instant::now()));
+                        ws.send(Message::text(send_frame(&ctx, conn, k))).await?;
+                        k += 1;
                     }
-                    Some(m) => m?,
-                };
-                let Message::Text(text) = msg else { continue };
-                let v: serde_json::Value = serde_json::from_str(&text)?;
-                match v["type"].as_str() {
-                    Some("accepted") => {
-                        if let (Some(t), Some(h)) = (sent_at.pop_front(), stats.accept_us.as_mut()) {
-                            h.saturating_record(t.elapsed().as_micros() as u64);
-                        }
-                        outstanding = outstanding.saturating_sub(1);
-                        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        shared.accepted.fetch_add(1, Ordering::Relaxed);
-                        // The msg index is not echoed: record by count, checked against deliveries.
-                        stats.accepted.push(stats.accepted.len() as u64 | (conn as u64) << 32);
+                    _ = std::future::ready(()), if closed_loop => {
+                        ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+                        outstanding.push_back((k, Instant::now()));
+                        ws.feed(Message::text(send_frame(&ctx, conn, k))).await?;
+                        k += 1;
+                        if outstanding.len() >= ctx.args.window { ws.flush().await?; }
                     }
-                    Some("rejected") => {
-                        sent_at.pop_front();
-                        outstanding = outstanding.saturating_sub(1);
-                        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        stats.rejected += 1;
+                    _ = async { tokio::time::sleep_until(churn_at.expect("churn")).await }, if churn_at.is_some() && sending => {
+                        break true;
                     }
-                    Some("deliver") => {
-                        let b = B64.decode(v["body"].as_str().unwrap_or_default())?;
-                        if b.len() >= 16 {
-                            let sent_us = u64::from_be_bytes(b[..8].try_into()?);
-                            let idx = u64::from_be_bytes(b[8..16].try_into()?);
-                            let now_us = shared.start.elapsed().as_micros() as u64;
-                            if let Some(h) = stats.latency_us.as_mut() {
-                                h.saturating_record(now_us.saturating_sub(sent_us).max(1));
-                            }
-                            stats.delivered.push(idx);
-                            shared.delivered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        acks.extend(v["seq"].as_u64());
-                        if acks.len() >= 256 {
+                    _ = ack_tick.tick() => {
+                        ws.flush().await?;
+                        if !acks.is_empty() {
                             let frame = serde_json::json!({"type":"ack","seqs":&acks});
                             acks.clear();
                             ws.send(Message::text(frame.to_string())).await?;
                         }
                     }
-                    _ => {}
+                    msg = ws.next() => {
+                        let msg = match msg {
+                            None => bail!("connection {conn} closed"),
+                            Some(Ok(Message::Close(frame))) => {
+                                closed_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                                bail!("connection {conn} closed by the relay");
+                            }
+                            Some(m) => m?,
+                        };
+                        let Message::Text(text) = msg else { continue };
+                        let v: serde_json::Value = serde_json::from_str(&text)?;
+                        match v["type"].as_str() {
+                            Some("accepted") => {
+                                if let Some((idx, t)) = outstanding.pop_front() {
+                                    acc_h.saturating_record(t.elapsed().as_micros() as u64);
+                                    accepted.push(idx);
+                                }
+                                ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+                                ctx.accepted.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some("rejected") => {
+                                outstanding.pop_front();
+                                ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+                                *rejected.entry(v["code"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+                            }
+                            Some("deliver") => {
+                                ctx.record_delivery(&v, &mut local, &mut e2e).await?;
+                                acks.extend(v["seq"].as_u64());
+                                if acks.len() >= 256 {
+                                    let frame = serde_json::json!({"type":"ack","seqs":&acks});
+                                    acks.clear();
+                                    ws.send(Message::text(frame.to_string())).await?;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
                 }
+            };
+            // Sends still unanswered when a session ends are unknown: neither accepted nor lost.
+            ctx.in_flight.fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
+            if !go_offline {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            let _ = ws.close(None).await;
+            tokio::time::sleep(Duration::from_secs(ctx.args.offline)).await;
+            ws = connect(&ctx, conn, &mut local, &mut e2e).await?;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        error = true;
+        eprintln!("{e:#}");
+    }
+    let mut r = ctx.report.lock().await;
+    r.accepted.entry(conn as u32).or_default().extend(accepted);
+    for (sender, k) in local {
+        r.delivered.entry(sender).or_default().push(k);
+    }
+    for (code, n) in rejected {
+        *r.rejected.entry(code).or_default() += n;
+    }
+    if let Some(code) = closed_code {
+        *r.closed_by_relay.entry(code).or_default() += 1;
+    }
+    r.connection_errors += u64::from(error);
+    drop(r);
+    let _ = ctx.end_to_end.lock().await.add(e2e);
+    let _ = ctx.accept.lock().await.add(acc_h);
+}
+
+/// Runs this process's share of the connections and returns what it saw.
+async fn worker(
+    args: Args,
+    index: usize,
+    run_id: u64,
+    start_at_ms: Option<u64>,
+) -> anyhow::Result<WorkerReport> {
+    let url = url_parts(&args.url)?;
+    let tokens = load_tokens(&args)?;
+    let tls = match (url.tls, &args.ca) {
+        (false, _) => None,
+        (true, ca) => Some(tls_connector(ca.as_deref(), &url.host)?),
+    };
+    let ctx = Arc::new(Ctx {
+        source: (args.workers > 1).then(|| IpAddr::from([127, 0, 0, 2 + (index % 250) as u8])),
+        target: url.addr,
+        tls,
+        run_id,
+        tokens,
+        sending: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        in_flight: AtomicU64::new(0),
+        last_delivery_us: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        report: Mutex::new(WorkerReport::default()),
+        handshake: Mutex::new(histogram()),
+        accept: Mutex::new(histogram()),
+        end_to_end: Mutex::new(histogram()),
+        args,
+    });
+    let a = &ctx.args;
+    let mine: Vec<usize> = (0..a.connections)
+        .filter(|c| c % a.workers.max(1) == index)
+        .collect();
+
+    // Connect everyone first (paced in a storm), so devices are known before sending starts.
+    let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
+    let pace = (a.scenario == Scenario::Storm && a.handshake_rate > 0)
+        .then(|| Duration::from_secs_f64(a.workers.max(1) as f64 / a.handshake_rate as f64));
+    let connect_start = Instant::now();
+    let mut pending = Vec::with_capacity(mine.len());
+    for &conn in &mine {
+        if let Some(p) = pace {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(
+                connect_start + p * pending.len() as u32,
+            ))
+            .await;
+        }
+        let permit = gate.clone().acquire_owned().await?;
+        let ctx = ctx.clone();
+        pending.push(tokio::spawn(async move {
+            let _permit = permit;
+            let mut local = Vec::new();
+            let mut e2e = histogram();
+            let ws = connect(&ctx, conn, &mut local, &mut e2e).await;
+            (conn, ws)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(mine.len());
+    for p in pending {
+        let (conn, ws) = p.await?;
+        match ws {
+            Ok(ws) => sockets.push((conn, ws)),
+            Err(e) => {
+                ctx.report.lock().await.connection_errors += 1;
+                eprintln!("connect {conn}: {e:#}");
             }
         }
     }
-    let _ = ws.close(None).await;
-    Ok(())
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    eprintln!(
+        "worker {index}: connected {}/{} in {connect_seconds:.2}s",
+        sockets.len(),
+        mine.len()
+    );
+
+    // Workers start sending together.
+    if let Some(at) = start_at_ms {
+        let now = (wall_us() / 1000) as i64;
+        tokio::time::sleep(Duration::from_millis((at as i64 - now).max(0) as u64)).await;
+    }
+    let duration = Duration::from_secs(a.duration());
+    let mut report_send_seconds = 0.0;
+    if !a.sends() {
+        tokio::time::sleep(duration).await;
+        drop(sockets);
+    } else {
+        let rate = a.rate();
+        let interval =
+            (rate > 0).then(|| Duration::from_secs_f64(a.connections as f64 / rate as f64));
+        ctx.sending.store(true, Ordering::Relaxed);
+        let tasks: Vec<_> = sockets
+            .into_iter()
+            .map(|(conn, ws)| tokio::spawn(device(ctx.clone(), conn, ws, interval)))
+            .collect();
+        let send_start = Instant::now();
+        let progress = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut last = (0, 0);
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let (acc, del) = (
+                        ctx.accepted.load(Ordering::Relaxed),
+                        ctx.delivered.load(Ordering::Relaxed),
+                    );
+                    eprintln!(
+                        "worker {index}: accepted {acc} (+{}/s)  delivered {del} (+{}/s)  in flight {}",
+                        acc - last.0,
+                        del - last.1,
+                        ctx.in_flight.load(Ordering::Relaxed)
+                    );
+                    last = (acc, del);
+                }
+            })
+        };
+        tokio::time::sleep(duration).await;
+        ctx.sending.store(false, Ordering::Relaxed);
+        report_send_seconds = send_start.elapsed().as_secs_f64();
+        // Let sends already started get their answers, and deliveries (also from other workers)
+        // arrive: done once nothing is in flight and nothing arrived for a second, or after 15 s.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let quiet =
+                wall_us().saturating_sub(ctx.last_delivery_us.load(Ordering::Relaxed)) > 1_000_000;
+            if ctx.in_flight.load(Ordering::Relaxed) == 0 && quiet {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ctx.draining.store(true, Ordering::Relaxed);
+        for t in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                eprintln!("worker {index}: a connection did not finish");
+            }
+        }
+        progress.abort();
+    }
+    let mut r = std::mem::take(&mut *ctx.report.lock().await);
+    r.connect_seconds = connect_seconds;
+    r.connected = ctx.handshake.lock().await.len();
+    r.send_seconds = report_send_seconds;
+    r.handshake = encode(&*ctx.handshake.lock().await)?;
+    r.accept = encode(&*ctx.accept.lock().await)?;
+    r.end_to_end = encode(&*ctx.end_to_end.lock().await)?;
+    Ok(r)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
-    let pem = std::fs::read_to_string(&args.key)
-        .with_context(|| format!("reading {}", args.key.display()))?;
-    let minter = Minter::from_pem(&pem)?;
-    let now = relay::store::now_ms() / 1000;
-    let n = args.connections;
-    let tokens: Vec<String> = (0..n)
+struct Url {
+    addr: SocketAddr,
+    host: String,
+    tls: bool,
+}
+
+fn url_parts(url: &str) -> anyhow::Result<Url> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        bail!("--url must start with ws:// or wss://");
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            (h.trim_matches(['[', ']']).to_string(), p.parse()?)
+        }
+        _ => (authority.trim_matches(['[', ']']).to_string(), default_port),
+    };
+    let ip: IpAddr = if host == "localhost" {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        host.parse()
+            .context("--url host must be an IP address or localhost (load goes to loopback)")?
+    };
+    if !ip.is_loopback() {
+        bail!("loadtest only targets loopback addresses (127.0.0.0/8, ::1); got {ip}");
+    }
+    Ok(Url {
+        addr: SocketAddr::new(ip, port),
+        host,
+        tls,
+    })
+}
+
+fn tls_connector(
+    ca: Option<&std::path::Path>,
+    host: &str,
+) -> anyhow::Result<(
+    tokio_rustls::TlsConnector,
+    rustls_pki_types::ServerName<'static>,
+)> {
+    use rustls_pki_types::pem::PemObject as _;
+    let ca = ca.context("wss:// needs --ca with the relay's CA certificate")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())?;
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
+/// (user id, token) per connection.
+fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
+    if let Some(path) = &args.tokens {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let tokens: Vec<(String, String)> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|t| {
+                let payload = t.split('.').nth(1).context("not a JWT")?;
+                let claims: serde_json::Value = serde_json::from_slice(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
+                )?;
+                Ok((
+                    claims["sub"]
+                        .as_str()
+                        .context("token without sub")?
+                        .to_string(),
+                    t.to_string(),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        if tokens.len() < args.connections {
+            bail!(
+                "{} has {} tokens for {} connections",
+                path.display(),
+                tokens.len(),
+                args.connections
+            );
+        }
+        return Ok(tokens);
+    }
+    let key = args.key.as_ref().context("--key or --tokens")?;
+    let minter = Minter::from_pem(
+        &std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+    )?;
+    let now = wall_us() / 1_000_000;
+    (0..args.connections)
         .map(|i| {
-            minter.mint(&Claims {
-                sub: format!("{}-{i}", args.prefix),
+            let sub = format!("{}-{i}", args.prefix);
+            let token = minter.mint(&Claims {
+                sub: sub.clone(),
                 dev: "d".into(),
                 org: None,
                 iat: now,
                 exp: now + 86_400,
                 sep: 0,
                 aud: args.audience.clone(),
-            })
+            })?;
+            Ok((sub, token))
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
 
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let run_id = args
+        .run_id
+        .unwrap_or_else(|| wall_us() ^ u64::from(std::process::id()) << 32);
+    if let Some(index) = args.worker_index {
+        // A worker: its share, reported as JSON on stdout.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let report = rt.block_on(worker(args.clone(), index, run_id, args.start_at_ms))?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let rss_before = args.relay_pid.and_then(rss_kib);
     let kernel_before = kernel_bytes();
-
-    // Connect everyone first, so every device is known before any message is sent.
-    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
-    let mut handshake = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let connect_start = Instant::now();
-    let mut pending = Vec::with_capacity(n);
-    for token in tokens {
-        let gate = gate.clone();
-        let url = args.url.clone();
-        pending.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            let t = Instant::now();
-            let ws = connect(&url, &token).await?;
-            Ok::<_, anyhow::Error>((ws, t.elapsed()))
-        }));
-    }
-    let mut sockets = Vec::with_capacity(n);
-    let mut last_print = Instant::now();
-    for (i, p) in pending.into_iter().enumerate() {
-        let (ws, took) = p.await??;
-        handshake.saturating_record(took.as_micros() as u64);
-        sockets.push(ws);
-        if last_print.elapsed() > Duration::from_secs(1) {
-            eprint!("\rconnected {}/{n}", i + 1);
-            last_print = Instant::now();
+    let reports: Vec<WorkerReport> = if args.workers <= 1 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        vec![rt.block_on(worker(args.clone(), 0, run_id, None))?]
+    } else {
+        // Children connect, then all start sending at the same wall-clock instant.
+        let exe = std::env::current_exe()?;
+        let setup_ms = 3_000 + (args.connections as u64 / 2);
+        let start_at = wall_us() / 1000 + setup_ms;
+        let own: Vec<String> = std::env::args().skip(1).collect();
+        let children: Vec<_> = (0..args.workers)
+            .map(|i| {
+                std::process::Command::new(&exe)
+                    .args(&own)
+                    .args([
+                        "--worker-index",
+                        &i.to_string(),
+                        "--run-id",
+                        &run_id.to_string(),
+                        "--start-at-ms",
+                        &start_at.to_string(),
+                    ])
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        let mut reports = Vec::new();
+        for child in children {
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("a worker failed ({})", out.status);
+            }
+            reports.push(serde_json::from_slice(&out.stdout).context("worker report")?);
         }
-    }
-    let connect_seconds = connect_start.elapsed().as_secs_f64();
-    eprintln!("\rconnected {n}/{n} in {connect_seconds:.2}s");
-
-    let shared = Arc::new(Shared {
-        start: Instant::now(),
-        sending: AtomicBool::new(args.scenario == Scenario::Steady),
-        draining: AtomicBool::new(false),
-        in_flight: AtomicU64::new(0),
-        accepted: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-    });
-
-    let mut report = Report {
-        scenario: args.scenario,
-        connections: n,
-        payload_bytes: args.payload,
-        target_rate: args.rate,
-        connect_seconds,
-        handshakes_per_s: n as f64 / connect_seconds,
-        handshake: summarize(&handshake),
-        send_seconds: 0.0,
-        accepted: 0,
-        rejected: 0,
-        accepted_per_s: 0.0,
-        delivered: 0,
-        delivered_per_s: 0.0,
-        lost: 0,
-        duplicates: 0,
-        connection_errors: 0,
-        closed_by_relay: Default::default(),
-        end_to_end: None,
-        accept: None,
-        relay_rss_before_kib: rss_before,
-        relay_rss_after_kib: None,
-        relay_rss_per_conn_bytes: None,
-        kernel_per_conn_bytes: None,
+        reports
     };
-
-    if args.scenario == Scenario::Idle {
-        tokio::time::sleep(Duration::from_secs(args.duration)).await;
-        let rss_after = args.relay_pid.and_then(rss_kib);
-        report.relay_rss_after_kib = rss_after;
-        if let (Some(a), Some(b)) = (rss_after, rss_before) {
-            report.relay_rss_per_conn_bytes = Some((a.saturating_sub(b) * 1024) as f64 / n as f64);
-        }
-        if let (Some(a), Some(b)) = (kernel_bytes(), kernel_before) {
-            report.kernel_per_conn_bytes = Some(a.saturating_sub(b) as f64 / n as f64);
-        }
-        drop(sockets);
-        return finish(&args, report);
-    }
-
-    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(n as f64 / args.rate as f64));
-    let mut tasks = Vec::with_capacity(n);
-    let slots: Vec<_> = (0..n)
-        .map(|_| Arc::new(tokio::sync::Mutex::new(ConnStats::default())))
-        .collect();
-    for (i, ws) in sockets.into_iter().enumerate() {
-        let to = format!("{}-{}", args.prefix, (i + 1) % n);
-        let slot = slots[i].clone();
-        tasks.push(tokio::spawn(drive(
-            ws,
-            i,
-            to,
-            args.clone(),
-            shared.clone(),
-            interval,
-            slot,
-        )));
-    }
-    let send_start = Instant::now();
-    let progress = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut last = (0u64, 0u64);
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let a = shared.accepted.load(Ordering::Relaxed);
-                let d = shared.delivered.load(Ordering::Relaxed);
-                eprintln!(
-                    "accepted {a} (+{}/s)  delivered {d} (+{}/s)  in flight {}",
-                    a - last.0,
-                    d - last.1,
-                    shared.in_flight.load(Ordering::Relaxed)
-                );
-                last = (a, d);
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(args.duration)).await;
-    shared.sending.store(false, Ordering::Relaxed);
-    report.send_seconds = send_start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    shared.draining.store(true, Ordering::Relaxed);
-
-    // Drain: every connection ends once all accepted messages are delivered, or after 10 s.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
-    for t in tasks {
-        match tokio::time::timeout_at(deadline, t).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                report.connection_errors += 1;
-                eprintln!("{e:#}");
-            }
-            Ok(Err(e)) if e.is_cancelled() => {}
-            Ok(Err(e)) => bail!("connection task failed: {e}"),
-            Err(_) => {
-                eprintln!("drain timed out: not every accepted message arrived within 10 s");
-                aborts.iter().for_each(|a| a.abort());
-                break;
-            }
-        }
-    }
-    progress.abort();
-
-    let mut e2e = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut accept = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut delivered_ids = HashSet::new();
-    let mut delivered_total = 0u64;
-    let mut accepted_total = 0u64;
-    for slot in slots {
-        // A connection still running after the deadline holds its lock; wait for it briefly.
-        let Ok(stats) = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                if let Ok(mut g) = slot.try_lock() {
-                    break std::mem::take(&mut *g);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        else {
-            report.connection_errors += 1;
-            continue;
-        };
-        accepted_total += stats.accepted.len() as u64;
-        report.rejected += stats.rejected;
-        delivered_total += stats.delivered.len() as u64;
-        delivered_ids.extend(stats.delivered);
-        if let Some(code) = stats.closed_by_relay {
-            *report.closed_by_relay.entry(code).or_default() += 1;
-        }
-        if let Some(h) = stats.latency_us {
-            e2e.add(h)?;
-        }
-        if let Some(h) = stats.accept_us {
-            accept.add(h)?;
-        }
-    }
-    report.accepted = accepted_total.max(shared.accepted.load(Ordering::Relaxed));
-    report.delivered = delivered_ids.len() as u64;
-    report.duplicates = delivered_total - delivered_ids.len() as u64;
-    report.lost = report.accepted.saturating_sub(report.delivered);
-    report.accepted_per_s = report.accepted as f64 / report.send_seconds;
-    report.delivered_per_s = report.delivered as f64 / report.send_seconds;
-    report.end_to_end = Some(summarize(&e2e));
-    report.accept = Some(summarize(&accept));
+    let report = merge(&args, reports, rss_before, kernel_before)?;
     finish(&args, report)
+}
+
+fn merge(
+    args: &Args,
+    reports: Vec<WorkerReport>,
+    rss_before: Option<u64>,
+    kernel_before: Option<u64>,
+) -> anyhow::Result<Report> {
+    let (mut hs, mut acc, mut e2e) = (histogram(), histogram(), histogram());
+    let mut accepted: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut delivered: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut rejected_by_code = BTreeMap::new();
+    let mut closed_by_relay = BTreeMap::new();
+    let (mut connect_seconds, mut send_seconds, mut errors, mut connected) = (0f64, 0f64, 0, 0);
+    for r in reports {
+        hs.add(decode(&r.handshake)?)?;
+        acc.add(decode(&r.accept)?)?;
+        e2e.add(decode(&r.end_to_end)?)?;
+        for (s, v) in r.accepted {
+            accepted.entry(s).or_default().extend(v);
+        }
+        for (s, v) in r.delivered {
+            delivered.entry(s).or_default().extend(v);
+        }
+        for (c, n) in r.rejected {
+            *rejected_by_code.entry(c).or_default() += n;
+        }
+        for (c, n) in r.closed_by_relay {
+            *closed_by_relay.entry(c).or_default() += n;
+        }
+        connect_seconds = connect_seconds.max(r.connect_seconds);
+        send_seconds = send_seconds.max(r.send_seconds);
+        errors += r.connection_errors;
+        connected += r.connected;
+    }
+    // Total-queue check, per sender: every accepted index delivered; repeats are duplicates.
+    let (mut n_accepted, mut lost, mut n_delivered, mut duplicates) = (0u64, 0u64, 0u64, 0u64);
+    for (sender, acc_idx) in &accepted {
+        let got: std::collections::HashSet<u32> = delivered
+            .get(sender)
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default();
+        n_accepted += acc_idx.len() as u64;
+        lost += acc_idx.iter().filter(|k| !got.contains(k)).count() as u64;
+    }
+    for v in delivered.values() {
+        let unique: std::collections::HashSet<u32> = v.iter().copied().collect();
+        n_delivered += unique.len() as u64;
+        duplicates += (v.len() - unique.len()) as u64;
+    }
+    let rss_after = args.relay_pid.and_then(rss_kib);
+    let per_conn = |a: Option<u64>, b: Option<u64>, scale: u64| match (a, b) {
+        (Some(a), Some(b)) if connected > 0 => {
+            Some((a.saturating_sub(b) * scale) as f64 / connected as f64)
+        }
+        _ => None,
+    };
+    let sends = args.sends();
+    Ok(Report {
+        scenario: args.scenario,
+        connections: args.connections,
+        workers: args.workers.max(1),
+        payload_bytes: args.payload,
+        target_rate: if sends { args.rate() } else { 0 },
+        connect_seconds,
+        handshakes_per_s: connected as f64 / connect_seconds.max(1e-9),
+        handshake: summarize(&hs),
+        send_seconds,
+        accepted: n_accepted,
+        rejected: rejected_by_code.values().sum(),
+        rejected_by_code,
+        accepted_per_s: n_accepted as f64 / send_seconds.max(1e-9),
+        delivered: n_delivered,
+        delivered_per_s: n_delivered as f64 / send_seconds.max(1e-9),
+        lost,
+        duplicates,
+        connection_errors: errors,
+        closed_by_relay,
+        end_to_end: sends.then(|| summarize(&e2e)),
+        accept: sends.then(|| summarize(&acc)),
+        relay_rss_before_kib: rss_before,
+        relay_rss_after_kib: if sends { None } else { rss_after },
+        relay_rss_per_conn_bytes: if sends {
+            None
+        } else {
+            per_conn(rss_after, rss_before, 1024)
+        },
+        kernel_per_conn_bytes: if sends {
+            None
+        } else {
+            per_conn(kernel_bytes(), kernel_before, 1)
+        },
+    })
 }
 
 fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
@@ -571,10 +958,49 @@ fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
     if let Some(path) = &args.report {
         std::fs::write(path, &json)?;
     }
+    let mut summary = format!(
+        "\n{:?}: {} connections ({} worker(s)), handshakes {:.0}/s p99 {:.1} ms",
+        report.scenario,
+        report.connections,
+        report.workers,
+        report.handshakes_per_s,
+        report.handshake.p99_ms
+    );
+    if let (Some(e), Some(a)) = (&report.end_to_end, &report.accept) {
+        summary += &format!(
+            "\n  accepted {} ({:.0}/s), delivered {}, lost {}, duplicates {}, rejected {:?}\n  accept p50 {:.2} ms p99 {:.2} ms | send→deliver p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms",
+            report.accepted,
+            report.accepted_per_s,
+            report.delivered,
+            report.lost,
+            report.duplicates,
+            report.rejected_by_code,
+            a.p50_ms,
+            a.p99_ms,
+            e.p50_ms,
+            e.p90_ms,
+            e.p99_ms,
+            e.p999_ms,
+            e.max_ms
+        );
+    }
+    if let Some(b) = report.relay_rss_per_conn_bytes {
+        summary += &format!("\n  relay RSS per connection {b:.0} bytes");
+    }
+    if report.connection_errors > 0 || !report.closed_by_relay.is_empty() {
+        summary += &format!(
+            "\n  connection errors {}, closed by the relay {:?}",
+            report.connection_errors, report.closed_by_relay
+        );
+    }
+    eprintln!("{summary}");
     if let (Some(max), Some(l)) = (args.max_p99_ms, &report.end_to_end)
         && l.p99_ms > max
     {
         bail!("p99 {:.2} ms exceeds --max-p99-ms {max}", l.p99_ms);
+    }
+    if report.connection_errors > 0 {
+        bail!("{} connection(s) failed", report.connection_errors);
     }
     if report.accepted > 0 && report.lost as f64 / report.accepted as f64 > args.max_loss {
         bail!(
