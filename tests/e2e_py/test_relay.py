@@ -93,9 +93,7 @@ async def test_offline_device_gets_queue_in_order_then_synced(relay):
 
 @run
 async def test_live_sends_during_replay_keep_order_without_gaps(relay):
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    await bob.close()
+    await relay.register_offline("bob", "phone")
     alice = await relay.connect("alice", "phone")
     await alice.handshake()
     sent = [(await alice.send_ok(["bob"], b"queued"))["id"] for _ in range(500)]
@@ -310,9 +308,7 @@ async def test_idle_logoff(make_relay):
 
 @run
 async def test_accepted_survives_kill_9(relay):
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    await bob.close()
+    await relay.register_offline("bob", "phone")
     alice = await relay.connect("alice", "phone")
     await alice.handshake()
     accepted = [(await alice.send_ok(["bob"], f"durable {i}".encode()))["id"] for i in range(20)]
@@ -324,9 +320,7 @@ async def test_accepted_survives_kill_9(relay):
 
 @run
 async def test_graceful_shutdown_closes_with_1012_and_loses_nothing(relay):
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    await bob.close()
+    await relay.register_offline("bob", "phone")
     alice = await relay.connect("alice", "phone")
     await alice.handshake()
     ids = [await alice.send(["bob"], b"in flight") for _ in range(200)]
@@ -354,9 +348,7 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     k1 = "k1:" + __import__("base64").b64encode(os.urandom(32)).decode()
     k2 = "k2:" + __import__("base64").b64encode(os.urandom(32)).decode()
     relay = make_relay({"RELAY_AT_REST__KEYS": k1, "RELAY_AT_REST__ACTIVE": "k1"})
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    await bob.close()
+    await relay.register_offline("bob", "phone")
     alice = await relay.connect("alice", "phone")
     await alice.handshake()
     canary = b"CANARY-PAYLOAD-" + uuid.uuid4().hex.encode()
