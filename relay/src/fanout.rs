@@ -143,7 +143,7 @@ pub fn deliver_frame(entry: &InboxEntry) -> Utf8Bytes {
         id: entry.id,
         seq: entry.seq,
         ts: entry.ts,
-        from: protocol::From {
+        from: protocol::Sender {
             user: &entry.from.user,
             device: &entry.from.device,
         },

@@ -134,6 +134,18 @@ pub enum RejectCode {
 }
 
 impl RejectCode {
+    /// Code string as it appears on the wire (and in metric labels).
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectCode::TooLarge => "too_large",
+            RejectCode::BadRecipients => "bad_recipients",
+            RejectCode::RateLimited => "rate_limited",
+            RejectCode::BadRequest => "bad_request",
+            RejectCode::Unavailable => "unavailable",
+            RejectCode::ShuttingDown => "shutting_down",
+        }
+    }
+
     /// Whether sending the same frame again later can succeed.
     pub fn retryable(self) -> bool {
         matches!(
@@ -145,7 +157,7 @@ impl RejectCode {
 
 /// Sender of a delivered message.
 #[derive(Debug, Serialize)]
-pub struct From<'a> {
+pub struct Sender<'a> {
     /// Sender's user id.
     pub user: &'a str,
     /// Sender's device id.
@@ -200,7 +212,7 @@ pub enum ServerFrame<'a> {
         /// Accept time, milliseconds since the Unix epoch.
         ts: u64,
         /// Sender.
-        from: From<'a>,
+        from: Sender<'a>,
         /// Opaque body, standard base64.
         body: &'a str,
         /// Urgent flag set by the sender.
@@ -332,6 +344,35 @@ mod tests {
         assert_eq!(decode_body(&enc).expect("b64"), body);
         assert!(decoded_len_upper_bound(&enc) >= body.len());
         assert!(decode_body("***").is_none());
+    }
+
+    #[test]
+    fn code_strings_match_the_wire() {
+        for code in [
+            RejectCode::TooLarge,
+            RejectCode::BadRecipients,
+            RejectCode::RateLimited,
+            RejectCode::BadRequest,
+            RejectCode::Unavailable,
+            RejectCode::ShuttingDown,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&code).expect("json"),
+                format!("\"{}\"", code.code())
+            );
+        }
+        for code in [
+            FrameError::BadJson,
+            FrameError::UnknownType,
+            FrameError::BadRequest,
+            FrameError::BadBase64,
+            FrameError::BinaryNotSupported,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&code).expect("json"),
+                format!("\"{}\"", code.code())
+            );
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ where
                         pending.push_back((id, ctx.store.append(msg), now));
                     }
                     Action::Reject(id, code) => {
-                        metrics::counter!("relay_messages_rejected_total", "code" => code_label(code)).increment(1);
+                        metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
                         let frame = ServerFrame::Rejected { id, code, retry: code.retryable() }.to_json();
                         if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
                             return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
@@ -314,8 +314,7 @@ fn reply_frame(
                 StoreError::Closed => RejectCode::ShuttingDown,
                 _ => RejectCode::Unavailable,
             };
-            metrics::counter!("relay_messages_rejected_total", "code" => code_label(code))
-                .increment(1);
+            metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
             ServerFrame::Rejected {
                 id,
                 code,
@@ -323,17 +322,6 @@ fn reply_frame(
             }
             .to_json()
         }
-    }
-}
-
-fn code_label(code: RejectCode) -> &'static str {
-    match code {
-        RejectCode::TooLarge => "too_large",
-        RejectCode::BadRecipients => "bad_recipients",
-        RejectCode::RateLimited => "rate_limited",
-        RejectCode::BadRequest => "bad_request",
-        RejectCode::Unavailable => "unavailable",
-        RejectCode::ShuttingDown => "shutting_down",
     }
 }
 
