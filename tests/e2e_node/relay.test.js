@@ -34,6 +34,7 @@ before(async () => {
     RELAY_LISTEN: `127.0.0.1:${port}`,
     RELAY_ADMIN_LISTEN: `127.0.0.1:${adminPort}`,
     RELAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'relay-node-')),
+    RELAY_LOG_LEVEL: 'warn',
   };
   url = `ws://127.0.0.1:${port}/v1/ws`;
   relay = spawn(RELAY_BIN, [], { env, stdio: ['ignore', 'ignore', 'inherit'] });
