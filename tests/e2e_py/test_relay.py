@@ -461,3 +461,36 @@ async def test_slow_consumer_is_disconnected_and_loses_nothing(make_relay):
     # Everything is still queued for bob: a reconnect replays all of it, in order.
     bob = await relay.connect("bob", "phone", max_size=None)
     assert [d["id"] for d in await bob.handshake()] == sent
+
+
+@run
+async def test_connection_cap_and_handshake_timeout(make_relay):
+    import socket as pysocket
+
+    relay = make_relay({"RELAY_LIMITS__MAX_CONNECTIONS": "2", "RELAY_LIMITS__HANDSHAKE_TIMEOUT": "1s"})
+    a = await relay.connect("alice", "phone")
+    b = await relay.connect("bob", "phone")
+    await a.handshake()
+    await b.handshake()
+    # A third connection is refused outright (the socket is dropped, nothing is parsed).
+    with pytest.raises(Exception):
+        await relay.connect("carol", "phone", open_timeout=5)
+    assert 'relay_handshakes_total{outcome="over_capacity"} 1' in relay.metrics()
+    # A freed slot is usable again.
+    await b.close()
+    await asyncio.sleep(0.3)
+    c = await relay.connect("carol", "phone")
+    await c.handshake()
+    await c.close()
+    await a.close()
+    await asyncio.sleep(0.3)
+
+    # A client that connects and never sends its request is cut off after the handshake timeout.
+    def silent() -> float:
+        with pysocket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            started = time.monotonic()
+            assert s.recv(1) == b""  # closed by the relay
+            return time.monotonic() - started
+
+    waited = await asyncio.to_thread(silent)
+    assert 0.5 <= waited <= 5, waited
