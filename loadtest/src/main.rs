@@ -305,7 +305,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn record_delivery(
+    fn record_delivery(
         &self,
         v: &serde_json::Value,
         local: &mut Vec<(u32, u32)>,
@@ -372,7 +372,7 @@ async fn connect(
             match v["type"].as_str() {
                 Some("synced") => break,
                 Some("deliver") => {
-                    ctx.record_delivery(&v, local, e2e).await?;
+                    ctx.record_delivery(&v, local, e2e)?;
                     acks.extend(v["seq"].as_u64());
                 }
                 _ => {}
@@ -487,7 +487,7 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                                 *rejected.entry(v["code"].as_str().unwrap_or("?").to_string()).or_default() += 1;
                             }
                             Some("deliver") => {
-                                ctx.record_delivery(&v, &mut local, &mut e2e).await?;
+                                ctx.record_delivery(&v, &mut local, &mut e2e)?;
                                 acks.extend(v["seq"].as_u64());
                                 if acks.len() >= 256 {
                                     let frame = serde_json::json!({"type":"ack","seqs":&acks});

@@ -46,7 +46,6 @@ const REJECT_CODES: &[&str] = &[
     "too_large",
     "bad_recipients",
     "rate_limited",
-    "bad_request",
     "unavailable",
     "shutting_down",
 ];
@@ -256,17 +255,16 @@ fn register() {
             Kind::Gauge => metrics::describe_gauge!(name, help),
             Kind::Histogram => metrics::describe_histogram!(name, help),
         }
-        let values: Vec<Vec<(&'static str, &'static str)>> = match labels {
-            Some((label, values)) if !values.is_empty() => {
-                values.iter().map(|v| vec![(label, *v)]).collect()
-            }
-            _ => vec![vec![]],
-        };
-        for labels in values {
-            match kind {
-                Kind::Counter => metrics::counter!(name, &labels).absolute(0),
-                // Histograms appear with their first sample; gauges are set by their owner.
-                Kind::Gauge | Kind::Histogram => {}
+        // Counters start at zero with every known label value; histograms appear with their
+        // first sample, gauges are set below or by their owner.
+        if kind == Kind::Counter {
+            match labels {
+                Some((label, values)) => {
+                    for &v in values {
+                        metrics::counter!(name, label => v).absolute(0);
+                    }
+                }
+                None => metrics::counter!(name).absolute(0),
             }
         }
     }

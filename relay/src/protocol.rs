@@ -125,8 +125,6 @@ pub enum RejectCode {
     BadRecipients,
     /// The device sends faster than its rate limit.
     RateLimited,
-    /// Malformed send: bad base64, bad recipient id.
-    BadRequest,
     /// The store could not durably accept the message; retry later.
     Unavailable,
     /// The relay is shutting down; reconnect and retry.
@@ -140,7 +138,6 @@ impl RejectCode {
             RejectCode::TooLarge => "too_large",
             RejectCode::BadRecipients => "bad_recipients",
             RejectCode::RateLimited => "rate_limited",
-            RejectCode::BadRequest => "bad_request",
             RejectCode::Unavailable => "unavailable",
             RejectCode::ShuttingDown => "shutting_down",
         }
@@ -352,7 +349,6 @@ mod tests {
             RejectCode::TooLarge,
             RejectCode::BadRecipients,
             RejectCode::RateLimited,
-            RejectCode::BadRequest,
             RejectCode::Unavailable,
             RejectCode::ShuttingDown,
         ] {
