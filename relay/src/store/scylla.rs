@@ -603,10 +603,10 @@ impl Writer {
         close
     }
 
-    async fn devices_of(&mut self, users: &[&str]) -> Result<(), StoreError> {
+    async fn devices_of(&mut self, users: &[String]) -> Result<(), StoreError> {
         let stale: Vec<&str> = users
             .iter()
-            .copied()
+            .map(String::as_str)
             .filter(|u| {
                 self.devices
                     .get(*u)
@@ -721,16 +721,14 @@ impl Writer {
             .copied()
             .filter(|&i| !p[i].duplicate && p[i].failed.is_none())
             .collect();
-        let mut users: Vec<&str> = Vec::new();
+        let mut users: Vec<String> = Vec::new();
         for &i in &writing {
-            users.push(&p[i].msg.from.user);
-            users.extend(p[i].msg.to.iter().map(String::as_str));
+            users.push(p[i].msg.from.user.to_string());
+            users.extend(p[i].msg.to.iter().cloned());
         }
         users.sort_unstable();
         users.dedup();
-        let users: Vec<String> = users.into_iter().map(str::to_string).collect();
-        let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
-        if let Err(e) = self.devices_of(&user_refs).await {
+        if let Err(e) = self.devices_of(&users).await {
             for &i in &writing {
                 p[i].failed = Some(unavailable(&e));
             }
