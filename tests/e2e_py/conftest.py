@@ -131,11 +131,15 @@ class Relay:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    async def online(self, user, device, **kw):
+        """A connected device past its replay (`hello`, queued messages, `synced`)."""
+        dev = await self.connect(user, device, **kw)
+        await dev.handshake()
+        return dev
+
     async def register_offline(self, user, device):
         """Makes the device known to the relay, then disconnects it: messages now queue for it."""
-        dev = await self.connect(user, device)
-        await dev.handshake()
-        await dev.close()
+        await (await self.online(user, device)).close()
 
     async def connect(self, user, device, token=None, **kw):
         token = token or self.token(user, device)

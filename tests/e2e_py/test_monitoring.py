@@ -30,10 +30,8 @@ def tool(name):
 
 async def exchange(relay):
     """Traffic that touches the histograms: connect (replay), send, deliver live, ack."""
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    bob = await relay.online("bob", "phone")
+    alice = await relay.online("alice", "phone")
     acc = await alice.send_ok(["bob"], b"x")
     assert (await bob.expect("deliver"))["seq"] == acc["seq"]
     await bob.ack([acc["seq"]])

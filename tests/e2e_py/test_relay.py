@@ -72,11 +72,9 @@ async def test_every_device_of_recipient_and_senders_other_devices_get_it(relay)
 
 @run
 async def test_offline_device_gets_queue_in_order_then_synced(relay):
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
+    bob = await relay.online("bob", "phone")
     await bob.close()  # bob is now a known device, offline
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     sent = []
     for i in range(300):  # more than one replay page
         sent.append((await alice.send_ok(["bob"], f"m{i}".encode()))["id"])
@@ -94,8 +92,7 @@ async def test_offline_device_gets_queue_in_order_then_synced(relay):
 @run
 async def test_live_sends_during_replay_keep_order_without_gaps(relay):
     await relay.register_offline("bob", "phone")
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     sent = [(await alice.send_ok(["bob"], b"queued"))["id"] for _ in range(500)]
 
     async def keep_sending():
@@ -134,17 +131,14 @@ async def test_duplicate_send_is_idempotent(relay):
     await alice.close()
     await bob.close()
     relay.restart()
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     assert (await alice.send_ok(["bob"], b"once", msg_id=msg_id))["duplicate"] is True
 
 
 @run
 async def test_ack_removes_and_unacked_is_redelivered(relay):
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    bob = await relay.online("bob", "phone")
+    alice = await relay.online("alice", "phone")
     a = await alice.send_ok(["bob"], b"will ack")
     b = await alice.send_ok(["bob"], b"will not ack")
     assert (await bob.expect("deliver"))["id"] == a["id"]
@@ -221,8 +215,7 @@ def test_bad_tokens_and_origins_rejected_before_upgrade(relay, tmp_path):
 @run
 async def test_oversized_frame_closed_with_1009(make_relay):
     relay = make_relay({"RELAY_LIMITS__MAX_BODY_BYTES": "1024"})
-    alice = await relay.connect("alice", "phone", max_size=None)
-    await alice.handshake()
+    alice = await relay.online("alice", "phone", max_size=None)
     assert alice.hello["max_body_bytes"] == 1024
     # Just over the body limit but within the frame limit: rejected, connection survives.
     msg_id = await alice.send(["bob"], b"x" * 1025)
@@ -235,8 +228,7 @@ async def test_oversized_frame_closed_with_1009(make_relay):
 
 @run
 async def test_malformed_frames_get_errors_then_repeated_abuse_closes(relay):
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     cases = [
         ("{oops", "bad_json"),
         (json.dumps({"type": "dance"}), "unknown_type"),
@@ -261,8 +253,7 @@ async def test_malformed_frames_get_errors_then_repeated_abuse_closes(relay):
 @run
 async def test_rate_limit(make_relay):
     relay = make_relay({"RELAY_LIMITS__SEND_RATE_PER_S": "1", "RELAY_LIMITS__SEND_BURST": "3"})
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     codes = []
     for _ in range(5):
         msg_id = await alice.send(["bob"], b"x")
@@ -275,13 +266,10 @@ async def test_rate_limit(make_relay):
 
 @run
 async def test_second_connection_displaces_first(relay):
-    first = await relay.connect("alice", "phone")
-    await first.handshake()
-    second = await relay.connect("alice", "phone")
-    await second.handshake()
+    first = await relay.online("alice", "phone")
+    second = await relay.online("alice", "phone")
     assert await closed_code(first) == 4002
-    bob = await relay.connect("bob", "phone")
-    await bob.handshake()
+    bob = await relay.online("bob", "phone")
     await bob.send_ok(["alice"], b"to the new connection")
     assert body_of(await second.expect("deliver")) == b"to the new connection"
 
@@ -289,10 +277,8 @@ async def test_second_connection_displaces_first(relay):
 @run
 async def test_idle_logoff(make_relay):
     relay = make_relay({"RELAY_SESSION__IDLE_TIMEOUT": "2s", "RELAY_SESSION__PING_INTERVAL": "1s"})
-    idle = await relay.connect("alice", "phone")
-    await idle.handshake()
-    active = await relay.connect("bob", "phone")
-    await active.handshake()
+    idle = await relay.online("alice", "phone")
+    active = await relay.online("bob", "phone")
     started = time.monotonic()
     # `active` frames reset the timer; pongs (the client answers pings) do not.
     for _ in range(6):
@@ -309,8 +295,7 @@ async def test_idle_logoff(make_relay):
 @run
 async def test_accepted_survives_kill_9(relay):
     await relay.register_offline("bob", "phone")
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     accepted = [(await alice.send_ok(["bob"], f"durable {i}".encode()))["id"] for i in range(20)]
     relay.kill()  # no chance to flush anything
     relay.start()
@@ -321,8 +306,7 @@ async def test_accepted_survives_kill_9(relay):
 @run
 async def test_graceful_shutdown_closes_with_1012_and_loses_nothing(relay):
     await relay.register_offline("bob", "phone")
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     ids = [await alice.send(["bob"], b"in flight") for _ in range(200)]
     relay.proc.send_signal(signal.SIGTERM)
     accepted, code = [], None
@@ -349,8 +333,7 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     k2 = "k2:" + __import__("base64").b64encode(os.urandom(32)).decode()
     relay = make_relay({"RELAY_AT_REST__KEYS": k1, "RELAY_AT_REST__ACTIVE": "k1"})
     await relay.register_offline("bob", "phone")
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     canary = b"CANARY-PAYLOAD-" + uuid.uuid4().hex.encode()
     await alice.send_ok(["bob"], canary)
     await alice.close()
@@ -367,8 +350,7 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     bob = await relay.connect("bob", "phone")
     replay = await bob.handshake()
     assert [body_of(d) for d in replay] == [canary]
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     await alice.send_ok(["bob"], b"sealed with k2")
     assert body_of(await bob.expect("deliver")) == b"sealed with k2"
     await bob.close()
@@ -410,8 +392,7 @@ def test_health_endpoints(relay):
 
 @run
 async def test_sequence_numbers_are_exact_in_javascript(relay):
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
     acc = await alice.send_ok(["bob"], b"x")
     assert 0 < acc["seq"] < 2**53
 
@@ -448,10 +429,8 @@ async def test_wss_with_in_app_tls(make_relay, tmp_path):
 async def test_slow_consumer_is_disconnected_and_loses_nothing(make_relay):
     relay = make_relay({"RELAY_LIMITS__OUTBOUND_QUEUE": "16", "RELAY_LIMITS__WRITE_TIMEOUT": "1s"})
     # bob reads nothing: the client library's queue fills, then TCP, then the relay's queue.
-    bob = await relay.connect("bob", "phone", max_queue=1)
-    await bob.handshake()
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    bob = await relay.online("bob", "phone", max_queue=1)
+    alice = await relay.online("alice", "phone")
     body = b"x" * 16_000
     sent = [(await alice.send_ok(["bob"], body))["id"] for _ in range(600)]
     # The close frame (4003) sits behind the unread data; a client that never reads may only see
@@ -479,8 +458,7 @@ async def test_connection_cap_and_handshake_timeout(make_relay):
     # A freed slot is usable again.
     await b.close()
     await asyncio.sleep(0.3)
-    c = await relay.connect("carol", "phone")
-    await c.handshake()
+    c = await relay.online("carol", "phone")
     await c.close()
     await a.close()
     await asyncio.sleep(0.3)

@@ -30,8 +30,7 @@ async def test_database_outage_loses_nothing_and_recovers_alone(make_relay):
     assert BACKEND == "cassandra", "run with E2E_BACKEND=cassandra (scripts/test does)"
     relay = make_relay({"RELAY_STORAGE__SCYLLA__REQUEST_TIMEOUT": "1s"})
     await relay.register_offline("bob", "phone")
-    alice = await relay.connect("alice", "phone")
-    await alice.handshake()
+    alice = await relay.online("alice", "phone")
 
     outcome = {}  # id -> reply frame
     order = []
