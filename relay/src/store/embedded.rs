@@ -5,7 +5,8 @@
 //! commit was syncing, writes them as one batch, syncs the journal once (group commit), then fans
 //! the messages out and answers the senders. That gives durable `accepted` at a cost of one
 //! fsync per batch instead of per message, and a single total order of sequence numbers. Reads
-//! (inbox replay) and expiry run on blocking threads beside it.
+//! (inbox replay) and expiry run on blocking threads beside it. Its behaviour is tested by the
+//! store conformance suite in `tests/`, which runs against both backends.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -493,61 +494,5 @@ impl Writer {
             body: msg.body,
         };
         Ok((accepted, (!targets.is_empty()).then_some((targets, entry))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<(Vec<DeviceRef>, u64)>>);
-    impl DeliverySink for Recorder {
-        fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
-            self.0
-                .lock()
-                .expect("lock")
-                .push((devices.to_vec(), entry.seq));
-        }
-    }
-
-    #[tokio::test]
-    async fn fanout_follows_commit_order() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let ring = Arc::new(
-            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring"),
-        );
-        let sink = Arc::new(Recorder::default());
-        let store = EmbeddedStore::open(dir.path(), ring, sink.clone()).expect("open");
-        let bob = DeviceRef::new("bob", "b1");
-        store.register_device(bob.clone()).await.expect("register");
-        let mut tickets = Vec::new();
-        for _ in 0..50 {
-            tickets.push(store.append(NewMessage {
-                id: uuid::Uuid::new_v4(),
-                from: DeviceRef::new("alice", "a1"),
-                to: vec!["bob".into()],
-                body: bytes::Bytes::from_static(b"x"),
-                urgent: false,
-            }));
-        }
-        let mut seqs = Vec::new();
-        for t in tickets {
-            seqs.push(t.await.expect("reply").expect("accepted").seq);
-        }
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "accept order is call order"
-        );
-        let delivered: Vec<u64> = sink
-            .0
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|(_, s)| *s)
-            .collect();
-        assert_eq!(delivered, seqs);
-        store.close().await.expect("close");
     }
 }
