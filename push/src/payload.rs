@@ -42,6 +42,17 @@ impl Category {
     }
 }
 
+/// How wake-ups appear on Android.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FcmStyle {
+    /// Data messages only: the app fetches, decrypts and shows the message itself.
+    #[default]
+    Data,
+    /// Data plus a notification with a fixed, localizable title, shown by Android even when the
+    /// app is not running.
+    Notification,
+}
+
 /// Everything the relay can push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -130,8 +141,8 @@ impl Push {
         }
     }
 
-    /// FCM HTTP v1 form: data messages only, so the app decides what to show after fetching.
-    pub fn fcm(&self, ttl_secs: u32) -> FcmMessage {
+    /// FCM HTTP v1 form. Logout signals are always data-only (silent).
+    pub fn fcm(&self, ttl_secs: u32, style: FcmStyle) -> FcmMessage {
         let (data, priority, collapse) = match *self {
             Push::Wake {
                 message,
@@ -160,6 +171,18 @@ impl Push {
         let mut android = json!({ "priority": priority, "ttl": format!("{ttl_secs}s") });
         if let Some(key) = collapse {
             android["collapse_key"] = json!(key);
+        }
+        if let (FcmStyle::Notification, Push::Wake { urgent, .. }) = (style, self) {
+            let (key, channel) = if *urgent {
+                (AlertKey::UrgentMessage, "relay_urgent")
+            } else {
+                (AlertKey::NewMessage, "relay_messages")
+            };
+            android["notification"] = json!({
+                "title_loc_key": key.loc_key(),
+                "channel_id": channel,
+                "notification_priority": if *urgent { "PRIORITY_MAX" } else { "PRIORITY_DEFAULT" },
+            });
         }
         FcmMessage {
             message: json!({ "data": data, "android": android }),
@@ -190,6 +213,10 @@ mod tests {
         "priority",
         "ttl",
         "collapse_key",
+        "notification",
+        "title_loc_key",
+        "channel_id",
+        "notification_priority",
     ];
     /// Every string value a push may contain, besides opaque UUIDs and numbers.
     const ALLOWED_STRINGS: &[&str] = &[
@@ -206,6 +233,10 @@ mod tests {
         "HIGH",
         "NORMAL",
         "relay-wake",
+        "relay_urgent",
+        "relay_messages",
+        "PRIORITY_MAX",
+        "PRIORITY_DEFAULT",
     ];
 
     fn every_push() -> Vec<Push> {
@@ -262,7 +293,9 @@ mod tests {
                     assert!(ALLOWED_STRINGS.contains(&c.as_str()));
                 }
             }
-            check(&push.fcm(3600).message, "fcm");
+            for style in [FcmStyle::Data, FcmStyle::Notification] {
+                check(&push.fcm(3600, style).message, "fcm");
+            }
         }
     }
 
@@ -283,7 +316,10 @@ mod tests {
             page.apns(true).payload["aps"]["interruption-level"],
             "critical"
         );
-        assert_eq!(page.fcm(60).message["android"]["priority"], "HIGH");
+        assert_eq!(
+            page.fcm(60, FcmStyle::Data).message["android"]["priority"],
+            "HIGH"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub mod fake_push;
+
 use relay::config::ScyllaConfig;
 use relay::seal::Keyring;
 use relay::store::embedded::EmbeddedStore;
