@@ -118,6 +118,138 @@ pub struct Config {
     pub storage: StorageConfig,
     /// This node's id (0-31), unique among nodes sharing a store; part of every sequence number.
     pub node_id: u8,
+    /// APNs / FCM wake-ups and urgent pages (off unless a provider is configured).
+    pub push: PushConfig,
+}
+
+/// Wake-ups, urgent pages and the provider credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Wake-ups for one device within this window coalesce into one push.
+    pub coalesce_window: Dur,
+    /// An urgent message not acknowledged within this time is pushed again.
+    pub urgent_ack_timeout: Dur,
+    /// How many times an unacknowledged urgent message is pushed again.
+    pub urgent_repeats: u32,
+    /// Non-urgent wake-ups that may wait for a worker; the oldest are dropped beyond this.
+    pub queue_capacity: usize,
+    /// Pushes in flight at once.
+    pub workers: usize,
+    /// Tries per push (429/5xx/timeouts are retried with backoff).
+    pub max_attempts: u32,
+    /// Provider request timeout.
+    pub request_timeout: Dur,
+    /// Bundle ids / package names devices may register (empty: any).
+    pub app_ids: Vec<String>,
+    /// Apple Push Notification service.
+    pub apns: Option<ApnsSettings>,
+    /// Firebase Cloud Messaging (HTTP v1).
+    pub fcm: Option<FcmSettings>,
+}
+
+/// APNs token-based authentication and endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsSettings {
+    /// The `.p8` signing key from Apple's developer portal.
+    pub key_file: PathBuf,
+    /// Its key id.
+    pub key_id: String,
+    /// Apple developer team id.
+    pub team_id: String,
+    /// Production endpoint.
+    #[serde(default = "apns_production")]
+    pub production_url: String,
+    /// Sandbox endpoint (development builds).
+    #[serde(default = "apns_sandbox")]
+    pub sandbox_url: String,
+    /// PEM trust roots instead of the bundled Mozilla roots (tests, TLS-inspecting proxies).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP/2 connections per endpoint.
+    #[serde(default = "two")]
+    pub connections: usize,
+    /// The app holds Apple's critical-alerts entitlement (urgent pages use `critical`).
+    #[serde(default)]
+    pub critical_entitlement: bool,
+    /// How long Apple keeps an undeliverable push (`apns-expiration`).
+    #[serde(default = "one_hour")]
+    pub expiration: Dur,
+}
+
+/// How FCM messages are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FcmStyleSetting {
+    /// Data messages only; the app shows what it decrypts.
+    #[default]
+    Data,
+    /// Data plus a fixed, localizable notification.
+    Notification,
+}
+
+/// FCM HTTP v1 with a service account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmSettings {
+    /// Google service-account JSON key (its `token_uri` is the OAuth endpoint).
+    pub service_account_file: PathBuf,
+    /// FCM endpoint.
+    #[serde(default = "fcm_base")]
+    pub base_url: String,
+    /// PEM trust roots instead of the bundled Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP/2 connections.
+    #[serde(default = "two")]
+    pub connections: usize,
+    /// How long FCM keeps an undeliverable message.
+    #[serde(default = "one_hour")]
+    pub ttl: Dur,
+    /// `data` or `notification`.
+    #[serde(default)]
+    pub style: FcmStyleSetting,
+}
+
+fn apns_production() -> String {
+    push::apns::PRODUCTION_URL.into()
+}
+fn apns_sandbox() -> String {
+    push::apns::SANDBOX_URL.into()
+}
+fn fcm_base() -> String {
+    push::fcm::BASE_URL.into()
+}
+fn two() -> usize {
+    2
+}
+fn one_hour() -> Dur {
+    Dur::secs(3600)
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            coalesce_window: Dur::secs(30),
+            urgent_ack_timeout: Dur::secs(30),
+            urgent_repeats: 3,
+            queue_capacity: 10_000,
+            workers: 256,
+            max_attempts: 5,
+            request_timeout: Dur::secs(10),
+            app_ids: Vec::new(),
+            apns: None,
+            fcm: None,
+        }
+    }
+}
+
+impl PushConfig {
+    /// Whether any provider is configured.
+    pub fn enabled(&self) -> bool {
+        self.apns.is_some() || self.fcm.is_some()
+    }
 }
 
 /// Storage backend.
@@ -299,6 +431,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             storage: StorageConfig::default(),
             node_id: 0,
+            push: PushConfig::default(),
         }
     }
 }
@@ -479,6 +612,32 @@ impl Config {
             if d.0.is_zero() {
                 e.push(format!("{name} must be positive"));
             }
+        }
+        let p = &self.push;
+        for (name, d) in [
+            ("push.coalesce_window", p.coalesce_window),
+            ("push.urgent_ack_timeout", p.urgent_ack_timeout),
+            ("push.request_timeout", p.request_timeout),
+        ] {
+            if d.0.is_zero() {
+                e.push(format!("{name} must be positive"));
+            }
+        }
+        if p.queue_capacity == 0 || p.workers == 0 || p.max_attempts == 0 {
+            e.push(
+                "push.queue_capacity, push.workers and push.max_attempts must be positive".into(),
+            );
+        }
+        if let Some(a) = &p.apns {
+            if a.key_id.is_empty() || a.team_id.is_empty() {
+                e.push("push.apns.key_id and push.apns.team_id are required".into());
+            }
+            if a.connections == 0 {
+                e.push("push.apns.connections must be positive".into());
+            }
+        }
+        if p.fcm.as_ref().is_some_and(|f| f.connections == 0) {
+            e.push("push.fcm.connections must be positive".into());
         }
         if self.node_id >= crate::store::MAX_NODES {
             e.push(format!("node_id must be below {}", crate::store::MAX_NODES));

@@ -12,6 +12,7 @@
 //! - [`session`]: one device's session: `state` (logic, no IO) and `driver` (the socket);
 //! - [`fanout`]: live connections on this node and their bounded queues;
 //! - [`store`]: the [`store::MessageStore`] trait and its embedded backend;
+//! - [`pager`]: push wake-ups and urgent pages (the `push` crate talks to APNs/FCM);
 //! - [`seal`]: AES-256-GCM at-rest encryption under a rotating keyring;
 //! - [`listener`]: HTTP/WebSocket/TLS listeners; [`server`]: wiring and shutdown;
 //! - [`metrics`]: the Prometheus recorder.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod fanout;
 pub mod listener;
 pub mod metrics;
+pub mod pager;
 pub mod protocol;
 pub mod seal;
 pub mod server;

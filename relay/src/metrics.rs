@@ -19,13 +19,11 @@ pub enum Kind {
     Histogram,
 }
 
-/// One metric: name, kind, label name and known label values, help.
-pub type Entry = (
-    &'static str,
-    Kind,
-    Option<(&'static str, &'static [&'static str])>,
-    &'static str,
-);
+/// Label names of a metric, each with its known values.
+pub type Labels = &'static [(&'static str, &'static [&'static str])];
+
+/// One metric: name, kind, labels, help.
+pub type Entry = (&'static str, Kind, Labels, &'static str);
 
 const HANDSHAKE_OUTCOMES: &[&str] = &[
     "ok",
@@ -58,6 +56,19 @@ const FRAME_REASONS: &[&str] = &[
     "too_big",
 ];
 const PATHS: &[&str] = &["live", "replay"];
+const PROVIDERS: &[&str] = &["apns", "fcm"];
+const PUSH_KINDS: &[&str] = &["wake", "urgent", "logout"];
+const PUSH_OUTCOMES: &[&str] = &["delivered", "token_removed", "retried", "failed", "gave_up"];
+const PUSH_DROPS: &[&str] = &["queue_full", "no_provider", "pager_backlog"];
+const WAKEUP_RESULTS: &[&str] = &[
+    "queued",
+    "coalesced",
+    "no_token",
+    "no_provider",
+    "store_error",
+    "closed",
+];
+const ESCALATION_RESULTS: &[&str] = &["repaged", "acknowledged", "exhausted"];
 const STORE_OPS: &[&str] = &["commit", "write", "ack"];
 const TABLES: &[&str] = &["archive", "inbox", "idempotency"];
 
@@ -66,146 +77,204 @@ pub const CATALOGUE: &[Entry] = &[
     (
         "relay_build_info",
         Kind::Gauge,
-        Some(("version", &[])),
+        &[("version", &[])],
         "Always 1; the label carries the relay version.",
     ),
     (
         "relay_connections",
         Kind::Gauge,
-        None,
+        &[],
         "Open WebSocket sessions on this node.",
     ),
     (
         "relay_devices_online",
         Kind::Gauge,
-        None,
+        &[],
         "Devices with a live session on this node.",
     ),
     (
         "relay_handshakes_total",
         Kind::Counter,
-        Some(("outcome", HANDSHAKE_OUTCOMES)),
+        &[("outcome", HANDSHAKE_OUTCOMES)],
         "Upgrade attempts by outcome; every outcome but ok is a refusal before the upgrade.",
     ),
     (
         "relay_connections_displaced_total",
         Kind::Counter,
-        None,
+        &[],
         "Sessions closed because the same device connected again.",
     ),
     (
         "relay_messages_accepted_total",
         Kind::Counter,
-        None,
+        &[],
         "Messages durably stored and answered accepted.",
     ),
     (
         "relay_messages_duplicate_total",
         Kind::Counter,
-        None,
+        &[],
         "Sends of an already accepted message id (answered accepted, duplicate).",
     ),
     (
         "relay_messages_rejected_total",
         Kind::Counter,
-        Some(("code", REJECT_CODES)),
+        &[("code", REJECT_CODES)],
         "Sends answered rejected, by code.",
     ),
     (
         "relay_messages_delivered_total",
         Kind::Counter,
-        Some(("path", PATHS)),
+        &[("path", PATHS)],
         "deliver frames written to devices, live or during inbox replay.",
     ),
     (
         "relay_messages_acked_total",
         Kind::Counter,
-        None,
+        &[],
         "Inbox entries acknowledged by devices.",
     ),
     (
         "relay_accept_duration_seconds",
         Kind::Histogram,
-        None,
+        &[],
         "Send received to accepted answered (includes the durable commit).",
     ),
     (
         "relay_delivery_duration_seconds",
         Kind::Histogram,
-        Some(("path", PATHS)),
+        &[("path", PATHS)],
         "Accepted to acknowledged by a device; live: delivered on an open session.",
     ),
     (
         "relay_frames_rejected_total",
         Kind::Counter,
-        Some(("reason", FRAME_REASONS)),
+        &[("reason", FRAME_REASONS)],
         "Client frames answered with an error, or closed as too big.",
     ),
     (
         "relay_idle_logoffs_total",
         Kind::Counter,
-        None,
+        &[],
         "Sessions ended by the inactivity logoff.",
     ),
     (
         "relay_slow_consumer_disconnects_total",
         Kind::Counter,
-        None,
+        &[],
         "Sessions closed because the device did not read fast enough.",
     ),
     (
         "relay_outbound_overflows_total",
         Kind::Counter,
-        None,
+        &[],
         "Live deliveries that found a session's queue full (the message stays in the inbox).",
     ),
     (
         "relay_replay_duration_seconds",
         Kind::Histogram,
-        None,
+        &[],
         "Inbox replay time at session start.",
     ),
     (
         "relay_replay_messages",
         Kind::Histogram,
-        None,
+        &[],
         "Messages delivered by one inbox replay.",
     ),
     (
         "relay_store_ready",
         Kind::Gauge,
-        None,
+        &[],
         "1 when the store takes writes, 0 when not.",
     ),
     (
         "relay_store_commit_duration_seconds",
         Kind::Histogram,
-        None,
+        &[],
         "One writer batch: durable commit (embedded) or all its CQL phases (ScyllaDB).",
     ),
     (
         "relay_store_commit_batch_size",
         Kind::Histogram,
-        None,
+        &[],
         "Appends per writer batch.",
     ),
     (
         "relay_store_errors_total",
         Kind::Counter,
-        Some(("op", STORE_OPS)),
+        &[("op", STORE_OPS)],
         "Store operations that failed.",
     ),
     (
         "relay_store_corrupt_rows_total",
         Kind::Counter,
-        None,
+        &[],
         "Stored rows that failed authentication (tampering or a removed key); never delivered.",
     ),
     (
         "relay_retention_expired_rows_total",
         Kind::Counter,
-        Some(("table", TABLES)),
+        &[("table", TABLES)],
         "Rows removed by retention expiry (embedded store; ScyllaDB expires by TTL).",
+    ),
+    (
+        push::metric::PUSHES,
+        Kind::Counter,
+        &[
+            ("provider", PROVIDERS),
+            ("kind", PUSH_KINDS),
+            ("outcome", PUSH_OUTCOMES),
+        ],
+        "Provider answers to pushes: delivered, token_removed (dead token), retried (429/5xx/transport), failed (permanent), gave_up (retries exhausted).",
+    ),
+    (
+        push::metric::DURATION,
+        Kind::Histogram,
+        &[("provider", PROVIDERS)],
+        "Push request round trip to APNs or FCM.",
+    ),
+    (
+        push::metric::QUEUE_DEPTH,
+        Kind::Gauge,
+        &[],
+        "Pushes waiting for a worker (non-urgent ones are bounded by push.queue_capacity).",
+    ),
+    (
+        push::metric::TOKENS_REMOVED,
+        Kind::Counter,
+        &[("provider", PROVIDERS)],
+        "Push tokens deleted because the provider reported them dead (410, BadDeviceToken, UNREGISTERED, ...).",
+    ),
+    (
+        push::metric::DROPPED,
+        Kind::Counter,
+        &[("reason", PUSH_DROPS)],
+        "Wake-ups dropped before reaching a provider (never urgent pages).",
+    ),
+    (
+        push::metric::AUTH_REFRESHES,
+        Kind::Counter,
+        &[("provider", PROVIDERS)],
+        "Provider credentials issued: APNs provider JWTs signed, FCM OAuth tokens fetched.",
+    ),
+    (
+        "relay_push_wakeups_total",
+        Kind::Counter,
+        &[("result", WAKEUP_RESULTS)],
+        "Wake-up decisions for offline recipient devices: queued for a provider, coalesced into an earlier push, or skipped.",
+    ),
+    (
+        "relay_push_escalations_total",
+        Kind::Counter,
+        &[("result", ESCALATION_RESULTS)],
+        "Urgent-page escalation steps: paged again, stopped by an ack, or repeats exhausted.",
+    ),
+    (
+        "relay_push_registrations_total",
+        Kind::Counter,
+        &[("platform", PROVIDERS)],
+        "push_token frames stored (registrations and refreshes).",
     ),
 ];
 
@@ -248,6 +317,24 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
+/// Every combination of the known label values.
+fn label_sets(labels: Labels) -> Vec<Vec<metrics::Label>> {
+    let mut sets = vec![Vec::new()];
+    for &(name, values) in labels {
+        sets = sets
+            .into_iter()
+            .flat_map(|set| {
+                values.iter().map(move |&v| {
+                    let mut set = set.clone();
+                    set.push(metrics::Label::new(name, v));
+                    set
+                })
+            })
+            .collect();
+    }
+    sets
+}
+
 fn register() {
     for &(name, kind, labels, help) in CATALOGUE {
         match kind {
@@ -258,13 +345,8 @@ fn register() {
         // Counters start at zero with every known label value; histograms appear with their
         // first sample, gauges are set below or by their owner.
         if kind == Kind::Counter {
-            match labels {
-                Some((label, values)) => {
-                    for &v in values {
-                        metrics::counter!(name, label => v).absolute(0);
-                    }
-                }
-                None => metrics::counter!(name).absolute(0),
+            for set in label_sets(labels) {
+                metrics::counter!(name, set).absolute(0);
             }
         }
     }
@@ -272,4 +354,5 @@ fn register() {
     metrics::gauge!("relay_connections").set(0.0);
     metrics::gauge!("relay_devices_online").set(0.0);
     metrics::gauge!("relay_store_ready").set(1.0);
+    metrics::gauge!(push::metric::QUEUE_DEPTH).set(0.0);
 }

@@ -47,6 +47,19 @@ pub enum ClientFrame {
     },
     /// The user did something in the app; resets the inactivity logoff timer.
     Active,
+    /// Register or refresh this device's push token (send it again whenever the OS rotates it).
+    PushToken {
+        /// `apns` or `fcm`.
+        platform: push::Platform,
+        /// The provider's device token.
+        token: String,
+        /// `sandbox` (development builds) or `production`.
+        environment: push::Environment,
+        /// Bundle id (iOS) or package name (Android).
+        app_id: String,
+    },
+    /// Stop pushing to this device.
+    PushTokenRemove,
 }
 
 /// Why a client frame could not be used. Sent back as an `error` frame.
@@ -63,6 +76,8 @@ pub enum FrameError {
     BadBase64,
     /// Binary frames are not part of the protocol.
     BinaryNotSupported,
+    /// The relay could not carry out a valid request right now; send it again later.
+    Unavailable,
 }
 
 impl FrameError {
@@ -74,6 +89,7 @@ impl FrameError {
             FrameError::BadRequest => "bad_request",
             FrameError::BadBase64 => "bad_base64",
             FrameError::BinaryNotSupported => "binary_not_supported",
+            FrameError::Unavailable => "unavailable",
         }
     }
 }
@@ -93,7 +109,9 @@ fn classify(text: &str, err: serde_json::Error) -> (FrameError, String) {
     };
     match value.get("type").and_then(|t| t.as_str()) {
         None => (FrameError::BadRequest, "missing string field `type`".into()),
-        Some("send" | "ack" | "active") => (FrameError::BadRequest, sanitize(&err)),
+        Some("send" | "ack" | "active" | "push_token" | "push_token_remove") => {
+            (FrameError::BadRequest, sanitize(&err))
+        }
         Some(_) => (FrameError::UnknownType, "unknown frame type".into()),
     }
 }
@@ -234,6 +252,11 @@ pub enum ServerFrame<'a> {
     SessionExpired {
         /// Inactivity limit that was reached, seconds.
         idle_timeout_s: u64,
+    },
+    /// A `push_token` or `push_token_remove` was stored.
+    PushTokenSaved {
+        /// Whether the device now has a push registration.
+        registered: bool,
     },
 }
 

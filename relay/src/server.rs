@@ -20,11 +20,12 @@ use crate::auth::{self, Verifier};
 use crate::config::{Backend, Config, Mode};
 use crate::fanout::Hub;
 use crate::listener::{self, App, Side};
+use crate::pager::{self, Pager};
 use crate::seal::Keyring;
 use crate::session::{SessionContext, state::Limits};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::scylla::ScyllaStore;
-use crate::store::{MessageStore, now_ms};
+use crate::store::{DeviceRef, MessageStore, now_ms};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum StartError {
     /// The store would not open.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// Push provider credentials unusable.
+    #[error("push: {0}")]
+    Push(String),
     /// A listener would not bind.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -127,6 +131,7 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     app: Arc<App>,
     store: Arc<dyn MessageStore>,
+    dispatcher: Option<Arc<push::Dispatcher<DeviceRef>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -145,21 +150,69 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     };
     let hub = Arc::new(Hub::default());
     let keyring = Arc::new(keyring);
+    let providers = if config.push.enabled() {
+        Some(pager::providers(&config.push).map_err(StartError::Push)?)
+    } else {
+        None
+    };
+    let (pager, pager_inbox) = Pager::new();
+    let sink: Arc<dyn crate::store::DeliverySink> = match providers {
+        Some(_) => Arc::new(pager::PagingSink {
+            hub: hub.clone(),
+            pager: pager.clone(),
+        }),
+        None => hub.clone(),
+    };
     let store: Arc<dyn MessageStore> = match config.storage.backend {
         Backend::Embedded => Arc::new(EmbeddedStore::open(
             &config.data_dir.join("store"),
             keyring,
-            hub.clone(),
+            sink,
         )?),
         Backend::Scylla => {
             let sc = &config.storage.scylla;
             tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
             Arc::new(
-                ScyllaStore::open(sc, config.node_id, keyring, config.retention(), hub.clone())
-                    .await?,
+                ScyllaStore::open(sc, config.node_id, keyring, config.retention(), sink).await?,
             )
         }
     };
+
+    let mut background = Vec::new();
+    let dispatcher = providers.map(|(apns, fcm)| {
+        let p = &config.push;
+        let for_gone = store.clone();
+        let dispatcher = Arc::new(push::Dispatcher::start(
+            push::DispatcherConfig {
+                capacity: p.queue_capacity,
+                workers: p.workers,
+                max_attempts: p.max_attempts,
+                ..Default::default()
+            },
+            apns,
+            fcm,
+            Arc::new(move |device: &DeviceRef, dead: &push::DeviceToken| {
+                pager::forget_token(for_gone.clone(), device, dead)
+            }),
+        ));
+        background.push(tokio::spawn(pager::run(
+            pager_inbox,
+            pager.clone(),
+            store.clone(),
+            dispatcher.clone(),
+            pager::Timing {
+                coalesce_window: p.coalesce_window.0,
+                urgent_ack_timeout: p.urgent_ack_timeout.0,
+                urgent_repeats: p.urgent_repeats,
+            },
+        )));
+        tracing::info!(
+            apns = p.apns.is_some(),
+            fcm = p.fcm.is_some(),
+            "push enabled"
+        );
+        dispatcher
+    });
 
     let public = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
     let admin = bind(config.admin_listen).map_err(|e| StartError::Bind(config.admin_listen, e))?;
@@ -186,6 +239,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         outbound_queue: l.outbound_queue,
         max_pipelined: l.max_pipelined_sends,
         write_timeout: l.write_timeout.0,
+        push_apps: config.push.app_ids.clone(),
+        pager: dispatcher.as_ref().map(|_| pager.clone()),
     });
     // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
     // per connection would dominate memory. The buffer grows on demand for large frames.
@@ -207,10 +262,18 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         tracker: TaskTracker::new(),
     });
 
-    let mut background = vec![
-        tokio::spawn(listener::serve(public, app.clone(), tls, Side::Public)),
-        tokio::spawn(listener::serve(admin, app.clone(), None, Side::Admin)),
-    ];
+    background.push(tokio::spawn(listener::serve(
+        public,
+        app.clone(),
+        tls,
+        Side::Public,
+    )));
+    background.push(tokio::spawn(listener::serve(
+        admin,
+        app.clone(),
+        None,
+        Side::Admin,
+    )));
     background.push(tokio::spawn(upkeep(app.clone(), store.clone())));
     tracing::info!(%public_addr, %admin_addr, path = listener::WS_PATH, "relay listening");
     Ok(Server {
@@ -218,6 +281,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         admin_addr,
         app,
         store,
+        dispatcher,
         background,
     })
 }
@@ -281,6 +345,9 @@ impl Server {
         }
         for task in self.background {
             task.abort();
+        }
+        if let Some(d) = &self.dispatcher {
+            d.close();
         }
         match self.store.close().await {
             Ok(()) => tracing::info!("store flushed; stopped"),

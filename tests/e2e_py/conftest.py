@@ -5,6 +5,7 @@ Each test gets its own relay process on free loopback ports with its own data di
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import signal
@@ -36,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run(fn):
+    """Runs an async test function on a fresh event loop."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
 
 
 class Relay:
@@ -216,3 +226,76 @@ def make_relay(tmp_path):
     yield make
     for r in started:
         r.stop()
+
+
+FAKE_PUSH_BIN = Path(os.environ.get("FAKE_PUSH_BIN", ROOT / "target" / "debug" / "fake-push"))
+
+
+class FakePush:
+    """The fake APNs + FCM servers (`tests/src/fake_push.rs`): HTTP/2 over TLS on loopback."""
+
+    def __init__(self, directory: Path):
+        assert FAKE_PUSH_BIN.exists(), f"{FAKE_PUSH_BIN} missing: run `cargo build --workspace` (scripts/test does)"
+        self.proc = subprocess.Popen(
+            [str(FAKE_PUSH_BIN), "--dir", str(directory)], stdout=subprocess.PIPE, text=True
+        )
+        self.info = json.loads(self.proc.stdout.readline())
+        self.dir = Path(self.info["dir"])
+
+    def relay_env(self, **extra) -> dict:
+        """RELAY_* settings that point a relay at this fake for both providers."""
+        ca = str(self.dir / "ca.pem")
+        env = {
+            "RELAY_PUSH__APNS__KEY_FILE": str(self.dir / "apns-key.p8"),
+            "RELAY_PUSH__APNS__KEY_ID": self.info["key_id"],
+            "RELAY_PUSH__APNS__TEAM_ID": self.info["team_id"],
+            "RELAY_PUSH__APNS__PRODUCTION_URL": self.info["apns_url"],
+            "RELAY_PUSH__APNS__SANDBOX_URL": self.info["apns_url"],
+            "RELAY_PUSH__APNS__CA_FILE": ca,
+            "RELAY_PUSH__FCM__SERVICE_ACCOUNT_FILE": str(self.dir / "service-account.json"),
+            "RELAY_PUSH__FCM__BASE_URL": self.info["fcm_url"],
+            "RELAY_PUSH__FCM__CA_FILE": ca,
+        }
+        env.update({f"RELAY_PUSH__{k.upper()}": str(v) for k, v in extra.items()})
+        return env
+
+    def _call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.info["control"] + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def requests(self, provider=None, token=None) -> list:
+        return [
+            r for r in self._call("GET", "/requests")
+            if (provider is None or r["provider"] == provider) and (token is None or r["token"] == token)
+        ]
+
+    def script(self, provider, status, reason="", times=1, retry_after=None, token=None):
+        self._call("POST", "/script", {
+            "provider": provider, "status": status, "reason": reason, "times": times,
+            "retry_after": retry_after, "token": token,
+        })
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def fake_push(tmp_path):
+    fake = FakePush(tmp_path / "push")
+    yield fake
+    fake.stop()
+
+
+async def register_push(dev, platform="apns", token=None, environment="sandbox", app_id="com.example.relay"):
+    """Registers a push token on a connected device; returns the token."""
+    token = token or (uuid.uuid4().hex * 2 if platform == "apns" else f"fcm:{uuid.uuid4().hex}")
+    await dev.ws.send(json.dumps({
+        "type": "push_token", "platform": platform, "token": token,
+        "environment": environment, "app_id": app_id,
+    }))
+    reply = await dev.recv()
+    assert reply == {"type": "push_token_saved", "registered": True}, reply
+    return token

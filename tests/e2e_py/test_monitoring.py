@@ -16,7 +16,7 @@ import urllib.request
 
 from conftest import ROOT
 
-from test_relay import run
+from conftest import run
 
 RULES = ROOT / "dashboards" / "prometheus" / "relay-rules.yml"
 DASHBOARDS = sorted((ROOT / "dashboards" / "grafana").glob("*.json"))

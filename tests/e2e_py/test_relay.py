@@ -1,7 +1,6 @@
 """End-to-end behaviour of the relay binary, seen from devices using the `websockets` library."""
 
 import asyncio
-import functools
 import json
 import os
 import signal
@@ -13,15 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.asyncio.client import connect
 
-from conftest import RELAY_BIN, Relay, body_of
-
-
-def run(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-
-    return wrapper
+from conftest import RELAY_BIN, Relay, body_of, run
 
 
 async def closed_code(dev, timeout=5.0) -> int:

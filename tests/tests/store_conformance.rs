@@ -293,6 +293,54 @@ async fn key_rotation(kind: Kind) {
     store.close().await.expect("close");
 }
 
+async fn push_tokens(kind: Kind) {
+    let k1 = key_entry("k1");
+    let p = Place::new(kind).await;
+    let store = p
+        .open(keyring(&k1, "k1"), LONG, Arc::new(Recorder::default()))
+        .await;
+    let phone = DeviceRef::new("carol", "phone");
+    let tablet = DeviceRef::new("carol", "tablet");
+    assert_eq!(store.push_token(phone.clone()).await.expect("read"), None);
+    let mut token = push::DeviceToken {
+        platform: push::Platform::Apns,
+        token: "ab".repeat(32),
+        environment: push::Environment::Sandbox,
+        app_id: "com.example.relay".into(),
+    };
+    store
+        .set_push_token(phone.clone(), Some(token.clone()))
+        .await
+        .expect("save");
+    token.token = "cd".repeat(32); // the app refreshed its token
+    store
+        .set_push_token(phone.clone(), Some(token.clone()))
+        .await
+        .expect("refresh");
+    assert_eq!(
+        store.push_token(phone.clone()).await.expect("read"),
+        Some(token.clone())
+    );
+    assert_eq!(store.push_token(tablet.clone()).await.expect("read"), None);
+    store.close().await.expect("close");
+    drop(store);
+
+    // Durable across a restart, then removed.
+    let store = p
+        .open(keyring(&k1, "k1"), LONG, Arc::new(Recorder::default()))
+        .await;
+    assert_eq!(
+        store.push_token(phone.clone()).await.expect("read"),
+        Some(token)
+    );
+    store
+        .set_push_token(phone.clone(), None)
+        .await
+        .expect("remove");
+    assert_eq!(store.push_token(phone).await.expect("read"), None);
+    store.close().await.expect("close");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -313,4 +361,5 @@ conformance!(
     ack_removes,
     retention_expires,
     key_rotation,
+    push_tokens,
 );

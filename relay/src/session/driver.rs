@@ -68,6 +68,9 @@ where
     );
     let mut state = State::new(device.clone(), ctx.limits.clone(), now, now + token_left);
     let mut reg = ctx.hub.register(&device, ctx.outbound_queue);
+    if let Some(pager) = &ctx.pager {
+        pager.online(&device);
+    }
 
     let ended = match ctx.store.register_device(device.clone()).await {
         Ok(()) => session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await,
@@ -189,6 +192,15 @@ where
                             return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
                         }
                     }
+                    Action::SetPushToken(token) => {
+                        let frame = match set_push_token(ctx, state.device(), token).await {
+                            Ok(registered) => ServerFrame::PushTokenSaved { registered }.to_json(),
+                            Err((code, detail)) => ServerFrame::Error { code, message: &detail, id: None }.to_json(),
+                        };
+                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
+                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                        }
+                    }
                     Action::Error(code, detail, id) => {
                         metrics::counter!("relay_frames_rejected_total", "reason" => code.code()).increment(1);
                         let frame = ServerFrame::Error { code, message: &detail, id }.to_json();
@@ -275,6 +287,35 @@ where
 }
 
 /// Resolves with the oldest pending append's outcome; pending forever when there is none.
+/// Stores a push registration after the relay-side checks the state machine cannot make.
+async fn set_push_token(
+    ctx: &SessionContext,
+    device: &crate::store::DeviceRef,
+    token: Option<push::DeviceToken>,
+) -> Result<bool, (protocol::FrameError, String)> {
+    if let Some(t) = &token {
+        if !ctx.push_apps.is_empty() && !ctx.push_apps.contains(&t.app_id) {
+            return Err((
+                protocol::FrameError::BadRequest,
+                "app_id is not configured on this relay".into(),
+            ));
+        }
+        metrics::counter!("relay_push_registrations_total", "platform" => t.platform.name())
+            .increment(1);
+    }
+    let registered = token.is_some();
+    match ctx.store.set_push_token(device.clone(), token).await {
+        Ok(()) => Ok(registered),
+        Err(e) => {
+            tracing::warn!(error = %e, "push token not saved");
+            Err((
+                protocol::FrameError::Unavailable,
+                "push token not saved; send it again".into(),
+            ))
+        }
+    }
+}
+
 async fn next_reply(
     pending: &mut VecDeque<(Uuid, AppendTicket, Instant)>,
 ) -> (Uuid, Result<crate::store::Accepted, StoreError>, Instant) {

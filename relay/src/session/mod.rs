@@ -24,4 +24,8 @@ pub struct SessionContext {
     pub max_pipelined: usize,
     /// Time a write may take before the device counts as a slow consumer.
     pub write_timeout: Duration,
+    /// App ids devices may register push tokens for (empty: any).
+    pub push_apps: Vec<String>,
+    /// Wake-ups and urgent pages, when push is configured.
+    pub pager: Option<Arc<crate::pager::Pager>>,
 }

@@ -40,6 +40,8 @@ pub enum Action {
     Reject(Uuid, RejectCode),
     /// Remove these entries from the inbox.
     Ack(Vec<u64>),
+    /// Save (or, with `None`, remove) the device's push registration, then confirm.
+    SetPushToken(Option<push::DeviceToken>),
     /// Answer an `error` frame (with the message id when known).
     Error(FrameError, String, Option<Uuid>),
     /// Close the connection.
@@ -177,6 +179,24 @@ impl State {
                 }
                 Action::Ack(seqs)
             }
+            Ok(ClientFrame::PushToken {
+                platform,
+                token,
+                environment,
+                app_id,
+            }) => {
+                let token = push::DeviceToken {
+                    platform,
+                    token,
+                    environment,
+                    app_id,
+                };
+                match token.validate() {
+                    Ok(()) => Action::SetPushToken(Some(token)),
+                    Err(e) => self.error(now, FrameError::BadRequest, e.to_string(), None),
+                }
+            }
+            Ok(ClientFrame::PushTokenRemove) => Action::SetPushToken(None),
             Ok(ClientFrame::Send {
                 id,
                 to,

@@ -41,6 +41,7 @@ struct Tables {
     archive: Keyspace,
     idempotency: Keyspace,
     devices: Keyspace,
+    push_tokens: Keyspace,
 }
 
 /// fjall-backed [`MessageStore`].
@@ -72,6 +73,7 @@ impl EmbeddedStore {
             archive: ks("archive")?,
             idempotency: ks("idempotency")?,
             devices: ks("devices")?,
+            push_tokens: ks("push_tokens")?,
             db: db.clone(),
         };
         let last_seq = match tables.archive.last_key_value() {
@@ -188,6 +190,53 @@ impl MessageStore for EmbeddedStore {
 
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
         self.ops.register(device).boxed()
+    }
+
+    fn push_token(
+        &self,
+        device: DeviceRef,
+    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
+        let t = self.tables.clone();
+        let keyring = self.keyring.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let key = record::device_key(&device);
+                match t.push_tokens.get(&key).map_err(unavailable)? {
+                    Some(v) => record::open_push_token(&keyring, &key, &v)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string())),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(unavailable)?
+        }
+        .boxed()
+    }
+
+    fn set_push_token(
+        &self,
+        device: DeviceRef,
+        token: Option<push::DeviceToken>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let t = self.tables.clone();
+        let keyring = self.keyring.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let key = record::device_key(&device);
+                match token {
+                    Some(token) => t
+                        .push_tokens
+                        .insert(&key, record::seal_push_token(&keyring, &key, &token)),
+                    None => t.push_tokens.remove(&key),
+                }
+                .map_err(unavailable)?;
+                t.db.persist(PersistMode::SyncAll).map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        }
+        .boxed()
     }
 
     fn inbox_page(

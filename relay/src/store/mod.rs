@@ -137,6 +137,19 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Records that a device exists for its user, so messages to the user reach it.
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// The device's push registration, if it has one.
+    fn push_token(
+        &self,
+        device: DeviceRef,
+    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>>;
+
+    /// Saves (`Some`) or removes (`None`) the device's push registration; durable on return.
+    fn set_push_token(
+        &self,
+        device: DeviceRef,
+        token: Option<push::DeviceToken>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
     /// Up to `limit` inbox entries of `device` with `seq > after`, in order.
     fn inbox_page(
         &self,

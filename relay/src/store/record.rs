@@ -222,6 +222,29 @@ fn decode(plain: &[u8]) -> Option<Decoded<'_>> {
     Some((ts, flags & 1 == 1, DeviceRef::new(user, device), to, buf))
 }
 
+fn push_aad(device_key: &[u8]) -> Vec<u8> {
+    let mut aad = b"push|".to_vec();
+    aad.extend_from_slice(device_key);
+    aad
+}
+
+/// Value of a push-token row: the registration sealed to its device (tokens are device
+/// identifiers; they are kept out of database dumps like everything else).
+pub fn seal_push_token(keyring: &Keyring, device_key: &[u8], token: &push::DeviceToken) -> Vec<u8> {
+    let json = serde_json::to_vec(token).unwrap_or_default();
+    keyring.seal(&push_aad(device_key), &json)
+}
+
+/// Opens a push-token row.
+pub fn open_push_token(
+    keyring: &Keyring,
+    device_key: &[u8],
+    value: &[u8],
+) -> Result<push::DeviceToken, SealError> {
+    let plain = keyring.open(&push_aad(device_key), value)?;
+    serde_json::from_slice(&plain).map_err(|_| SealError::Tampered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

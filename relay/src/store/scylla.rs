@@ -47,14 +47,21 @@ use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Migrations, in order: (version, name, CQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../../schema/0001_initial.cql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../schema/0001_initial.cql"),
+    ),
+    (
+        2,
+        "push_tokens",
+        include_str!("../../../schema/0002_push_tokens.cql"),
+    ),
+];
 
 const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 65_536;
@@ -239,6 +246,9 @@ struct Statements {
     complete_msg_id: PreparedStatement,
     insert_device: PreparedStatement,
     select_devices: PreparedStatement,
+    insert_push: PreparedStatement,
+    select_push: PreparedStatement,
+    delete_push: PreparedStatement,
 }
 
 impl Statements {
@@ -261,6 +271,9 @@ impl Statements {
             complete_msg_id: p("UPDATE {ks}.message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
             insert_device: p("INSERT INTO {ks}.devices (user_id, device_id, registered_at) VALUES (?, ?, ?)").await?,
             select_devices: p("SELECT device_id FROM {ks}.devices WHERE user_id = ?").await?,
+            insert_push: p("INSERT INTO {ks}.push_tokens (user_id, device_id, sealed) VALUES (?, ?, ?)").await?,
+            select_push: p("SELECT sealed FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
+            delete_push: p("DELETE FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
         })
     }
 }
@@ -436,6 +449,55 @@ impl MessageStore for ScyllaStore {
 
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
         self.ops.register(device).boxed()
+    }
+
+    fn push_token(
+        &self,
+        device: DeviceRef,
+    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let rows = s
+                .session
+                .execute_unpaged(&s.st.select_push, (&*device.user, &*device.device))
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            match rows.maybe_first_row::<(Vec<u8>,)>().map_err(unavailable)? {
+                Some((sealed,)) => {
+                    record::open_push_token(&s.keyring, &record::device_key(&device), &sealed)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                }
+                None => Ok(None),
+            }
+        }
+        .boxed()
+    }
+
+    fn set_push_token(
+        &self,
+        device: DeviceRef,
+        token: Option<push::DeviceToken>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let s = &self.shared;
+            let ids = (&*device.user, &*device.device);
+            match token {
+                Some(token) => {
+                    let sealed =
+                        record::seal_push_token(&s.keyring, &record::device_key(&device), &token);
+                    s.session
+                        .execute_unpaged(&s.st.insert_push, (ids.0, ids.1, sealed))
+                        .await
+                }
+                None => s.session.execute_unpaged(&s.st.delete_push, ids).await,
+            }
+            .map(|_| ())
+            .map_err(unavailable)
+        }
+        .boxed()
     }
 
     fn inbox_page(

@@ -10,7 +10,7 @@ import urllib.request
 
 from conftest import BACKEND, ROOT
 
-from test_relay import run
+from conftest import run
 
 
 def ready(relay) -> bool:
