@@ -16,7 +16,7 @@ import urllib.request
 
 from conftest import ROOT
 
-from conftest import run
+from conftest import register_push, run
 
 RULES = ROOT / "dashboards" / "prometheus" / "relay-rules.yml"
 DASHBOARDS = sorted((ROOT / "dashboards" / "grafana").glob("*.json"))
@@ -35,6 +35,20 @@ async def exchange(relay):
     acc = await alice.send_ok(["bob"], b"x")
     assert (await bob.expect("deliver"))["seq"] == acc["seq"]
     await bob.ack([acc["seq"]])
+    await asyncio.sleep(0.3)
+
+
+async def wake_up(relay, fake_push):
+    """A wake-up push to an offline device, so the push histograms have a sample."""
+    phone = await relay.online("carol", "phone")
+    token = await register_push(phone)
+    await phone.close()
+    alice = await relay.online("alice", "laptop")
+    await alice.send_ok(["carol"], b"x")
+    deadline = time.monotonic() + 10
+    while not fake_push.requests("apns", token):
+        assert time.monotonic() < deadline, "no wake-up reached the fake APNs"
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
 
 
@@ -60,8 +74,10 @@ def test_rules_pass_promtool():
 
 
 @run
-async def test_live_scrape_passes_promtool_and_covers_dashboards_and_rules(relay):
+async def test_live_scrape_passes_promtool_and_covers_dashboards_and_rules(make_relay, fake_push):
+    relay = make_relay(fake_push.relay_env())
     await exchange(relay)
+    await wake_up(relay, fake_push)
     text = scrape(relay)
     lint = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -84,7 +100,7 @@ async def test_live_scrape_passes_promtool_and_covers_dashboards_and_rules(relay
         missing.setdefault(RULES.name, set()).add(name)
     assert not missing, f"metrics used but not exported: {missing}"
     # No label carries a user or device id.
-    assert "alice" not in text and "bob" not in text
+    assert "alice" not in text and "bob" not in text and "carol" not in text
 
 
 def free_port():
