@@ -120,6 +120,51 @@ pub struct Config {
     pub node_id: u8,
     /// APNs / FCM wake-ups and urgent pages (off unless a provider is configured).
     pub push: PushConfig,
+    /// Cluster mode: many nodes on a NATS bus (off unless `cluster.nats` lists a server).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode. See ARCHITECTURE.md, "Cluster".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:4222`); empty = single node, no bus.
+    pub nats: Vec<String>,
+    /// Subject prefix, so several relay deployments can share one NATS.
+    pub subject_prefix: String,
+    /// How often a node announces itself.
+    pub heartbeat: Dur,
+    /// A node not heard from for this long counts as dead: its devices are offline.
+    pub node_timeout: Dur,
+    /// While the bus is down, how often sessions re-read their inbox for messages that
+    /// other nodes stored.
+    pub inbox_check: Dur,
+    /// Bus publications that may wait while NATS is slow or away; beyond this they are dropped
+    /// (the messages are stored; sessions catch up from the inbox when the bus is back).
+    pub publish_queue: usize,
+    /// On SIGTERM, connected devices are told to reconnect spread over this time.
+    pub drain_spread: Dur,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            subject_prefix: "relay".into(),
+            heartbeat: Dur::secs(1),
+            node_timeout: Dur::secs(3),
+            inbox_check: Dur::secs(2),
+            publish_queue: 65_536,
+            drain_spread: Dur::secs(2),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
 }
 
 /// Wake-ups, urgent pages and the provider credentials.
@@ -432,6 +477,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             node_id: 0,
             push: PushConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -638,6 +684,26 @@ impl Config {
         }
         if p.fcm.as_ref().is_some_and(|f| f.connections == 0) {
             e.push("push.fcm.connections must be positive".into());
+        }
+        let c = &self.cluster;
+        if c.enabled() {
+            if self.storage.backend != Backend::Scylla {
+                e.push("cluster mode needs a shared store: storage.backend = \"scylla\"".into());
+            }
+            if c.subject_prefix.is_empty()
+                || !c
+                    .subject_prefix
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+            {
+                e.push("cluster.subject_prefix must be letters, digits, '_' or '-'".into());
+            }
+            if c.heartbeat.0.is_zero() || c.node_timeout.0 <= c.heartbeat.0 {
+                e.push("cluster.node_timeout must exceed a positive cluster.heartbeat".into());
+            }
+            if c.inbox_check.0.is_zero() || c.publish_queue == 0 {
+                e.push("cluster.inbox_check and cluster.publish_queue must be positive".into());
+            }
         }
         if self.node_id >= crate::store::MAX_NODES {
             e.push(format!("node_id must be below {}", crate::store::MAX_NODES));

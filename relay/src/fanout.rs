@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,7 @@ impl Outbox {
 
 struct Conn {
     id: u64,
+    since: u64,
     outbox: Arc<Outbox>,
 }
 
@@ -91,15 +92,36 @@ struct Conn {
 pub struct Registration {
     /// Unique id of this connection on this node.
     pub id: u64,
+    /// When it registered, ms since the Unix epoch (newer connections of a device win).
+    pub since: u64,
     /// Live deliveries and signals.
     pub outbox: Arc<Outbox>,
+    /// Changes to a sequence floor when deliveries may have been lost (cluster bus trouble):
+    /// the session re-reads its inbox from there.
+    pub catch_up: watch::Receiver<u64>,
+}
+
+/// Whether a device is connected (to this node, or anywhere in a cluster).
+pub trait Presence: Send + Sync + 'static {
+    /// Whether `device` has a live connection.
+    fn is_online(&self, device: &DeviceRef) -> bool;
 }
 
 /// Live connections of this node, by device.
-#[derive(Default)]
 pub struct Hub {
     conns: DashMap<DeviceRef, Conn>,
     next_id: AtomicU64,
+    catch_up: watch::Sender<u64>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            conns: DashMap::new(),
+            next_id: AtomicU64::new(0),
+            catch_up: watch::Sender::new(0),
+        }
+    }
 }
 
 impl Hub {
@@ -107,8 +129,15 @@ impl Hub {
     pub fn register(&self, device: &DeviceRef, queue: usize) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(queue));
+        // Strictly increasing per node, so a reconnect within the same millisecond is newer.
+        let since = crate::store::now_ms().max(
+            self.conns
+                .get(device)
+                .map_or(0, |c| c.since + 1),
+        );
         let conn = Conn {
             id,
+            since,
             outbox: outbox.clone(),
         };
         if let Some(old) = self.conns.insert(device.clone(), conn) {
@@ -116,7 +145,57 @@ impl Hub {
             metrics::counter!("relay_connections_displaced_total").increment(1);
         }
         metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
-        Registration { id, outbox }
+        Registration {
+            id,
+            since,
+            outbox,
+            catch_up: self.catch_up.subscribe(),
+        }
+    }
+
+    /// A connection of `device` that began at `since` on another node: closes this node's
+    /// connection of the device if it is older (`theirs_wins` breaks a tie).
+    pub fn displace_older(&self, device: &DeviceRef, since: u64, theirs_wins: bool) -> bool {
+        let Some(conn) = self.conns.get(device) else {
+            return false;
+        };
+        if conn.since < since || (conn.since == since && theirs_wins) {
+            conn.outbox.evict(close::DISPLACED);
+            metrics::counter!("relay_connections_displaced_total").increment(1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Every connected device with its connection time.
+    pub fn devices(&self) -> Vec<(DeviceRef, u64)> {
+        self.conns
+            .iter()
+            .map(|c| (c.key().clone(), c.since))
+            .collect()
+    }
+
+    /// Asks every session to re-read its inbox from `floor`.
+    pub fn catch_up(&self, floor: u64) {
+        self.catch_up.send_replace(floor);
+    }
+
+    /// Closes every connection with `code`, spread evenly over `spread` in random order, so
+    /// the devices do not all reconnect elsewhere at once.
+    pub async fn drain(&self, code: u16, spread: std::time::Duration) {
+        let mut outboxes: Vec<Arc<Outbox>> =
+            self.conns.iter().map(|c| c.outbox.clone()).collect();
+        fastrand::shuffle(&mut outboxes);
+        let start = tokio::time::Instant::now();
+        let n = outboxes.len().max(1) as u32;
+        for (i, outbox) in outboxes.into_iter().enumerate() {
+            let at = start + spread * (i as u32) / n;
+            if at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(at).await;
+            }
+            outbox.evict(code);
+        }
     }
 
     /// Removes the registration `id` of `device`, unless a newer connection replaced it.
@@ -133,6 +212,12 @@ impl Hub {
     /// Whether `device` is connected to this node.
     pub fn is_online(&self, device: &DeviceRef) -> bool {
         self.conns.contains_key(device)
+    }
+}
+
+impl Presence for Hub {
+    fn is_online(&self, device: &DeviceRef) -> bool {
+        Hub::is_online(self, device)
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`protocol`]: frame shapes, codes and close codes (the only place that knows them);
 //! - [`session`]: one device's session: `state` (logic, no IO) and `driver` (the socket);
 //! - [`fanout`]: live connections on this node and their bounded queues;
-//! - [`store`]: the [`store::MessageStore`] trait and its embedded backend;
+//! - [`store`]: the [`store::MessageStore`] trait, its embedded and ScyllaDB backends;
+//! - [`cluster`]: many nodes on a NATS bus: cross-node delivery, presence, displacement;
 //! - [`pager`]: push wake-ups and urgent pages (the `push` crate talks to APNs/FCM);
 //! - [`seal`]: AES-256-GCM at-rest encryption under a rotating keyring;
 //! - [`listener`]: HTTP/WebSocket/TLS listeners; [`server`]: wiring and shutdown;
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod listener;

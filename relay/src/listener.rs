@@ -48,7 +48,9 @@ pub struct App {
     pub connections: Arc<Semaphore>,
     /// WebSocket buffer sizes and message limit.
     pub ws_config: WebSocketConfig,
-    /// Cancelled when the relay drains.
+    /// Cancelled when the relay starts draining: no new devices.
+    pub draining: CancellationToken,
+    /// Cancelled when the remaining sessions must close.
     pub shutdown: CancellationToken,
     /// Tracks every connection task, for the drain.
     pub tracker: TaskTracker,
@@ -83,9 +85,14 @@ pub enum Side {
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, app: Arc<App>, tls: Option<TlsAcceptor>, role: Side) {
+    // The public side stops first; the admin side keeps answering metrics and health.
+    let stop = match role {
+        Side::Public => app.draining.clone(),
+        Side::Admin => app.shutdown.clone(),
+    };
     loop {
         let accepted = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -167,10 +174,19 @@ async fn serve_conn<IO>(
 fn health(req: &Request<Incoming>, app: &App) -> Option<Response<Body>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Some(text(StatusCode::OK, "ok\n")),
-        (&Method::GET, "/readyz") => Some(if app.shutdown.is_cancelled() {
+        (&Method::GET, "/readyz") => Some(if app.draining.is_cancelled() {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         } else if !app.sessions.store.ready() {
             text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+        } else if app
+            .sessions
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.bus_connected())
+        {
+            // Still serving: messages are stored and reach other nodes' devices by inbox
+            // checks. Failing readiness here would take every node out at once.
+            text(StatusCode::OK, "degraded: bus unreachable\n")
         } else {
             text(StatusCode::OK, "ready\n")
         }),
@@ -267,7 +283,7 @@ fn public(
         outcome("bad_request");
         return json_error(StatusCode::BAD_REQUEST, "offer_subprotocol_relay.v1");
     }
-    if app.shutdown.is_cancelled() {
+    if app.draining.is_cancelled() {
         outcome("draining");
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "draining");
     }

@@ -20,7 +20,7 @@ use push::{DeviceToken, Dispatcher, Push};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::fanout::Hub;
+use crate::fanout::Presence;
 use crate::store::{DeliverySink, DeviceRef, InboxEntry, MessageStore};
 
 /// Stored messages waiting for the pager before non-urgent ones are dropped (and counted).
@@ -76,10 +76,10 @@ impl Pager {
         let _ = self.events.send(Event::Online(device.clone()));
     }
 
-    fn stored(&self, devices: &[DeviceRef], entry: &InboxEntry, hub: &Hub) {
+    fn stored(&self, devices: &[DeviceRef], entry: &InboxEntry, presence: &dyn Presence) {
         let offline: Vec<DeviceRef> = devices
             .iter()
-            .filter(|d| !hub.is_online(d))
+            .filter(|d| !presence.is_online(d))
             .cloned()
             .collect();
         if !entry.urgent {
@@ -109,16 +109,18 @@ impl Pager {
 
 /// The store's delivery sink when push is on: live fan-out, then the push decision.
 pub struct PagingSink {
-    /// Live connections.
-    pub hub: Arc<Hub>,
+    /// Live fan-out (this node's hub, or the cluster).
+    pub delivery: Arc<dyn DeliverySink>,
+    /// Who is connected (on this node, or anywhere in the cluster).
+    pub presence: Arc<dyn Presence>,
     /// Push decisions.
     pub pager: Arc<Pager>,
 }
 
 impl DeliverySink for PagingSink {
     fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
-        self.hub.deliver(devices, entry);
-        self.pager.stored(devices, entry, &self.hub);
+        self.delivery.deliver(devices, entry);
+        self.pager.stored(devices, entry, &*self.presence);
     }
 }
 

@@ -18,7 +18,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Verifier};
 use crate::config::{Backend, Config, Mode};
-use crate::fanout::Hub;
+use crate::cluster::Cluster;
+use crate::fanout::{Hub, Presence};
+use crate::protocol::close;
+use crate::store::DeliverySink;
 use crate::listener::{self, App, Side};
 use crate::pager::{self, Pager};
 use crate::seal::Keyring;
@@ -42,6 +45,9 @@ pub enum StartError {
     /// Push provider credentials unusable.
     #[error("push: {0}")]
     Push(String),
+    /// Cluster mode could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A listener would not bind.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -132,6 +138,8 @@ pub struct Server {
     app: Arc<App>,
     store: Arc<dyn MessageStore>,
     dispatcher: Option<Arc<push::Dispatcher<DeviceRef>>>,
+    cluster: Option<Arc<Cluster>>,
+    cluster_tasks: Option<crate::cluster::Tasks>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -156,12 +164,26 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         None
     };
     let (pager, pager_inbox) = Pager::new();
-    let sink: Arc<dyn crate::store::DeliverySink> = match providers {
+    let mut cluster_tasks = None;
+    let cluster = if config.cluster.enabled() {
+        let (cluster, tasks) =
+            Cluster::start(&config.cluster, config.node_id, keyring.clone(), hub.clone()).await?;
+        cluster_tasks = Some(tasks);
+        Some(cluster)
+    } else {
+        None
+    };
+    let (delivery, presence): (Arc<dyn DeliverySink>, Arc<dyn Presence>) = match &cluster {
+        Some(c) => (c.clone(), c.clone()),
+        None => (hub.clone(), hub.clone()),
+    };
+    let sink: Arc<dyn DeliverySink> = match providers {
         Some(_) => Arc::new(pager::PagingSink {
-            hub: hub.clone(),
+            delivery,
+            presence,
             pager: pager.clone(),
         }),
-        None => hub.clone(),
+        None => delivery,
     };
     let store: Arc<dyn MessageStore> = match config.storage.backend {
         Backend::Embedded => Arc::new(EmbeddedStore::open(
@@ -178,6 +200,9 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         }
     };
 
+    if let Some(c) = &cluster {
+        c.set_store(store.clone());
+    }
     let mut background = Vec::new();
     let dispatcher = providers.map(|(apns, fcm)| {
         let p = &config.push;
@@ -241,6 +266,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         write_timeout: l.write_timeout.0,
         push_apps: config.push.app_ids.clone(),
         pager: dispatcher.as_ref().map(|_| pager.clone()),
+        cluster: cluster.clone(),
     });
     // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
     // per connection would dominate memory. The buffer grows on demand for large frames.
@@ -258,6 +284,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         sessions,
         metrics,
         ws_config,
+        draining: CancellationToken::new(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
@@ -282,6 +309,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         app,
         store,
         dispatcher,
+        cluster,
+        cluster_tasks,
         background,
     })
 }
@@ -335,6 +364,13 @@ impl Server {
             sessions = self.app.sessions.hub.online(),
             "draining"
         );
+        // Stop taking connections (readiness fails, so balancers move on), then close the
+        // devices: spread out in cluster mode, where they reconnect to the other nodes.
+        self.app.draining.cancel();
+        if self.cluster.is_some() {
+            let spread = self.app.config.cluster.drain_spread.0.min(grace / 2);
+            self.app.sessions.hub.drain(close::RESTART, spread).await;
+        }
         self.app.shutdown.cancel();
         self.app.tracker.close();
         if tokio::time::timeout(grace, self.app.tracker.wait())
@@ -352,6 +388,14 @@ impl Server {
         match self.store.close().await {
             Ok(()) => tracing::info!("store flushed; stopped"),
             Err(e) => tracing::error!(error = %e, "store close failed"),
+        }
+        if let Some(c) = &self.cluster {
+            // Last deliveries out, then tell the others to forget this node's devices now.
+            c.leave();
+            c.flush(Duration::from_secs(2)).await;
+        }
+        if let Some(t) = self.cluster_tasks {
+            t.abort();
         }
     }
 }

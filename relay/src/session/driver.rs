@@ -73,7 +73,16 @@ where
     }
 
     let ended = match ctx.store.register_device(device.clone()).await {
-        Ok(()) => session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await,
+        Ok(()) => {
+            if let Some(cluster) = &ctx.cluster {
+                cluster.attach(&device, reg.since).await;
+            }
+            let ended = session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await;
+            if let Some(cluster) = &ctx.cluster {
+                cluster.detach(&device, reg.since).await;
+            }
+            ended
+        }
         Err(e) => {
             tracing::warn!(error = %e, "device registration failed");
             Ended {
@@ -118,7 +127,9 @@ where
     }
 
     let mut phase = Phase::Replaying;
-    // Sequences above this were delivered live (known once the replay ends).
+    // Where the inbox read continues; moved back when the cluster asks for a catch-up.
+    let mut replay_from = 0u64;
+    // Sequences above this were delivered live (known once the first replay ends).
     let mut live_after: Option<u64> = None;
     let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
     let replay_started = Instant::now();
@@ -135,8 +146,15 @@ where
                 return Ended { code: Some(close::RESTART), reason: "relay restarting" };
             }
             _ = reg.outbox.evict.cancelled() => {
+                finish_pending(ws, &mut pending, ctx).await;
                 let code = reg.outbox.evict_code.load(Ordering::Relaxed);
-                return Ended { code: Some(code), reason: "displaced by a newer connection" };
+                let reason = if code == close::RESTART { "relay restarting" } else { "displaced by a newer connection" };
+                return Ended { code: Some(code), reason };
+            }
+            Ok(()) = reg.catch_up.changed(), if !replaying => {
+                // Deliveries from other nodes may have been lost on the bus: re-read the inbox.
+                replay_from = (*reg.catch_up.borrow_and_update()).min(replay_from);
+                phase = Phase::Replaying;
             }
             (id, result, started) = next_reply(&mut pending) => {
                 pending.pop_front();
@@ -229,7 +247,7 @@ where
                 }
             }
             _ = std::future::ready(()), if replaying => {
-                let page = match ctx.store.inbox_page(state.device().clone(), state.cursor(), REPLAY_PAGE).await {
+                let page = match ctx.store.inbox_page(state.device().clone(), replay_from, REPLAY_PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(error = %e, "inbox replay failed");
@@ -237,6 +255,7 @@ where
                     }
                 };
                 let full = page.len() == REPLAY_PAGE;
+                replay_from = page.last().map_or(replay_from, |e| e.seq);
                 let mut frames = Vec::with_capacity(page.len());
                 for entry in &page {
                     if state.advance(entry.seq) {
@@ -256,10 +275,12 @@ where
                 let overflowed = !full && reg.outbox.overflowed.swap(false, Ordering::Relaxed);
                 if !full && !overflowed {
                     phase = Phase::Live;
-                    live_after = Some(state.cursor());
-                    frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
-                    metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
-                    metrics::histogram!("relay_replay_messages").record(replayed as f64);
+                    if live_after.is_none() {
+                        live_after = Some(state.cursor());
+                        frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
+                        metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
+                        metrics::histogram!("relay_replay_messages").record(replayed as f64);
+                    }
                 }
                 metrics::counter!("relay_messages_delivered_total", "path" => "replay").increment(frames.len() as u64);
                 if write(ws, frames, ctx.write_timeout).await.is_err() {

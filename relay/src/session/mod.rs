@@ -28,4 +28,6 @@ pub struct SessionContext {
     pub push_apps: Vec<String>,
     /// Wake-ups and urgent pages, when push is configured.
     pub pager: Option<Arc<crate::pager::Pager>>,
+    /// Cluster membership, in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }

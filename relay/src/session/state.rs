@@ -2,6 +2,7 @@
 //! out the [`Action`]s. Everything a device can get wrong is decided here and unit-tested
 //! without sockets.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -74,8 +75,24 @@ pub struct State {
     refilled: Instant,
     errors: u32,
     errors_since: Instant,
-    cursor: u64,
+    delivered: Delivered,
 }
+
+/// Sequences delivered in this session, for deduplication.
+///
+/// With one node, sequences reach a device in increasing order and a high-water mark would do.
+/// In a cluster every node issues sequences, and a message stored by a slower node can arrive
+/// after a higher sequence from a faster one; so the session remembers the last
+/// [`DEDUP_WINDOW`] sequences it delivered, and treats anything at or below the oldest
+/// remembered one as delivered (it stays in the inbox for the next connection if not).
+#[derive(Debug, Default)]
+struct Delivered {
+    recent: BTreeSet<u64>,
+    floor: u64,
+}
+
+/// Sequences a session remembers having delivered.
+pub const DEDUP_WINDOW: usize = 1024;
 
 impl State {
     /// A session for `device` whose token expires at `token_expiry`.
@@ -91,7 +108,7 @@ impl State {
             refilled: now,
             errors: 0,
             errors_since: now,
-            cursor: 0,
+            delivered: Delivered::default(),
         }
     }
 
@@ -102,18 +119,23 @@ impl State {
 
     /// Highest sequence delivered in this session.
     pub fn cursor(&self) -> u64 {
-        self.cursor
+        let d = &self.delivered;
+        d.recent.last().copied().unwrap_or(d.floor)
     }
 
     /// Records that `seq` is about to be delivered; false when it already was (live traffic that
-    /// the replay covered), in which case it must be skipped.
+    /// the replay covered, a bus redelivery), in which case it must be skipped.
     pub fn advance(&mut self, seq: u64) -> bool {
-        if seq > self.cursor {
-            self.cursor = seq;
-            true
-        } else {
-            false
+        let d = &mut self.delivered;
+        if seq <= d.floor || !d.recent.insert(seq) {
+            return false;
         }
+        if d.recent.len() > DEDUP_WINDOW
+            && let Some(oldest) = d.recent.pop_first()
+        {
+            d.floor = oldest;
+        }
+        true
     }
 
     /// The earliest instant at which [`State::poll_timeout`] has something to do.
@@ -452,12 +474,27 @@ mod tests {
     }
 
     #[test]
-    fn cursor_skips_already_delivered() {
+    fn already_delivered_sequences_are_skipped() {
         let mut s = state(Instant::now());
         assert!(s.advance(5));
         assert!(!s.advance(5));
-        assert!(!s.advance(3));
         assert!(s.advance(6));
         assert_eq!(s.cursor(), 6);
+        // Another node's lower sequence arriving late is still delivered, once.
+        assert!(s.advance(3));
+        assert!(!s.advance(3));
+        assert_eq!(s.cursor(), 6);
+    }
+
+    #[test]
+    fn dedup_memory_is_bounded() {
+        let mut s = state(Instant::now());
+        for seq in 1..=(DEDUP_WINDOW as u64 + 10) {
+            assert!(s.advance(seq * 2));
+        }
+        assert_eq!(s.delivered.recent.len(), DEDUP_WINDOW);
+        assert!(!s.advance(2), "below the window counts as delivered");
+        assert!(!s.advance(20));
+        assert!(s.advance(2 * DEDUP_WINDOW as u64 + 19), "inside the window, never delivered");
     }
 }

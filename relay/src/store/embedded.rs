@@ -406,6 +406,7 @@ impl Writer {
                         batch.remove(&self.t.inbox, record::inbox_key(&device, seq));
                     }
                 }
+                Op::Seen(_) => {} // one node: every device list is current
                 Op::Close(reply) => {
                     close = Some(reply);
                     durable = true;

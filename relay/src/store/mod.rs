@@ -137,6 +137,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Records that a device exists for its user, so messages to the user reach it.
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Another node reports that `device` connected: a backend that caches users' device lists
+    /// makes sure the next append to the user includes it.
+    fn device_seen(&self, device: DeviceRef) {
+        let _ = device;
+    }
+
     /// The device's push registration, if it has one.
     fn push_token(
         &self,

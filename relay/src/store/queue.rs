@@ -14,6 +14,8 @@ pub(crate) enum Op {
     Register(DeviceRef, oneshot::Sender<Result<(), StoreError>>),
     /// Remove acknowledged inbox entries (need not be durable before the answer).
     Ack(DeviceRef, Vec<u64>),
+    /// Another node saw this device: refresh a cached device list that lacks it.
+    Seen(DeviceRef),
     /// Finish everything queued, make it durable, stop.
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -50,6 +52,11 @@ impl WriterQueue {
                 rx
             }
         }
+    }
+
+    /// Queues a device sighting; dropped if the queue is full (the cache expires anyway).
+    pub(crate) fn seen(&self, device: DeviceRef) {
+        let _ = self.0.try_send(Op::Seen(device));
     }
 
     pub(crate) async fn register(&self, device: DeviceRef) -> Result<(), StoreError> {

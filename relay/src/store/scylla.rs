@@ -451,6 +451,10 @@ impl MessageStore for ScyllaStore {
         self.ops.register(device).boxed()
     }
 
+    fn device_seen(&self, device: DeviceRef) {
+        self.ops.seen(device);
+    }
+
     fn push_token(
         &self,
         device: DeviceRef,
@@ -619,6 +623,16 @@ impl Writer {
                 Op::Append(m, r) => appends.push((m, r)),
                 Op::Register(d, r) => registers.push((d, r)),
                 Op::Ack(d, seqs) => acks.push((d, seqs)),
+                Op::Seen(d) => {
+                    // A device registered on another node: re-read the user's devices.
+                    if self
+                        .devices
+                        .get(&d.user)
+                        .is_some_and(|(list, _)| !list.contains(&d))
+                    {
+                        self.devices.remove(&d.user);
+                    }
+                }
                 Op::Close(r) => close = Some(r),
             }
         }
