@@ -54,9 +54,14 @@ enum Scenario {
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for the relay")]
 struct Args {
-    /// Relay WebSocket URL (ws:// or wss://).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
-    url: String,
+    /// Relay WebSocket URL (ws:// or wss://); several (comma-separated or repeated) spread the
+    /// connections over the nodes of a cluster, connection `i` starting on URL `i mod n`.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws", value_delimiter = ',')]
+    url: Vec<String>,
+    /// When the relay closes a connection or it breaks, reconnect (to the next URL, after a
+    /// random 0-500 ms) and resend the unanswered messages under the same ids.
+    #[arg(long)]
+    reconnect: bool,
     /// Token-signing private key (PKCS#8 PEM) to mint device tokens with.
     #[arg(long, required_unless_present = "tokens")]
     key: Option<PathBuf>,
@@ -172,8 +177,11 @@ struct WorkerReport {
     rejected: BTreeMap<String, u64>,
     /// Per sender: message indices answered `accepted`.
     accepted: HashMap<u32, Vec<u32>>,
-    /// Per sender: message indices delivered (with repeats).
-    delivered: HashMap<u32, Vec<u32>>,
+    /// Per sender: message indices delivered, with the sequence each came with (and repeats).
+    delivered: HashMap<u32, Vec<(u32, u64)>>,
+    reconnects: u64,
+    /// Reconnect (after a drop) to `synced`, µs.
+    resync: String,
     handshake: String,
     accept: String,
     end_to_end: String,
@@ -235,7 +243,13 @@ struct Report {
     delivered: u64,
     delivered_per_s: f64,
     lost: u64,
+    /// Messages stored more than once (one send, several sequence numbers): must be 0.
     duplicates: u64,
+    /// Deliveries of a message already delivered (at-least-once; clients drop them by id).
+    redeliveries: u64,
+    reconnects: u64,
+    /// Reconnect after a drop until `synced` (the replay of everything missed).
+    resync: Option<Latency>,
     connection_errors: u64,
     closed_by_relay: BTreeMap<u16, u64>,
     end_to_end: Option<Latency>,
@@ -287,7 +301,7 @@ struct Ctx {
     run_id: u64,
     tokens: Vec<(String, String)>,
     source: Option<IpAddr>,
-    target: SocketAddr,
+    targets: Vec<(SocketAddr, String)>,
     tls: Option<(
         tokio_rustls::TlsConnector,
         rustls_pki_types::ServerName<'static>,
@@ -302,13 +316,15 @@ struct Ctx {
     handshake: Mutex<Histogram<u64>>,
     accept: Mutex<Histogram<u64>>,
     end_to_end: Mutex<Histogram<u64>>,
+    resync: Mutex<Histogram<u64>>,
+    reconnects: AtomicU64,
 }
 
 impl Ctx {
     fn record_delivery(
         &self,
         v: &serde_json::Value,
-        local: &mut Vec<(u32, u32)>,
+        local: &mut Vec<(u32, u32, u64)>,
         e2e: &mut Histogram<u64>,
     ) -> anyhow::Result<()> {
         let b = B64.decode(v["body"].as_str().unwrap_or_default())?;
@@ -319,15 +335,16 @@ impl Ctx {
         let sender = u32::from_be_bytes(b[8..12].try_into()?);
         let k = u32::from_be_bytes(b[12..16].try_into()?);
         e2e.saturating_record(wall_us().saturating_sub(sent_us).max(1));
-        local.push((sender, k));
+        local.push((sender, k, v["seq"].as_u64().unwrap_or(0)));
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.last_delivery_us.store(wall_us(), Ordering::Relaxed);
         Ok(())
     }
 }
 
-async fn open(ctx: &Ctx, conn: usize) -> anyhow::Result<Ws> {
-    let socket = if ctx.target.is_ipv4() {
+async fn open(ctx: &Ctx, conn: usize, attempt: usize) -> anyhow::Result<Ws> {
+    let (target, url) = &ctx.targets[(conn + attempt) % ctx.targets.len()];
+    let socket = if target.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
@@ -335,13 +352,13 @@ async fn open(ctx: &Ctx, conn: usize) -> anyhow::Result<Ws> {
     if let Some(ip) = ctx.source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let tcp = socket.connect(ctx.target).await?;
+    let tcp = socket.connect(*target).await?;
     tcp.set_nodelay(true)?;
     let io: Box<dyn Io> = match &ctx.tls {
         Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
         None => Box::new(tcp),
     };
-    let mut req = ctx.args.url.as_str().into_client_request()?;
+    let mut req = url.as_str().into_client_request()?;
     req.headers_mut().insert(
         "authorization",
         format!("Bearer {}", ctx.tokens[conn].1).parse()?,
@@ -357,11 +374,12 @@ async fn open(ctx: &Ctx, conn: usize) -> anyhow::Result<Ws> {
 async fn connect(
     ctx: &Ctx,
     conn: usize,
-    local: &mut Vec<(u32, u32)>,
+    attempt: usize,
+    local: &mut Vec<(u32, u32, u64)>,
     e2e: &mut Histogram<u64>,
 ) -> anyhow::Result<Ws> {
     let started = Instant::now();
-    let mut ws = open(ctx, conn).await?;
+    let mut ws = open(ctx, conn, attempt).await?;
     let mut acks = Vec::new();
     loop {
         let Some(msg) = ws.next().await else {
@@ -379,8 +397,12 @@ async fn connect(
             }
         }
     }
-    ctx.handshake
-        .lock()
+    let h = if attempt > 0 {
+        &ctx.resync
+    } else {
+        &ctx.handshake
+    };
+    h.lock()
         .await
         .saturating_record(started.elapsed().as_micros() as u64);
     for chunk in acks.chunks(1024) {
@@ -392,6 +414,15 @@ async fn connect(
     Ok(ws)
 }
 
+/// The id of send `k` of connection `conn`: the same when it is resent after a reconnect.
+fn message_id(ctx: &Ctx, conn: usize, k: u32) -> uuid::Uuid {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&ctx.run_id.to_be_bytes());
+    b[8..12].copy_from_slice(&(conn as u32).to_be_bytes());
+    b[12..].copy_from_slice(&k.to_be_bytes());
+    uuid::Builder::from_custom_bytes(b).into_uuid()
+}
+
 fn send_frame(ctx: &Ctx, conn: usize, k: u32) -> String {
     let mut b = vec![0xA5u8; ctx.args.payload.max(24)];
     b[..8].copy_from_slice(&wall_us().to_be_bytes());
@@ -400,24 +431,26 @@ fn send_frame(ctx: &Ctx, conn: usize, k: u32) -> String {
     b[16..24].copy_from_slice(&ctx.run_id.to_be_bytes());
     let urgent = ctx.args.urgent > 0.0 && (k as f64 * 0.618_034).fract() < ctx.args.urgent;
     let to = &ctx.tokens[(conn + 1) % ctx.tokens.len()].0;
-    serde_json::json!({"type":"send","id":uuid::Uuid::new_v4(),"to":[to],"body":B64.encode(b),"urgent":urgent}).to_string()
+    serde_json::json!({"type":"send","id":message_id(ctx, conn, k),"to":[to],"body":B64.encode(b),"urgent":urgent}).to_string()
 }
 
-/// One device for the whole run: sessions, churn, sends, receipts, acks.
+/// One device for the whole run: sessions, churn, reconnects, sends, receipts, acks.
 async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duration>) {
     let mut accepted: Vec<u32> = Vec::new();
-    let mut local: Vec<(u32, u32)> = Vec::new();
+    let mut local: Vec<(u32, u32, u64)> = Vec::new();
     let mut e2e = histogram();
     let mut acc_h = histogram();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-    let mut closed_code = None;
+    let mut closed: BTreeMap<u16, u64> = BTreeMap::new();
     let mut error = false;
     let mut k = 0u32;
+    let mut attempt = 0usize;
+    // Sends not yet answered; with --reconnect they are resent, same ids, after a drop.
+    let mut outstanding: VecDeque<(u32, Instant)> = VecDeque::new();
     let churn = ctx.args.scenario == Scenario::Churn;
     let result: anyhow::Result<()> = async {
         loop {
             // One session.
-            let mut outstanding: VecDeque<(u32, Instant)> = VecDeque::new();
             let mut acks: Vec<u64> = Vec::new();
             let mut tick = interval.map(|i| {
                 let offset = i.mul_f64((conn % 97) as f64 / 97.0);
@@ -430,10 +463,10 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                 let spread = (conn as u64 * 7919) % (ctx.args.churn_every * 1000);
                 tokio::time::Instant::now() + Duration::from_millis(ctx.args.churn_every * 500 + spread)
             });
-            let go_offline = loop {
+            let session: anyhow::Result<bool> = async { loop {
                 let sending = ctx.sending.load(Ordering::Relaxed);
                 if ctx.draining.load(Ordering::Relaxed) && outstanding.is_empty() && acks.is_empty() {
-                    break false;
+                    break Ok(false);
                 }
                 let closed_loop = sending && interval.is_none() && outstanding.len() < ctx.args.window;
                 tokio::select! {
@@ -451,7 +484,7 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                         if outstanding.len() >= ctx.args.window { ws.flush().await?; }
                     }
                     _ = async { tokio::time::sleep_until(churn_at.expect("churn")).await }, if churn_at.is_some() && sending => {
-                        break true;
+                        break Ok(true);
                     }
                     _ = ack_tick.tick() => {
                         ws.flush().await?;
@@ -465,7 +498,7 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                         let msg = match msg {
                             None => bail!("connection {conn} closed"),
                             Some(Ok(Message::Close(frame))) => {
-                                closed_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                                *closed.entry(frame.map_or(1005, |f| u16::from(f.code))).or_default() += 1;
                                 bail!("connection {conn} closed by the relay");
                             }
                             Some(m) => m?,
@@ -499,33 +532,61 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                         }
                     }
                 }
+            }}.await;
+            let go_offline = match session {
+                Ok(go_offline) => go_offline,
+                Err(e) if ctx.args.reconnect => {
+                    // Dropped (node killed, drained, bus trouble...): reconnect elsewhere,
+                    // catch up, resend what was not answered under the same ids.
+                    ctx.reconnects.fetch_add(1, Ordering::Relaxed);
+                    let since = Instant::now();
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..500))).await;
+                        attempt += 1;
+                        match connect(&ctx, conn, attempt, &mut local, &mut e2e).await {
+                            Ok(w) => { ws = w; break; }
+                            Err(again) if since.elapsed() < Duration::from_secs(30) => {
+                                let _ = again;
+                            }
+                            Err(again) => return Err(again.context(format!("reconnect after: {e:#}"))),
+                        }
+                    }
+                    for &(idx, _) in &outstanding {
+                        ws.send(Message::text(send_frame(&ctx, conn, idx))).await?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
-            // Sends still unanswered when a session ends are unknown: neither accepted nor lost.
-            ctx.in_flight.fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
             if !go_offline {
                 let _ = ws.close(None).await;
                 return Ok(());
             }
             let _ = ws.close(None).await;
+            // Unanswered sends of a session closed on purpose are unknown, as above.
+            ctx.in_flight.fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
+            outstanding.clear();
             tokio::time::sleep(Duration::from_secs(ctx.args.offline)).await;
-            ws = connect(&ctx, conn, &mut local, &mut e2e).await?;
+            ws = connect(&ctx, conn, 0, &mut local, &mut e2e).await?;
         }
     }
     .await;
+    // Sends still unanswered when the device stops are unknown: neither accepted nor lost.
+    ctx.in_flight.fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
     if let Err(e) = result {
         error = true;
         eprintln!("{e:#}");
     }
     let mut r = ctx.report.lock().await;
     r.accepted.entry(conn as u32).or_default().extend(accepted);
-    for (sender, k) in local {
-        r.delivered.entry(sender).or_default().push(k);
+    for (sender, k, seq) in local {
+        r.delivered.entry(sender).or_default().push((k, seq));
     }
     for (code, n) in rejected {
         *r.rejected.entry(code).or_default() += n;
     }
-    if let Some(code) = closed_code {
-        *r.closed_by_relay.entry(code).or_default() += 1;
+    for (code, n) in closed {
+        *r.closed_by_relay.entry(code).or_default() += n;
     }
     r.connection_errors += u64::from(error);
     drop(r);
@@ -540,15 +601,27 @@ async fn worker(
     run_id: u64,
     start_at_ms: Option<u64>,
 ) -> anyhow::Result<WorkerReport> {
-    let url = url_parts(&args.url)?;
+    let urls = args
+        .url
+        .iter()
+        .map(|u| url_parts(u))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Some(url) = urls.first() else {
+        bail!("--url is required")
+    };
     let tokens = load_tokens(&args)?;
     let tls = match (url.tls, &args.ca) {
         (false, _) => None,
         (true, ca) => Some(tls_connector(ca.as_deref(), &url.host)?),
     };
+    let targets = urls
+        .iter()
+        .zip(&args.url)
+        .map(|(u, raw)| (u.addr, raw.clone()))
+        .collect();
     let ctx = Arc::new(Ctx {
         source: (args.workers > 1).then(|| IpAddr::from([127, 0, 0, 2 + (index % 250) as u8])),
-        target: url.addr,
+        targets,
         tls,
         run_id,
         tokens,
@@ -562,6 +635,8 @@ async fn worker(
         handshake: Mutex::new(histogram()),
         accept: Mutex::new(histogram()),
         end_to_end: Mutex::new(histogram()),
+        resync: Mutex::new(histogram()),
+        reconnects: AtomicU64::new(0),
         args,
     });
     let a = &ctx.args;
@@ -588,7 +663,7 @@ async fn worker(
             let _permit = permit;
             let mut local = Vec::new();
             let mut e2e = histogram();
-            let ws = connect(&ctx, conn, &mut local, &mut e2e).await;
+            let ws = connect(&ctx, conn, 0, &mut local, &mut e2e).await;
             (conn, ws)
         }));
     }
@@ -683,6 +758,8 @@ async fn worker(
     r.handshake = encode(&*ctx.handshake.lock().await)?;
     r.accept = encode(&*ctx.accept.lock().await)?;
     r.end_to_end = encode(&*ctx.end_to_end.lock().await)?;
+    r.resync = encode(&*ctx.resync.lock().await)?;
+    r.reconnects = ctx.reconnects.load(Ordering::Relaxed);
     Ok(r)
 }
 
@@ -865,9 +942,11 @@ fn merge(
     rss_before: Option<u64>,
     kernel_before: Option<u64>,
 ) -> anyhow::Result<Report> {
-    let (mut hs, mut acc, mut e2e) = (histogram(), histogram(), histogram());
+    let (mut hs, mut acc, mut e2e, mut resync) =
+        (histogram(), histogram(), histogram(), histogram());
+    let mut reconnects = 0;
     let mut accepted: HashMap<u32, Vec<u32>> = HashMap::new();
-    let mut delivered: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut delivered: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
     let mut rejected_by_code = BTreeMap::new();
     let mut closed_by_relay = BTreeMap::new();
     let (mut connect_seconds, mut send_seconds, mut errors, mut connected) = (0f64, 0f64, 0, 0);
@@ -875,6 +954,8 @@ fn merge(
         hs.add(decode(&r.handshake)?)?;
         acc.add(decode(&r.accept)?)?;
         e2e.add(decode(&r.end_to_end)?)?;
+        resync.add(decode(&r.resync)?)?;
+        reconnects += r.reconnects;
         for (s, v) in r.accepted {
             accepted.entry(s).or_default().extend(v);
         }
@@ -892,20 +973,29 @@ fn merge(
         errors += r.connection_errors;
         connected += r.connected;
     }
-    // Total-queue check, per sender: every accepted index delivered; repeats are duplicates.
-    let (mut n_accepted, mut lost, mut n_delivered, mut duplicates) = (0u64, 0u64, 0u64, 0u64);
+    // Total-queue check, per sender: every accepted index delivered. A send delivered under
+    // two sequence numbers was stored twice (a duplicate); the same one delivered again is a
+    // redelivery, which clients drop by message id.
+    let (mut n_accepted, mut lost, mut n_delivered) = (0u64, 0u64, 0u64);
+    let (mut duplicates, mut redeliveries) = (0u64, 0u64);
     for (sender, acc_idx) in &accepted {
         let got: std::collections::HashSet<u32> = delivered
             .get(sender)
-            .map(|v| v.iter().copied().collect())
+            .map(|v| v.iter().map(|&(k, _)| k).collect())
             .unwrap_or_default();
+        // A resent message may be answered `accepted` twice.
+        let acc_idx: std::collections::HashSet<u32> = acc_idx.iter().copied().collect();
         n_accepted += acc_idx.len() as u64;
         lost += acc_idx.iter().filter(|k| !got.contains(k)).count() as u64;
     }
     for v in delivered.values() {
-        let unique: std::collections::HashSet<u32> = v.iter().copied().collect();
-        n_delivered += unique.len() as u64;
-        duplicates += (v.len() - unique.len()) as u64;
+        let mut seqs: HashMap<u32, std::collections::HashSet<u64>> = HashMap::new();
+        for &(k, seq) in v {
+            seqs.entry(k).or_default().insert(seq);
+        }
+        n_delivered += seqs.len() as u64;
+        duplicates += seqs.values().map(|s| s.len() as u64 - 1).sum::<u64>();
+        redeliveries += v.len() as u64 - seqs.values().map(|s| s.len() as u64).sum::<u64>();
     }
     let rss_after = args.relay_pid.and_then(rss_kib);
     let per_conn = |a: Option<u64>, b: Option<u64>, scale: u64| match (a, b) {
@@ -933,6 +1023,9 @@ fn merge(
         delivered_per_s: n_delivered as f64 / send_seconds.max(1e-9),
         lost,
         duplicates,
+        redeliveries,
+        reconnects,
+        resync: (reconnects > 0).then(|| summarize(&resync)),
         connection_errors: errors,
         closed_by_relay,
         end_to_end: sends.then(|| summarize(&e2e)),
@@ -968,12 +1061,13 @@ fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
     );
     if let (Some(e), Some(a)) = (&report.end_to_end, &report.accept) {
         summary += &format!(
-            "\n  accepted {} ({:.0}/s), delivered {}, lost {}, duplicates {}, rejected {:?}\n  accept p50 {:.2} ms p99 {:.2} ms | send→deliver p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms",
+            "\n  accepted {} ({:.0}/s), delivered {}, lost {}, duplicates {}, redeliveries {}, rejected {:?}\n  accept p50 {:.2} ms p99 {:.2} ms | send→deliver p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms",
             report.accepted,
             report.accepted_per_s,
             report.delivered,
             report.lost,
             report.duplicates,
+            report.redeliveries,
             report.rejected_by_code,
             a.p50_ms,
             a.p99_ms,
@@ -986,6 +1080,12 @@ fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
     }
     if let Some(b) = report.relay_rss_per_conn_bytes {
         summary += &format!("\n  relay RSS per connection {b:.0} bytes");
+    }
+    if let Some(r) = &report.resync {
+        summary += &format!(
+            "\n  reconnects {}, reconnect→synced p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            report.reconnects, r.p50_ms, r.p99_ms, r.max_ms
+        );
     }
     if report.connection_errors > 0 || !report.closed_by_relay.is_empty() {
         summary += &format!(
@@ -1001,6 +1101,9 @@ fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
     }
     if report.connection_errors > 0 {
         bail!("{} connection(s) failed", report.connection_errors);
+    }
+    if report.duplicates > 0 {
+        bail!("{} messages were stored more than once", report.duplicates);
     }
     if report.accepted > 0 && report.lost as f64 / report.accepted as f64 > args.max_loss {
         bail!(

@@ -1,0 +1,284 @@
+"""Cluster mode end to end: three real `relay` processes sharing a real NATS server and a real
+Cassandra, on loopback. Run with E2E_BACKEND=cassandra (scripts/test does); nats-server comes
+from Debian's package (scripts/test installs it).
+
+The fault tests drive the load-test tool at 1,000 messages/s across the nodes and end with its
+total-queue check: every message answered `accepted` delivered, none stored twice.
+"""
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import BACKEND, ROOT, Relay, free_port, run
+
+LOADTEST = ROOT / "target" / "debug" / "loadtest"
+DISPLACED = 4002
+
+
+class Nats:
+    """A nats-server on a free loopback port, stoppable and restartable on the same port."""
+
+    def __init__(self, directory):
+        self.bin = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        assert shutil.which(self.bin), "nats-server missing: install Debian's nats-server (scripts/test does)"
+        self.port = free_port()
+        self.log = directory / f"nats-{self.port}.log"
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [self.bin, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(self.log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Cluster:
+    """Three nodes: node 0 (dev mode) makes the keys, the others share them and the keyspace."""
+
+    def __init__(self, tmp_path, nats, n=3, extra=None):
+        self.nodes = []
+        first = None
+        for i in range(n):
+            env = {
+                "RELAY_NODE_ID": str(i + 1),
+                "RELAY_CLUSTER__NATS": f'["{nats.url}"]',
+                "RELAY_CLUSTER__DRAIN_SPREAD": "1s",
+                "RELAY_SHUTDOWN_GRACE": "10s",
+                **(extra or {}),
+            }
+            if first is not None:
+                secrets = first.data_dir / "dev-secrets"
+                env.update(
+                    RELAY_AUTH__PUBLIC_KEYS_FILE=str(secrets / "token-signing-key.pub.pem"),
+                    RELAY_AT_REST__KEYS_FILE=str(secrets / "at-rest.keys"),
+                    RELAY_AT_REST__ACTIVE="dev1",
+                    RELAY_STORAGE__SCYLLA__KEYSPACE=first.keyspace,
+                )
+            node = Relay(tmp_path / f"node{i}", env)
+            if first is not None:
+                node.keyspace, node.migrated = first.keyspace, True
+            node.start()
+            first = first or node
+            self.nodes.append(node)
+
+    def __getitem__(self, i):
+        return self.nodes[i]
+
+    def token(self, user, device):
+        return self.nodes[0].token(user, device)
+
+    async def online(self, i, user, device):
+        return await self.nodes[i].online(user, device, token=self.token(user, device))
+
+    def stop(self):
+        for n in self.nodes:
+            n.stop()
+
+
+def metric(node, name) -> float:
+    total = 0.0
+    for line in node.metrics().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def wait_until(fn, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def nats(tmp_path):
+    assert BACKEND == "cassandra", "cluster tests need the shared store: run with E2E_BACKEND=cassandra"
+    n = Nats(tmp_path).start()
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, nats):
+    c = Cluster(tmp_path, nats)
+    yield c
+    c.stop()
+
+
+async def settle(cluster, devices):
+    """Waits until every node sees `devices` devices online across the cluster."""
+    def seen():
+        return all(
+            metric(n, "relay_devices_online") + metric(n, "relay_presence_remote_devices") >= devices
+            for n in cluster.nodes
+        )
+    await wait_until(seen, what=f"presence of {devices} devices on every node")
+
+
+@run
+async def test_devices_of_one_user_spread_over_nodes_all_receive(cluster):
+    phone = await cluster.online(0, "dr-alice", "phone")
+    laptop = await cluster.online(1, "dr-alice", "laptop")
+    bob = await cluster.online(2, "nurse-bob", "tablet")
+    await settle(cluster, 3)
+    for i in range(20):
+        started = time.monotonic()
+        acc = await bob.send_ok(["dr-alice"], f"m{i}".encode())
+        for dev in (phone, laptop):
+            got = await dev.expect("deliver", timeout=2)
+            assert got["id"] == acc["id"] and got["seq"] == acc["seq"]
+            assert got["from"] == {"user": "nurse-bob", "device": "tablet"}
+        assert time.monotonic() - started < 1.0
+        await phone.ack([acc["seq"]])
+        await laptop.ack([acc["seq"]])
+    # And back: sender and recipient on different nodes, both directions.
+    acc = await laptop.send_ok(["nurse-bob"], b"reply")
+    assert (await bob.expect("deliver"))["id"] == acc["id"]
+    # The sender's other device, on another node, gets its copy too.
+    assert (await phone.expect("deliver"))["id"] == acc["id"]
+    for n in cluster.nodes:
+        assert metric(n, "relay_bus_connected") == 1
+    assert sum(metric(n, "relay_bus_received_total") for n in cluster.nodes) >= 41
+
+
+@run
+async def test_a_device_is_displaced_across_nodes(cluster):
+    old = await cluster.online(0, "dr-carol", "phone")
+    await settle(cluster, 1)
+    new = await cluster.online(2, "dr-carol", "phone")
+    await asyncio.wait_for(old.ws.wait_closed(), 3)
+    assert old.ws.close_code == DISPLACED
+    # The new connection is the one that receives.
+    sender = await cluster.online(1, "dr-dan", "web")
+    acc = await sender.send_ok(["dr-carol"], b"x")
+    assert (await new.expect("deliver"))["id"] == acc["id"]
+    assert metric(cluster[0], "relay_connections_displaced_total") >= 1
+
+
+@run
+async def test_a_device_first_seen_on_another_node_gets_the_next_message(cluster):
+    """Node 0 caches dr-erin's device list; her new device registers on node 1 and must be
+    included at once (the cache is invalidated over the bus, not after its 5 s expiry)."""
+    sender = await cluster.online(0, "dr-frank", "web")
+    await (await cluster.online(0, "dr-erin", "old-phone")).close()
+    await sender.send_ok(["dr-erin"], b"warm the cache")
+    fresh = await cluster.online(1, "dr-erin", "new-phone")
+    await settle(cluster, 2)
+    acc = await sender.send_ok(["dr-erin"], b"for every device")
+    assert (await fresh.expect("deliver", timeout=2))["id"] == acc["id"]
+
+
+@run
+async def test_presence_follows_devices_and_forgets_a_killed_node(cluster):
+    await cluster.online(1, "u1", "d1")
+    await cluster.online(1, "u2", "d2")
+    d3 = await cluster.online(2, "u3", "d3")
+    await settle(cluster, 3)
+    assert metric(cluster[0], "relay_presence_remote_devices") == 3
+    assert metric(cluster[0], "relay_cluster_nodes") == 3
+    await d3.close()
+    await wait_until(lambda: metric(cluster[0], "relay_presence_remote_devices") == 2, what="offline event")
+    cluster[1].kill()  # no goodbye
+    started = time.monotonic()
+    await wait_until(lambda: metric(cluster[0], "relay_presence_remote_devices") == 0, timeout=8,
+                     what="the dead node's devices to count as offline")
+    assert time.monotonic() - started < 6
+    assert metric(cluster[0], "relay_cluster_nodes") == 2
+    assert metric(cluster[0], "relay_cluster_nodes_lost_total") >= 1
+
+
+def loadtest(cluster, *args, during=None, timeout=240):
+    """Runs the load-test tool against every node; `during(proc)` runs while it sends."""
+    assert LOADTEST.exists(), f"{LOADTEST} missing: cargo build --workspace (scripts/test does)"
+    key = cluster[0].data_dir / "dev-secrets" / "token-signing-key.pem"
+    urls = ",".join(n.url for n in cluster.nodes)
+    cmd = [str(LOADTEST), "--url", urls, "--key", str(key), "--reconnect", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if during:
+        during(proc)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out), err
+
+
+def check_total_queue(report, err):
+    summary = err[err.rfind("Steady"):]
+    assert report["accepted"] >= 5000, summary
+    assert report["lost"] == 0, summary
+    assert report["duplicates"] == 0, summary
+    assert report["connection_errors"] == 0, summary
+    assert report["delivered"] == report["accepted"], summary
+    # Everything missed while away arrives in the replay right after the reconnect.
+    if report["reconnects"]:
+        assert report["resync"]["max_ms"] < 5000, summary
+
+
+LOAD = ["--connections", "150", "--rate", "1000", "--duration", "20", "--payload", "128"]
+
+
+def test_kill_a_node_under_load_loses_nothing(cluster):
+    def kill(proc):
+        time.sleep(8)
+        assert proc.poll() is None
+        cluster[1].kill()
+
+    report, err = loadtest(cluster, *LOAD, "--prefix", "kill", during=kill)
+    check_total_queue(report, err)
+    assert report["reconnects"] >= 40, report  # the killed node's third of the devices
+
+
+def test_rolling_restart_under_load_loses_nothing(cluster):
+    def roll(proc):
+        time.sleep(4)
+        for node in cluster.nodes:
+            assert node.stop() == 0, node.logs()[-2000:]  # SIGTERM: a clean drain
+            node.start()
+            time.sleep(1.5)
+
+    report, err = loadtest(cluster, *LOAD, "--duration", "24", "--prefix", "roll", during=roll)
+    check_total_queue(report, err)
+    assert report["closed_by_relay"].get("1012", 0) >= 100, report  # told to reconnect
+
+
+def test_bus_outage_under_load_loses_nothing(cluster, nats):
+    def outage(proc):
+        time.sleep(6)
+        nats.stop()
+        time.sleep(2)
+        for n in cluster.nodes:
+            assert metric(n, "relay_bus_connected") == 0
+            with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/readyz", timeout=2) as r:
+                assert r.status == 200 and b"degraded" in r.read()
+        time.sleep(4)
+        nats.start()
+
+    report, err = loadtest(cluster, *LOAD, "--prefix", "bus", during=outage)
+    check_total_queue(report, err)
+    assert report["reconnects"] == 0, "a bus outage must not drop devices"
+    for n in cluster.nodes:
+        assert metric(n, "relay_bus_connected") == 1
+        assert metric(n, "relay_bus_disconnects_total") >= 1
