@@ -237,7 +237,7 @@ def check_total_queue(report, err):
         assert report["resync"]["max_ms"] < 5000, summary
 
 
-LOAD = ["--connections", "150", "--rate", "1000", "--duration", "20", "--payload", "128"]
+LOAD = ["--connections", "150", "--rate", "1000", "--payload", "128"]
 
 
 def test_kill_a_node_under_load_loses_nothing(cluster):
@@ -246,7 +246,7 @@ def test_kill_a_node_under_load_loses_nothing(cluster):
         assert proc.poll() is None
         cluster[1].kill()
 
-    report, err = loadtest(cluster, *LOAD, "--prefix", "kill", during=kill)
+    report, err = loadtest(cluster, *LOAD, "--duration", "20", "--prefix", "kill", during=kill)
     check_total_queue(report, err)
     assert report["reconnects"] >= 40, report  # the killed node's third of the devices
 
@@ -276,7 +276,7 @@ def test_bus_outage_under_load_loses_nothing(cluster, nats):
         time.sleep(4)
         nats.start()
 
-    report, err = loadtest(cluster, *LOAD, "--prefix", "bus", during=outage)
+    report, err = loadtest(cluster, *LOAD, "--duration", "20", "--prefix", "bus", during=outage)
     check_total_queue(report, err)
     assert report["reconnects"] == 0, "a bus outage must not drop devices"
     for n in cluster.nodes:
