@@ -56,7 +56,11 @@ enum Scenario {
 struct Args {
     /// Relay WebSocket URL (ws:// or wss://); several (comma-separated or repeated) spread the
     /// connections over the nodes of a cluster, connection `i` starting on URL `i mod n`.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "ws://127.0.0.1:8080/v1/ws",
+        value_delimiter = ','
+    )]
     url: Vec<String>,
     /// When the relay closes a connection or it breaks, reconnect (to the next URL, after a
     /// random 0-500 ms) and resend the unanswered messages under the same ids.
@@ -572,7 +576,8 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
     }
     .await;
     // Sends still unanswered when the device stops are unknown: neither accepted nor lost.
-    ctx.in_flight.fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
+    ctx.in_flight
+        .fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
     if let Err(e) = result {
         error = true;
         eprintln!("{e:#}");

@@ -130,11 +130,7 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(queue));
         // Strictly increasing per node, so a reconnect within the same millisecond is newer.
-        let since = crate::store::now_ms().max(
-            self.conns
-                .get(device)
-                .map_or(0, |c| c.since + 1),
-        );
+        let since = crate::store::now_ms().max(self.conns.get(device).map_or(0, |c| c.since + 1));
         let conn = Conn {
             id,
             since,
@@ -184,8 +180,7 @@ impl Hub {
     /// Closes every connection with `code`, spread evenly over `spread` in random order, so
     /// the devices do not all reconnect elsewhere at once.
     pub async fn drain(&self, code: u16, spread: std::time::Duration) {
-        let mut outboxes: Vec<Arc<Outbox>> =
-            self.conns.iter().map(|c| c.outbox.clone()).collect();
+        let mut outboxes: Vec<Arc<Outbox>> = self.conns.iter().map(|c| c.outbox.clone()).collect();
         fastrand::shuffle(&mut outboxes);
         let start = tokio::time::Instant::now();
         let n = outboxes.len().max(1) as u32;

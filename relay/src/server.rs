@@ -17,15 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Verifier};
-use crate::config::{Backend, Config, Mode};
 use crate::cluster::Cluster;
+use crate::config::{Backend, Config, Mode};
 use crate::fanout::{Hub, Presence};
-use crate::protocol::close;
-use crate::store::DeliverySink;
 use crate::listener::{self, App, Side};
 use crate::pager::{self, Pager};
+use crate::protocol::close;
 use crate::seal::Keyring;
 use crate::session::{SessionContext, state::Limits};
+use crate::store::DeliverySink;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::scylla::ScyllaStore;
 use crate::store::{DeviceRef, MessageStore, now_ms};
@@ -166,8 +166,13 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     let (pager, pager_inbox) = Pager::new();
     let mut cluster_tasks = None;
     let cluster = if config.cluster.enabled() {
-        let (cluster, tasks) =
-            Cluster::start(&config.cluster, config.node_id, keyring.clone(), hub.clone()).await?;
+        let (cluster, tasks) = Cluster::start(
+            &config.cluster,
+            config.node_id,
+            keyring.clone(),
+            hub.clone(),
+        )
+        .await?;
         cluster_tasks = Some(tasks);
         Some(cluster)
     } else {

@@ -215,7 +215,11 @@ impl Cluster {
                     sub.devices += 1;
                     false
                 }
-                None => match self.client.subscribe(self.subjects.user(&device.user)).await {
+                None => match self
+                    .client
+                    .subscribe(self.subjects.user(&device.user))
+                    .await
+                {
                     Ok(sub) => {
                         let task = tokio::spawn(self.clone().forward(sub));
                         users.insert(device.user.clone(), UserSub { devices: 1, task });
@@ -398,12 +402,17 @@ impl Cluster {
             } if instance != self.instance => {
                 if node_id == self.node_id && !leaving {
                     metrics::counter!("relay_cluster_node_id_conflicts_total").increment(1);
-                    tracing::error!(node_id, "another live node has this node_id: sequence numbers may collide; give every node its own");
+                    tracing::error!(
+                        node_id,
+                        "another live node has this node_id: sequence numbers may collide; give every node its own"
+                    );
                 }
                 if leaving {
                     tracing::info!(node_id, "node left the cluster");
                 }
-                if self.directory.heartbeat(instance, node_id, devices, leaving, now)
+                if self
+                    .directory
+                    .heartbeat(instance, node_id, devices, leaving, now)
                     == HeartbeatOutcome::NeedSnapshot
                 {
                     self.publish_control(
@@ -489,7 +498,9 @@ impl Cluster {
                 }
             }
             async_nats::Event::Disconnected => {
-                tracing::warn!("bus disconnected: deliveries to other nodes fall back to inbox checks");
+                tracing::warn!(
+                    "bus disconnected: deliveries to other nodes fall back to inbox checks"
+                );
                 self.connected.store(false, Ordering::Relaxed);
                 metrics::gauge!("relay_bus_connected").set(0.0);
                 metrics::counter!("relay_bus_disconnects_total").increment(1);
@@ -497,7 +508,9 @@ impl Cluster {
             }
             async_nats::Event::SlowConsumer(_) => {
                 metrics::counter!("relay_bus_slow_consumer_total").increment(1);
-                tracing::warn!("bus subscription fell behind; deliveries were dropped, inboxes re-read");
+                tracing::warn!(
+                    "bus subscription fell behind; deliveries were dropped, inboxes re-read"
+                );
                 self.hub
                     .catch_up(seq_floor(now_ms().saturating_sub(GAP_MARGIN_MS)));
             }

@@ -255,7 +255,10 @@ mod tests {
         );
         dir.online(d("a"), 1, 1, t0);
         dir.online(d("b"), 2, 1, t0);
-        assert!(dir.expire(t0 + Duration::from_secs(2), Duration::from_secs(3)).is_empty());
+        assert!(
+            dir.expire(t0 + Duration::from_secs(2), Duration::from_secs(3))
+                .is_empty()
+        );
         let mut dead = dir.expire(t0 + Duration::from_secs(4), Duration::from_secs(3));
         dead.sort();
         // Node 2 was only heard of through an event: it expires too, node id unknown.
@@ -267,12 +270,24 @@ mod tests {
     fn count_mismatch_twice_asks_for_a_snapshot_which_heals() {
         let dir = Directory::default();
         let t = Instant::now();
-        assert_eq!(dir.heartbeat(1, 0, 0, false, t), HeartbeatOutcome::NeedSnapshot);
+        assert_eq!(
+            dir.heartbeat(1, 0, 0, false, t),
+            HeartbeatOutcome::NeedSnapshot
+        );
         dir.snapshot(1, 0, 0, vec![], t);
         assert_eq!(dir.heartbeat(1, 0, 0, false, t), HeartbeatOutcome::Fine);
         assert_eq!(dir.heartbeat(1, 0, 2, false, t), HeartbeatOutcome::Fine);
-        assert_eq!(dir.heartbeat(1, 0, 2, false, t), HeartbeatOutcome::NeedSnapshot);
-        dir.snapshot(1, 0, 0, vec![("u".into(), "a".into(), 5), ("u".into(), "b".into(), 6)], t);
+        assert_eq!(
+            dir.heartbeat(1, 0, 2, false, t),
+            HeartbeatOutcome::NeedSnapshot
+        );
+        dir.snapshot(
+            1,
+            0,
+            0,
+            vec![("u".into(), "a".into(), 5), ("u".into(), "b".into(), 6)],
+            t,
+        );
         assert_eq!(dir.heartbeat(1, 0, 2, false, t), HeartbeatOutcome::Fine);
         assert_eq!(dir.len(), 2);
         dir.heartbeat(1, 0, 0, true, t);

@@ -238,13 +238,13 @@ mod tests {
 
     #[test]
     fn sealed_publications_are_bound_to_their_subject() {
-        let keyring = Keyring::new(
-            std::iter::once(("k".to_string(), [7u8; 32])).collect(),
-            "k",
-        )
-        .expect("keyring");
+        let keyring = Keyring::new(std::iter::once(("k".to_string(), [7u8; 32])).collect(), "k")
+            .expect("keyring");
         let sealed = seal(&keyring, "relay.u.1", b"x");
-        assert_eq!(open(&keyring, "relay.u.1", &sealed).as_deref(), Some(&b"x"[..]));
+        assert_eq!(
+            open(&keyring, "relay.u.1", &sealed).as_deref(),
+            Some(&b"x"[..])
+        );
         assert!(open(&keyring, "relay.u.2", &sealed).is_none());
     }
 }

@@ -495,6 +495,9 @@ mod tests {
         assert_eq!(s.delivered.recent.len(), DEDUP_WINDOW);
         assert!(!s.advance(2), "below the window counts as delivered");
         assert!(!s.advance(20));
-        assert!(s.advance(2 * DEDUP_WINDOW as u64 + 19), "inside the window, never delivered");
+        assert!(
+            s.advance(2 * DEDUP_WINDOW as u64 + 19),
+            "inside the window, never delivered"
+        );
     }
 }

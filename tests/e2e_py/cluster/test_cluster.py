@@ -162,6 +162,11 @@ async def test_devices_of_one_user_spread_over_nodes_all_receive(cluster):
     assert (await phone.expect("deliver"))["id"] == acc["id"]
     for n in cluster.nodes:
         assert metric(n, "relay_bus_connected") == 1
+    # The cluster-only series the dashboards and rules use (test_monitoring.CLUSTER_ONLY).
+    scrape = cluster[0].metrics()
+    for name in ("relay_bus_connected", "relay_cluster_nodes", "relay_presence_remote_devices",
+                 "relay_bus_publish_duration_seconds", "relay_bus_delivery_duration_seconds"):
+        assert f"# TYPE {name} " in scrape, name
     assert sum(metric(n, "relay_bus_received_total") for n in cluster.nodes) >= 41
 
 
