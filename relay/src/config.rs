@@ -117,11 +117,39 @@ pub struct Config {
     /// Which store, and how to reach it.
     pub storage: StorageConfig,
     /// This node's id (0-31), unique among nodes sharing a store; part of every sequence number.
-    pub node_id: u8,
+    /// `"auto"` (ScyllaDB backend) leases a free one from the database at start.
+    pub node_id: NodeId,
     /// APNs / FCM wake-ups and urgent pages (off unless a provider is configured).
     pub push: PushConfig,
     /// Cluster mode: many nodes on a NATS bus (off unless `cluster.nats` lists a server).
     pub cluster: ClusterConfig,
+}
+
+/// How a node gets its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeId {
+    /// Configured (0-31).
+    Fixed(u8),
+    /// Leased from the shared database at start, renewed while the node runs.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u8),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(NodeId::Fixed(n)),
+            Raw::Text(t) if t == "auto" => Ok(NodeId::Auto),
+            Raw::Text(t) => t.parse().map(NodeId::Fixed).map_err(|_| {
+                serde::de::Error::custom(format!("node_id `{t}` is not 0-31 or \"auto\""))
+            }),
+        }
+    }
 }
 
 /// Cluster mode. See ARCHITECTURE.md, "Cluster".
@@ -475,7 +503,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             retention: RetentionConfig::default(),
             storage: StorageConfig::default(),
-            node_id: 0,
+            node_id: NodeId::Fixed(0),
             push: PushConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -705,8 +733,14 @@ impl Config {
                 e.push("cluster.inbox_check and cluster.publish_queue must be positive".into());
             }
         }
-        if self.node_id >= crate::store::MAX_NODES {
-            e.push(format!("node_id must be below {}", crate::store::MAX_NODES));
+        match self.node_id {
+            NodeId::Fixed(n) if n >= crate::store::MAX_NODES => {
+                e.push(format!("node_id must be below {}", crate::store::MAX_NODES));
+            }
+            NodeId::Auto if self.storage.backend != Backend::Scylla => {
+                e.push("node_id = \"auto\" leases ids from the shared store: storage.backend = \"scylla\"".into());
+            }
+            _ => {}
         }
         if self.storage.backend == Backend::Scylla {
             let sc = &self.storage.scylla;
@@ -845,6 +879,26 @@ mod tests {
         assert!(load(&[("RELAY_LISTEN", "0.0.0.0:8080")], None).is_err());
         assert!(load(&[("RELAY_NO_SUCH_KEY", "1")], None).is_err());
         assert!(load(&[("RELAY_SESSION__PING_INTERVAL", "soon")], None).is_err());
+    }
+
+    #[test]
+    fn node_ids_are_fixed_or_leased_and_cluster_mode_needs_the_shared_store() {
+        let scylla = ("RELAY_STORAGE__BACKEND", "scylla");
+        let c = load(&[("RELAY_NODE_ID", "7")], None).expect("fixed id");
+        assert_eq!(c.node_id, NodeId::Fixed(7));
+        let c = load(&[("RELAY_NODE_ID", "auto"), scylla], None).expect("leased id");
+        assert_eq!(c.node_id, NodeId::Auto);
+        assert!(load(&[("RELAY_NODE_ID", "auto")], None).is_err());
+        assert!(load(&[("RELAY_NODE_ID", "32")], None).is_err());
+        let nats = ("RELAY_CLUSTER__NATS", r#"["nats://127.0.0.1:4222"]"#);
+        let err = load(&[nats], None).expect_err("cluster on the embedded store");
+        assert!(err.to_string().contains("shared store"), "{err}");
+        assert!(
+            load(&[nats, scylla], None)
+                .expect("cluster")
+                .cluster
+                .enabled()
+        );
     }
 
     #[test]

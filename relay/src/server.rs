@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Verifier};
 use crate::cluster::Cluster;
-use crate::config::{Backend, Config, Mode};
+use crate::config::{Backend, Config, Mode, NodeId};
 use crate::fanout::{Hub, Presence};
 use crate::listener::{self, App, Side};
 use crate::pager::{self, Pager};
@@ -166,13 +166,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     let (pager, pager_inbox) = Pager::new();
     let mut cluster_tasks = None;
     let cluster = if config.cluster.enabled() {
-        let (cluster, tasks) = Cluster::start(
-            &config.cluster,
-            config.node_id,
-            keyring.clone(),
-            hub.clone(),
-        )
-        .await?;
+        let (cluster, tasks) =
+            Cluster::start(&config.cluster, keyring.clone(), hub.clone()).await?;
         cluster_tasks = Some(tasks);
         Some(cluster)
     } else {
@@ -190,23 +185,30 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         }),
         None => delivery,
     };
-    let store: Arc<dyn MessageStore> = match config.storage.backend {
-        Backend::Embedded => Arc::new(EmbeddedStore::open(
-            &config.data_dir.join("store"),
-            keyring,
-            sink,
-        )?),
+    let fixed_id = match config.node_id {
+        NodeId::Fixed(id) => Some(id),
+        NodeId::Auto => None,
+    };
+    let (store, node_id): (Arc<dyn MessageStore>, u8) = match config.storage.backend {
+        Backend::Embedded => (
+            Arc::new(EmbeddedStore::open(
+                &config.data_dir.join("store"),
+                keyring,
+                sink,
+            )?),
+            fixed_id.unwrap_or(0),
+        ),
         Backend::Scylla => {
             let sc = &config.storage.scylla;
             tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
-            Arc::new(
-                ScyllaStore::open(sc, config.node_id, keyring, config.retention(), sink).await?,
-            )
+            let store = ScyllaStore::open(sc, fixed_id, keyring, config.retention(), sink).await?;
+            let id = store.node_id();
+            (Arc::new(store), id)
         }
     };
 
     if let Some(c) = &cluster {
-        c.set_store(store.clone());
+        c.set_store(store.clone(), node_id);
     }
     let mut background = Vec::new();
     let dispatcher = providers.map(|(apns, fcm)| {

@@ -100,11 +100,20 @@ impl Place {
             Kind::Embedded => Arc::new(
                 EmbeddedStore::open(&self.dir.path().join("store"), keyring, sink).expect("open"),
             ),
-            Kind::Cassandra => Arc::new(
-                ScyllaStore::open(&self.scylla_config(), 0, keyring, retention, sink)
-                    .await
-                    .expect("open"),
-            ),
+            Kind::Cassandra => Arc::new(self.open_scylla(Some(0), keyring, retention, sink).await),
         }
+    }
+
+    /// Opens the ScyllaDB backend here with a fixed (`Some`) or leased (`None`) node id.
+    pub async fn open_scylla(
+        &self,
+        node_id: Option<u8>,
+        keyring: Arc<Keyring>,
+        retention: Retention,
+        sink: Arc<dyn DeliverySink>,
+    ) -> ScyllaStore {
+        ScyllaStore::open(&self.scylla_config(), node_id, keyring, retention, sink)
+            .await
+            .expect("open")
     }
 }

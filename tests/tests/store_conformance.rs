@@ -363,3 +363,40 @@ conformance!(
     key_rotation,
     push_tokens,
 );
+
+/// ScyllaDB only (the embedded store is one node): nodes sharing a database lease distinct
+/// node ids, and a clean close frees its id for the next node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_node_ids_are_leased_distinctly_and_freed_on_close() {
+    let place = Place::new(Kind::Cassandra).await;
+    let open = || {
+        place.open_scylla(
+            None,
+            keyring(&key_entry("k1"), "k1"),
+            LONG,
+            Arc::new(Recorder::default()),
+        )
+    };
+    let (a, b, c) = (open().await, open().await, open().await);
+    let mut ids = vec![a.node_id(), b.node_id(), c.node_id()];
+    ids.sort();
+    assert_eq!(ids, vec![0, 1, 2]);
+    let freed = b.node_id();
+    b.close().await.expect("close");
+    let d = open().await;
+    assert_eq!(d.node_id(), freed, "a closed node's id is free again");
+    // Sequence numbers carry the leased id.
+    let alice = DeviceRef::new("alice", "phone");
+    d.register_device(DeviceRef::new("bob", "tablet"))
+        .await
+        .expect("register");
+    let acc = d
+        .append(msg(&alice, &["bob"], "x"))
+        .await
+        .expect("reply")
+        .expect("append");
+    assert_eq!((acc.seq >> 7) & 31, u64::from(freed));
+    for s in [a, c, d] {
+        s.close().await.expect("close");
+    }
+}

@@ -23,7 +23,7 @@ pub mod presence;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,8 @@ struct UserSub {
 
 /// This node's membership in the cluster.
 pub struct Cluster {
-    node_id: u8,
+    /// Known once the store is open (it may lease the id).
+    node_id: AtomicU8,
     /// Random per process: a restarted node is a new instance.
     instance: u64,
     client: async_nats::Client,
@@ -101,13 +102,12 @@ impl Cluster {
     /// and starts the control, heartbeat and publisher tasks.
     pub async fn start(
         config: &ClusterConfig,
-        node_id: u8,
         keyring: Arc<Keyring>,
         hub: Arc<Hub>,
     ) -> Result<(Arc<Cluster>, Tasks), ClusterError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::new()
-            .name(format!("relay-node-{node_id}"))
+            .name("relay")
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
@@ -122,7 +122,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Nats(e.to_string()))?;
         let (outbound, outbound_rx) = mpsc::channel(config.publish_queue);
         let cluster = Arc::new(Cluster {
-            node_id,
+            node_id: AtomicU8::new(u8::MAX),
             instance: fastrand::u64(1..),
             client,
             subjects: Subjects::new(&config.subject_prefix),
@@ -154,12 +154,14 @@ impl Cluster {
             tokio::spawn(cluster.clone().control(control, snapshots, events_rx)),
             tokio::spawn(cluster.clone().ticker(stop.clone())),
         ];
-        tracing::info!(node_id, instance = %format!("{:016x}", cluster.instance), "cluster mode: joining the bus");
+        tracing::info!(instance = %format!("{:016x}", cluster.instance), "cluster mode: joining the bus");
         Ok((cluster, Tasks { handles, stop }))
     }
 
-    /// Gives the cluster the store (built after it, since the store's sink is the cluster).
-    pub fn set_store(&self, store: Arc<dyn MessageStore>) {
+    /// Gives the cluster the store and this node's id (the store is built after the cluster,
+    /// whose deliveries it feeds, and may lease the id).
+    pub fn set_store(&self, store: Arc<dyn MessageStore>, node_id: u8) {
+        self.node_id.store(node_id, Ordering::Relaxed);
         let _ = self.store.set(store);
     }
 
@@ -298,7 +300,7 @@ impl Cluster {
             "heartbeat",
             &Control::Heartbeat {
                 instance: self.instance,
-                node_id: self.node_id,
+                node_id: self.node_id.load(Ordering::Relaxed),
                 devices: self.hub.online(),
                 leaving: self.leaving.load(Ordering::Relaxed),
             },
@@ -400,7 +402,7 @@ impl Cluster {
                 devices,
                 leaving,
             } if instance != self.instance => {
-                if node_id == self.node_id && !leaving {
+                if node_id == self.node_id.load(Ordering::Relaxed) && !leaving {
                     metrics::counter!("relay_cluster_node_id_conflicts_total").increment(1);
                     tracing::error!(
                         node_id,
@@ -458,7 +460,7 @@ impl Cluster {
         for (part, chunk) in parts.into_iter().enumerate() {
             let msg = Control::Snapshot {
                 instance: self.instance,
-                node_id: self.node_id,
+                node_id: self.node_id.load(Ordering::Relaxed),
                 part: part as u32,
                 devices: chunk.to_vec(),
             };

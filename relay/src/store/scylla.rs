@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
@@ -40,14 +40,14 @@ use uuid::Uuid;
 use super::queue::{self, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
-    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
-    Retention, SeqClock, StoreError, now_ms, seq_floor, seq_time_ms,
+    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
+    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_time_ms,
 };
 use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "push_tokens",
         include_str!("../../../schema/0002_push_tokens.cql"),
+    ),
+    (
+        3,
+        "node_leases",
+        include_str!("../../../schema/0003_node_leases.cql"),
     ),
 ];
 
@@ -302,6 +307,9 @@ struct Shared {
     retention: Retention,
     archive_shards: u16,
     healthy: AtomicBool,
+    /// Until when (ms) this node may issue sequence numbers under its node id: a leased id
+    /// that lapsed may already be another node's.
+    lease_until: AtomicU64,
 }
 
 /// ScyllaDB-backed [`MessageStore`].
@@ -309,13 +317,98 @@ pub struct ScyllaStore {
     shared: Arc<Shared>,
     ops: WriterQueue,
     pinger: tokio::task::JoinHandle<()>,
+    /// The lease renewal task and this node's holder id, when the node id is leased.
+    lease: Option<(tokio::task::JoinHandle<()>, String)>,
+    node_id: u8,
+}
+
+/// How long a leased node id stays reserved without renewal, and how often it is renewed.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const LEASE_RENEW: Duration = Duration::from_secs(5);
+
+/// Runs a lightweight transaction; whether it was applied.
+async fn lwt(
+    session: &Session,
+    cql: &str,
+    values: impl scylla::serialize::row::SerializeRow,
+) -> Result<bool, StoreError> {
+    let rows = session
+        .query_unpaged(cql, values)
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    let row = rows
+        .maybe_first_row::<scylla::value::Row>()
+        .map_err(unavailable)?;
+    Ok(matches!(
+        row.and_then(|r| r.columns.into_iter().next()).flatten(),
+        Some(scylla::value::CqlValue::Boolean(true))
+    ))
+}
+
+async fn claim_id(session: &Session, id: u8, holder: &str) -> Result<bool, StoreError> {
+    lwt(
+        session,
+        "INSERT INTO node_leases (node_id, holder) VALUES (?, ?) IF NOT EXISTS USING TTL 30",
+        (i32::from(id), holder),
+    )
+    .await
+}
+
+/// Claims the lowest node id no live node holds.
+async fn claim_node_id(session: &Session, holder: &str) -> Result<u8, StoreError> {
+    for id in 0..MAX_NODES {
+        if claim_id(session, id, holder).await? {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "all {MAX_NODES} node ids are leased by live nodes"
+    )))
+}
+
+/// Renews the lease on `id`. If another node holds it (ours lapsed and was taken), sequence
+/// numbers could collide: the process exits so that a restart claims a free id.
+async fn keep_lease(s: Arc<Shared>, id: u8, holder: String) {
+    loop {
+        tokio::time::sleep(LEASE_RENEW).await;
+        let renewed = lwt(
+            &s.session,
+            "UPDATE node_leases USING TTL 30 SET holder = ? WHERE node_id = ? IF holder = ?",
+            (&holder, i32::from(id), &holder),
+        )
+        .await;
+        let renewed = match renewed {
+            // Not applied: the row expired (then claim it again) or is someone else's.
+            Ok(false) => claim_id(&s.session, id, &holder).await,
+            other => other,
+        };
+        match renewed {
+            Ok(true) => {
+                let until =
+                    now_ms() + LEASE_TTL.as_millis() as u64 - 2 * LEASE_RENEW.as_millis() as u64;
+                s.lease_until.store(until, Ordering::Relaxed);
+            }
+            Ok(false) => {
+                tracing::error!(
+                    node_id = id,
+                    "node id lease taken by another node; exiting so a restart claims a free id"
+                );
+                std::process::exit(75);
+            }
+            Err(e) => {
+                tracing::warn!(node_id = id, error = %e, "node id lease renewal failed; retrying")
+            }
+        }
+    }
 }
 
 impl ScyllaStore {
     /// Connects, checks the schema version, prepares statements and starts the writer task.
     pub async fn open(
         cfg: &ScyllaConfig,
-        node_id: u8,
+        node_id: Option<u8>,
         keyring: Arc<Keyring>,
         retention: Retention,
         sink: Arc<dyn DeliverySink>,
@@ -345,6 +438,15 @@ impl ScyllaStore {
             ));
         }
         let st = Statements::prepare(&session, &cfg.keyspace).await?;
+        let holder = format!("{:016x}", fastrand::u64(..));
+        let (node_id, leased) = match node_id {
+            Some(id) => (id, false),
+            None => {
+                let id = claim_node_id(&session, &holder).await?;
+                tracing::info!(node_id = id, "leased a node id");
+                (id, true)
+            }
+        };
         let shared = Arc::new(Shared {
             session,
             st,
@@ -352,6 +454,11 @@ impl ScyllaStore {
             retention,
             archive_shards: cfg.archive_shards.max(1),
             healthy: AtomicBool::new(true),
+            lease_until: AtomicU64::new(if leased {
+                now_ms() + LEASE_TTL.as_millis() as u64 - 2 * LEASE_RENEW.as_millis() as u64
+            } else {
+                u64::MAX
+            }),
         });
         let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
         let writer = Writer {
@@ -364,11 +471,22 @@ impl ScyllaStore {
         };
         tokio::spawn(writer.run(rx));
         let pinger = tokio::spawn(ping(shared.clone()));
+        let lease = leased.then(|| {
+            let task = tokio::spawn(keep_lease(shared.clone(), node_id, holder.clone()));
+            (task, holder)
+        });
         Ok(ScyllaStore {
             shared,
             ops: tx,
             pinger,
+            lease,
+            node_id,
         })
+    }
+
+    /// This node's id (configured or leased).
+    pub fn node_id(&self) -> u8 {
+        self.node_id
     }
 
     async fn read_page(
@@ -420,6 +538,9 @@ impl ScyllaStore {
 impl Drop for ScyllaStore {
     fn drop(&mut self) {
         self.pinger.abort();
+        if let Some((task, _)) = &self.lease {
+            task.abort();
+        }
     }
 }
 
@@ -565,7 +686,21 @@ impl MessageStore for ScyllaStore {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.ops.close().boxed()
+        async move {
+            let closed = self.ops.close().await;
+            if let Some((lease, holder)) = &self.lease {
+                // Free the node id for the next node at once instead of after the TTL.
+                lease.abort();
+                let _ = lwt(
+                    &self.shared.session,
+                    "DELETE FROM node_leases WHERE node_id = ? IF holder = ?",
+                    (i32::from(self.node_id), holder),
+                )
+                .await;
+            }
+            closed
+        }
+        .boxed()
     }
 }
 
@@ -714,6 +849,13 @@ impl Writer {
         batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
     ) {
         let s = self.s.clone();
+        if now_ms() >= s.lease_until.load(Ordering::Relaxed) {
+            // The node id may be another node's by now: issue no sequence numbers.
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Unavailable("node id lease lapsed".into())));
+            }
+            return;
+        }
         let idem_ttl = ttl_secs(s.retention.idempotency_ms);
         let mut first: HashMap<(Arc<str>, Uuid), usize> = HashMap::new();
         let mut p: Vec<Pending> = Vec::with_capacity(batch.len());

@@ -8,6 +8,7 @@ total-queue check: every message answered `accepted` delivered, none stored twic
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -64,7 +65,7 @@ class Cluster:
         first = None
         for i in range(n):
             env = {
-                "RELAY_NODE_ID": str(i + 1),
+                "RELAY_NODE_ID": "auto",  # leased from Cassandra
                 "RELAY_CLUSTER__NATS": f'["{nats.url}"]',
                 "RELAY_CLUSTER__DRAIN_SPREAD": "1s",
                 "RELAY_SHUTDOWN_GRACE": "10s",
@@ -168,6 +169,10 @@ async def test_devices_of_one_user_spread_over_nodes_all_receive(cluster):
                  "relay_bus_publish_duration_seconds", "relay_bus_delivery_duration_seconds"):
         assert f"# TYPE {name} " in scrape, name
     assert sum(metric(n, "relay_bus_received_total") for n in cluster.nodes) >= 41
+    # Each node leased its own node id.
+    ids = [re.search(r"leased a node id.*node_id=(\d+)|node_id=(\d+).*leased a node id", n.logs()) for n in cluster.nodes]
+    assert all(ids), [n.logs()[-500:] for n in cluster.nodes]
+    assert len({next(g for g in m.groups() if g) for m in ids}) == 3
 
 
 @run
