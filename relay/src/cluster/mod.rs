@@ -531,7 +531,12 @@ impl Cluster {
                     self.heartbeat();
                     for (node_id, devices) in self.directory.expire(Instant::now(), self.config.node_timeout.0) {
                         metrics::counter!("relay_cluster_nodes_lost_total").increment(1);
-                        tracing::warn!(node_id, devices, "node silent: its devices count as offline");
+                        tracing::warn!(node_id, devices, "node silent: its devices count as offline; sessions re-read their inboxes");
+                        // A node that died between storing messages and publishing them left
+                        // them only in the inboxes: every session here re-reads from before it
+                        // fell silent.
+                        let silent_for = self.config.node_timeout.0.as_millis() as u64;
+                        self.hub.catch_up(seq_floor(now_ms().saturating_sub(silent_for + GAP_MARGIN_MS)));
                     }
                     metrics::gauge!("relay_presence_remote_devices").set(self.directory.len() as f64);
                     metrics::gauge!("relay_cluster_nodes").set((self.directory.peers().len() + 1) as f64);
