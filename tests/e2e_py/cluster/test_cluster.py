@@ -238,6 +238,7 @@ def loadtest(cluster, *args, during=None, timeout=240):
 
 def check_total_queue(report, err):
     summary = err[err.rfind("Steady"):]
+    print(summary)  # the figures, with `pytest -s`
     assert report["accepted"] >= 5000, summary
     assert report["lost"] == 0, summary
     assert report["duplicates"] == 0, summary
