@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::seal::Keyring;
+use crate::store::record::{push_id, take_id, take_u64};
 use crate::store::{DeviceRef, InboxEntry};
 
 /// Subjects of one deployment (`prefix` keeps deployments sharing a NATS apart).
@@ -70,12 +71,6 @@ pub struct Delivery {
 
 const DELIVERY_V1: u8 = 1;
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Ids are at most 128 bytes (checked at authentication).
-    out.push(s.len() as u8);
-    out.extend_from_slice(s.as_bytes());
-}
-
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if buf.len() < n {
         return None;
@@ -83,15 +78,6 @@ fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     let (head, rest) = buf.split_at(n);
     *buf = rest;
     Some(head)
-}
-
-fn take_u64(buf: &mut &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(take(buf, 8)?.try_into().ok()?))
-}
-
-fn take_str<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
-    let len = *take(buf, 1)?.first()? as usize;
-    std::str::from_utf8(take(buf, len)?).ok()
 }
 
 impl Delivery {
@@ -105,13 +91,13 @@ impl Delivery {
         }
         out.extend_from_slice(e.id.as_bytes());
         out.push(u8::from(e.urgent));
-        put_str(&mut out, &e.from.user);
-        put_str(&mut out, &e.from.device);
+        push_id(&mut out, &e.from.user);
+        push_id(&mut out, &e.from.device);
         let user = self.devices.first().map_or("", |d| &*d.user);
-        put_str(&mut out, user);
+        push_id(&mut out, user);
         out.extend_from_slice(&(self.devices.len() as u16).to_be_bytes());
         for d in &self.devices {
-            put_str(&mut out, &d.device);
+            push_id(&mut out, &d.device);
         }
         out.extend_from_slice(&e.body);
         out
@@ -126,11 +112,11 @@ impl Delivery {
         let (origin, sent_us, seq, ts) = (take_u64(b)?, take_u64(b)?, take_u64(b)?, take_u64(b)?);
         let id = Uuid::from_slice(take(b, 16)?).ok()?;
         let urgent = *take(b, 1)?.first()? != 0;
-        let from = DeviceRef::new(take_str(b)?, take_str(b)?);
-        let user = take_str(b)?;
+        let from = DeviceRef::new(take_id(b)?, take_id(b)?);
+        let user = take_id(b)?;
         let n = u16::from_be_bytes(take(b, 2)?.try_into().ok()?);
         let devices = (0..n)
-            .map(|_| take_str(b).map(|d| DeviceRef::new(user, d)))
+            .map(|_| take_id(b).map(|d| DeviceRef::new(user, d)))
             .collect::<Option<Vec<_>>>()?;
         Some(Delivery {
             origin,

@@ -10,13 +10,15 @@ use uuid::Uuid;
 use super::{DeviceRef, InboxEntry};
 use crate::seal::{Keyring, SealError};
 
-fn push_id(out: &mut Vec<u8>, id: &str) {
+/// Appends a length-prefixed id (the encoding every key and record here uses; also the bus's).
+pub(crate) fn push_id(out: &mut Vec<u8>, id: &str) {
     // Ids are at most 128 bytes (checked at authentication), so the length fits a byte.
     out.push(id.len() as u8);
     out.extend_from_slice(id.as_bytes());
 }
 
-fn take_id<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
+/// Reads an id written by [`push_id`].
+pub(crate) fn take_id<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
     let (&len, rest) = buf.split_first()?;
     if rest.len() < len as usize {
         return None;
@@ -26,7 +28,8 @@ fn take_id<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
     std::str::from_utf8(id).ok()
 }
 
-fn take_u64(buf: &mut &[u8]) -> Option<u64> {
+/// Reads a big-endian u64.
+pub(crate) fn take_u64(buf: &mut &[u8]) -> Option<u64> {
     let (head, rest) = buf.split_first_chunk::<8>()?;
     *buf = rest;
     Some(u64::from_be_bytes(*head))
