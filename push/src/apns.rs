@@ -153,18 +153,9 @@ impl Apns {
             Environment::Production => &self.production,
             Environment::Sandbox => &self.sandbox,
         };
-        let started = Instant::now();
-        let resp = origin.send(req).await;
-        metrics::histogram!(metric::DURATION, "provider" => "apns")
-            .record(started.elapsed().as_secs_f64());
-        let resp = match resp {
+        let resp = match origin.send_timed(req, "apns").await {
             Ok(r) => r,
-            Err(e) => {
-                return Outcome::Retry {
-                    after: None,
-                    reason: e.class().into(),
-                };
-            }
+            Err(outcome) => return outcome,
         };
         let status = resp.status().as_u16();
         let retry_after = crate::dispatch::retry_after(resp.headers());

@@ -190,18 +190,9 @@ impl Fcm {
             Ok(r) => r,
             Err(e) => return Outcome::Failed(format!("request: {e}")),
         };
-        let started = Instant::now();
-        let resp = self.fcm.send(req).await;
-        metrics::histogram!(metric::DURATION, "provider" => "fcm")
-            .record(started.elapsed().as_secs_f64());
-        let resp = match resp {
+        let resp = match self.fcm.send_timed(req, "fcm").await {
             Ok(r) => r,
-            Err(e) => {
-                return Outcome::Retry {
-                    after: None,
-                    reason: e.class().into(),
-                };
-            }
+            Err(outcome) => return outcome,
         };
         let status = resp.status().as_u16();
         let retry_after = crate::dispatch::retry_after(resp.headers());

@@ -167,6 +167,23 @@ impl Origin {
         Ok(s)
     }
 
+    /// [`Origin::send`], timed into the provider's latency histogram; a transport failure is a
+    /// retry.
+    pub(crate) async fn send_timed(
+        &self,
+        req: Request<Full<Bytes>>,
+        provider: &'static str,
+    ) -> Result<Response<Bytes>, crate::Outcome> {
+        let started = std::time::Instant::now();
+        let resp = self.send(req).await;
+        metrics::histogram!(crate::metric::DURATION, "provider" => provider)
+            .record(started.elapsed().as_secs_f64());
+        resp.map_err(|e| crate::Outcome::Retry {
+            after: None,
+            reason: e.class().into(),
+        })
+    }
+
     /// Sends `req` (its URI is a path; scheme and authority are filled in) and reads the whole
     /// response.
     pub async fn send(
