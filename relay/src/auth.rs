@@ -46,6 +46,8 @@ pub struct Identity {
     pub org: Option<String>,
     /// Token expiry, Unix seconds.
     pub expires_at: u64,
+    /// Token issue time, Unix seconds: revocations refuse tokens issued before them.
+    pub issued_at: u64,
     /// Session epoch of the token.
     pub epoch: u64,
 }
@@ -203,8 +205,151 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
         device: DeviceRef::new(&c.sub, &c.dev),
         org: c.org,
         expires_at: c.exp,
+        issued_at: c.iat,
         epoch: c.sep,
     })
+}
+
+/// The user and device a token *claims*, read without verifying it: for failed-login limits
+/// and the audit trail only, never for access. Ids that are not valid identifiers are dropped.
+pub fn claimed(token: &str) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct Claimed {
+        sub: Option<String>,
+        dev: Option<String>,
+    }
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok();
+    let Some(c) = decoded.and_then(|b| serde_json::from_slice::<Claimed>(&b).ok()) else {
+        return (None, None);
+    };
+    let ok = |id: Option<String>| id.filter(|i| valid_id(i));
+    (ok(c.sub), ok(c.dev))
+}
+
+/// What a failed-login limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One client IP.
+    Ip,
+    /// One claimed user.
+    Account,
+}
+
+impl Scope {
+    /// Label for metrics and the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Ip => "ip",
+            Scope::Account => "account",
+        }
+    }
+}
+
+struct Window {
+    start: std::time::Instant,
+    failures: u32,
+    throttled: bool,
+}
+
+/// Per-IP and per-account limits on failed upgrades (fixed windows, this node only).
+pub struct FailureLimits {
+    per_ip: u32,
+    per_account: u32,
+    window: std::time::Duration,
+    ips: dashmap::DashMap<std::net::IpAddr, Window>,
+    accounts: dashmap::DashMap<String, Window>,
+}
+
+/// A refusal for too many failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled {
+    /// Which limit.
+    pub scope: Scope,
+    /// Seconds until the window ends.
+    pub retry_after_s: u64,
+    /// First refusal in this window (audited once per window, counted always).
+    pub first: bool,
+}
+
+impl FailureLimits {
+    /// Limits of `per_ip` and `per_account` failures per `window`.
+    pub fn new(per_ip: u32, per_account: u32, window: std::time::Duration) -> Self {
+        FailureLimits {
+            per_ip,
+            per_account,
+            window,
+            ips: Default::default(),
+            accounts: Default::default(),
+        }
+    }
+
+    fn over<K: std::hash::Hash + Eq>(
+        &self,
+        map: &dashmap::DashMap<K, Window>,
+        key: K,
+        limit: u32,
+        scope: Scope,
+    ) -> Option<Throttled> {
+        let mut w = map.get_mut(&key)?;
+        let age = w.start.elapsed();
+        if age >= self.window || w.failures < limit {
+            return None;
+        }
+        let first = !w.throttled;
+        w.throttled = true;
+        Some(Throttled {
+            scope,
+            retry_after_s: (self.window - age).as_secs().max(1),
+            first,
+        })
+    }
+
+    /// Whether upgrades from `ip` (claiming `account`) are refused now.
+    pub fn check(&self, ip: std::net::IpAddr, account: Option<&str>) -> Option<Throttled> {
+        self.over(&self.ips, ip, self.per_ip, Scope::Ip)
+            .or_else(|| {
+                account.and_then(|a| {
+                    self.over(
+                        &self.accounts,
+                        a.to_string(),
+                        self.per_account,
+                        Scope::Account,
+                    )
+                })
+            })
+    }
+
+    /// Counts a failed upgrade.
+    pub fn failed(&self, ip: std::net::IpAddr, account: Option<&str>) {
+        let bump = |w: &mut Window| {
+            if w.start.elapsed() >= self.window {
+                *w = Window {
+                    start: std::time::Instant::now(),
+                    failures: 0,
+                    throttled: false,
+                };
+            }
+            w.failures += 1;
+        };
+        let fresh = || Window {
+            start: std::time::Instant::now(),
+            failures: 0,
+            throttled: false,
+        };
+        bump(&mut self.ips.entry(ip).or_insert_with(fresh));
+        if let Some(a) = account {
+            bump(&mut self.accounts.entry(a.to_string()).or_insert_with(fresh));
+        }
+    }
+
+    /// Forgets windows that ended (called periodically).
+    pub fn prune(&self) {
+        self.ips.retain(|_, w| w.start.elapsed() < self.window);
+        self.accounts.retain(|_, w| w.start.elapsed() < self.window);
+    }
 }
 
 /// Where the token came from; a browser must be answered with the subprotocol.
@@ -381,6 +526,39 @@ mod tests {
             check(minter.mint(&bad_id).expect("mint")),
             AuthError::BadClaims
         );
+    }
+
+    #[test]
+    fn claimed_ids_are_read_without_trusting_them() {
+        let key = generate_ed25519().expect("key");
+        let t = Minter::from_pem(&key.private_pem)
+            .expect("minter")
+            .mint(&claims(now() - 10, "other"))
+            .expect("mint");
+        assert_eq!(claimed(&t), (Some("alice".into()), Some("phone".into())));
+        assert_eq!(claimed("garbage"), (None, None));
+    }
+
+    #[test]
+    fn failure_limits_throttle_per_ip_and_per_account() {
+        let ip: std::net::IpAddr = [127, 0, 0, 9].into();
+        let other: std::net::IpAddr = [127, 0, 0, 10].into();
+        let l = FailureLimits::new(3, 2, std::time::Duration::from_secs(60));
+        l.failed(ip, None);
+        l.failed(ip, None);
+        assert_eq!(l.check(ip, None), None);
+        l.failed(ip, None);
+        let t = l.check(ip, None).expect("throttled");
+        assert_eq!((t.scope, t.first), (Scope::Ip, true));
+        assert!(!l.check(ip, None).expect("still").first);
+        // An account attacked from many addresses.
+        l.failed(other, Some("bob"));
+        l.failed([127, 0, 0, 11].into(), Some("bob"));
+        let t = l
+            .check([127, 0, 0, 12].into(), Some("bob"))
+            .expect("throttled");
+        assert_eq!(t.scope, Scope::Account);
+        assert_eq!(l.check(other, Some("carol")), None);
     }
 
     #[test]

@@ -123,6 +123,88 @@ pub struct Config {
     pub push: PushConfig,
     /// Cluster mode: many nodes on a NATS bus (off unless `cluster.nats` lists a server).
     pub cluster: ClusterConfig,
+    /// Remote logout and failed-login limits.
+    pub access: AccessConfig,
+    /// Admin API credentials.
+    pub admin: AdminConfig,
+}
+
+/// Remote logout and failed-login protection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// How long a logged-out session waits for `logout_ack` before it closes.
+    pub logout_ack_wait: Dur,
+    /// A logout not confirmed within this time counts as overdue (devices view, metric).
+    pub logout_confirm_within: Dur,
+    /// Failed upgrades per client IP within `failed_auth_window` before `429`.
+    pub failed_auth_per_ip: u32,
+    /// Failed upgrades per claimed user within `failed_auth_window` before `429`.
+    pub failed_auth_per_account: u32,
+    /// The window of the failed-login limits.
+    pub failed_auth_window: Dur,
+    /// Header a trusted proxy sets to the client's IP (`Fly-Client-IP` on Fly.io); unset:
+    /// the TCP peer address.
+    pub client_ip_header: Option<String>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            logout_ack_wait: Dur::secs(10),
+            logout_confirm_within: Dur::secs(24 * 3600),
+            failed_auth_per_ip: 30,
+            failed_auth_per_account: 10,
+            failed_auth_window: Dur::secs(300),
+            client_ip_header: None,
+        }
+    }
+}
+
+/// Admin API credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Who may call the admin API; see `relay admin-credential`.
+    pub credentials: Vec<AdminCredential>,
+}
+
+/// One admin API credential: a bearer token, stored here only as its SHA-256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminCredential {
+    /// Name, recorded as the actor in the audit trail.
+    pub name: String,
+    /// `support`, `org_admin` or `account_service`.
+    pub role: AdminRole,
+    /// `org_admin` only: the organisation they administer.
+    #[serde(default)]
+    pub org: Option<String>,
+    /// Hex SHA-256 of the bearer token.
+    pub token_sha256: String,
+}
+
+/// What an admin credential may do (see README, "Admin API").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Support staff: devices, logout, presence and audit queries; no lock.
+    Support,
+    /// An organisation's admin: everything, for users of their organisation only.
+    OrgAdmin,
+    /// The platform's account service: logout (password change), lock, unlock, devices.
+    AccountService,
+}
+
+impl AdminRole {
+    /// Name as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminRole::Support => "support",
+            AdminRole::OrgAdmin => "org_admin",
+            AdminRole::AccountService => "account_service",
+        }
+    }
 }
 
 /// How a node gets its id.
@@ -506,6 +588,8 @@ impl Default for Config {
             node_id: NodeId::Fixed(0),
             push: PushConfig::default(),
             cluster: ClusterConfig::default(),
+            access: AccessConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -685,6 +769,35 @@ impl Config {
         ] {
             if d.0.is_zero() {
                 e.push(format!("{name} must be positive"));
+            }
+        }
+        let a = &self.access;
+        for (name, d) in [
+            ("access.logout_ack_wait", a.logout_ack_wait),
+            ("access.logout_confirm_within", a.logout_confirm_within),
+            ("access.failed_auth_window", a.failed_auth_window),
+        ] {
+            if d.0.is_zero() {
+                e.push(format!("{name} must be positive"));
+            }
+        }
+        if a.failed_auth_per_ip == 0 || a.failed_auth_per_account == 0 {
+            e.push(
+                "access.failed_auth_per_ip and access.failed_auth_per_account must be positive"
+                    .into(),
+            );
+        }
+        for c in &self.admin.credentials {
+            let hex =
+                c.token_sha256.len() == 64 && c.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex {
+                e.push(format!("admin credential `{}`: token_sha256 must be 64 hex digits (see `relay admin-credential`)", c.name));
+            }
+            if (c.role == AdminRole::OrgAdmin) != c.org.is_some() {
+                e.push(format!(
+                    "admin credential `{}`: `org` is required for org_admin and only for it",
+                    c.name
+                ));
             }
         }
         let p = &self.push;

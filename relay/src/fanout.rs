@@ -40,6 +40,8 @@ pub struct Outbox {
     pub evict: CancellationToken,
     /// Close code for an eviction.
     pub evict_code: AtomicU16,
+    /// Set before an eviction with [`close::LOGGED_OUT`]: the reason and the signal.
+    pub logout: Mutex<Option<(String, uuid::Uuid)>>,
 }
 
 impl Outbox {
@@ -191,6 +193,27 @@ impl Hub {
             }
             outbox.evict(code);
         }
+    }
+
+    /// Logs out this node's connections of `user` that `target` covers: each session sends the
+    /// `logout` frame, waits briefly for `logout_ack`, and closes with [`close::LOGGED_OUT`].
+    pub fn logout(
+        &self,
+        user: &str,
+        target: &crate::access::Target,
+        reason: &str,
+        signal: uuid::Uuid,
+    ) -> usize {
+        let mut n = 0;
+        for conn in self.conns.iter() {
+            if &*conn.key().user == user && target.includes(&conn.key().device) {
+                *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((reason.to_string(), signal));
+                conn.outbox.evict(close::LOGGED_OUT);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Removes the registration `id` of `device`, unless a newer connection replaced it.

@@ -7,7 +7,10 @@
 //!
 //! Layout:
 //! - [`config`]: the typed configuration and its loading;
-//! - [`auth`]: device tokens, checked before the upgrade;
+//! - [`auth`]: device tokens, checked before the upgrade, and failed-login limits;
+//! - [`access`]: remote logout and account lock (revocations, checked at the upgrade);
+//! - [`audit`]: the tamper-evident access audit trail;
+//! - [`admin`]: the admin API (logout, lock, devices, presence, audit queries);
 //! - [`protocol`]: frame shapes, codes and close codes (the only place that knows them);
 //! - [`session`]: one device's session: `state` (logic, no IO) and `driver` (the socket);
 //! - [`fanout`]: live connections on this node and their bounded queues;
@@ -20,6 +23,9 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod config;

@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, TokenSource, Verifier};
+use crate::access::Verdict;
+use crate::audit::Event;
+use crate::auth::{self, FailureLimits, TokenSource, Verifier};
 use crate::config::Config;
 use crate::protocol;
 use crate::session::{SessionContext, driver};
@@ -54,6 +56,10 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Tracks every connection task, for the drain.
     pub tracker: TaskTracker,
+    /// Failed-login limits.
+    pub failures: FailureLimits,
+    /// This node's id (audit records).
+    pub node_id: u8,
 }
 
 type Body = Full<Bytes>;
@@ -64,7 +70,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-fn json_error(status: StatusCode, code: &str) -> Response<Body> {
+pub(crate) fn json_error(status: StatusCode, code: &str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(format!(r#"{{"error":"{code}"}}"#))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -150,8 +156,8 @@ async fn serve_conn<IO>(
             let permit = permit.clone();
             async move {
                 Ok::<_, Infallible>(match role {
-                    Side::Public => public(req, peer, app, permit),
-                    Side::Admin => admin(&req, &app),
+                    Side::Public => public(req, peer, app, permit).await,
+                    Side::Admin => admin(req, peer, &app).await,
                 })
             }
         })
@@ -194,9 +200,12 @@ fn health(req: &Request<Incoming>, app: &App) -> Option<Response<Body>> {
     }
 }
 
-fn admin(req: &Request<Incoming>, app: &App) -> Response<Body> {
-    if let Some(r) = health(req, app) {
+async fn admin(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Body> {
+    if let Some(r) = health(&req, app) {
         return r;
+    }
+    if req.uri().path().starts_with("/v1/") {
+        return crate::admin::handle(req, peer, app).await;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
@@ -211,7 +220,20 @@ fn admin(req: &Request<Incoming>, app: &App) -> Response<Body> {
     }
 }
 
-fn public(
+/// The client's address: the TCP peer, or the header a trusted proxy sets.
+fn client_ip(req: &Request<Incoming>, peer: SocketAddr, app: &App) -> std::net::IpAddr {
+    app.config
+        .access
+        .client_ip_header
+        .as_deref()
+        .and_then(|name| req.headers().get(name))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer.ip())
+}
+
+async fn public(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     app: Arc<App>,
@@ -263,20 +285,49 @@ fn public(
         tracing::info!(peer = %peer.ip(), "upgrade refused: origin not allowed");
         return json_error(StatusCode::FORBIDDEN, "origin_not_allowed");
     }
-    let identity =
-        match auth::token_from_headers(h).and_then(|(t, src)| Ok((app.verifier.verify(t)?, src))) {
-            Ok(ok) => ok,
-            Err(e) => {
-                outcome(e.code());
-                tracing::info!(peer = %peer.ip(), reason = e.code(), "authentication failed");
-                let mut r = json_error(StatusCode::UNAUTHORIZED, e.code());
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"relay\", error=\"invalid_token\""),
-                );
-                return r;
-            }
-        };
+    let ip = client_ip(&req, peer, &app);
+    let token = auth::token_from_headers(h);
+    let (claimed_user, claimed_device) = token.map(|(t, _)| auth::claimed(t)).unwrap_or_default();
+    let audit = &app.sessions.access.audit;
+    let failed = |code: &str| Event {
+        ip: Some(ip.to_string()),
+        user: claimed_user.clone(),
+        device: claimed_device.clone(),
+        reason: Some(code.into()),
+        ..Event::new("auth_failed")
+    };
+    if let Some(t) = app.failures.check(ip, claimed_user.as_deref()) {
+        outcome("throttled");
+        metrics::counter!("relay_auth_throttled_total", "scope" => t.scope.name()).increment(1);
+        if t.first {
+            tracing::warn!(peer = %ip, scope = t.scope.name(), "too many failed logins: refusing upgrades");
+            audit.record(Event {
+                event: "auth_throttled".into(),
+                reason: Some(t.scope.name().into()),
+                ..failed("")
+            });
+        }
+        let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "too_many_failed_logins");
+        if let Ok(v) = HeaderValue::from_str(&t.retry_after_s.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let identity = match token.and_then(|(t, src)| Ok((app.verifier.verify(t)?, src))) {
+        Ok(ok) => ok,
+        Err(e) => {
+            outcome(e.code());
+            app.failures.failed(ip, claimed_user.as_deref());
+            audit.record(failed(e.code()));
+            tracing::info!(peer = %ip, reason = e.code(), "authentication failed");
+            let mut r = json_error(StatusCode::UNAUTHORIZED, e.code());
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"relay\", error=\"invalid_token\""),
+            );
+            return r;
+        }
+    };
     let (identity, source) = identity;
     let offers = auth::offers_subprotocol(h);
     if source == TokenSource::Subprotocol && !offers {
@@ -287,6 +338,37 @@ fn public(
         outcome("draining");
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "draining");
     }
+    let verdict = match app
+        .sessions
+        .access
+        .check(&identity.device, identity.issued_at)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            outcome("store_unavailable");
+            tracing::warn!(error = %e, "access check failed");
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
+        }
+    };
+    let revocation = match verdict {
+        Verdict::Allowed => None,
+        Verdict::Locked => {
+            outcome("account_locked");
+            audit.record(failed("account_locked"));
+            return json_error(StatusCode::FORBIDDEN, "account_locked");
+        }
+        Verdict::LoggedOut {
+            confirmed: true, ..
+        } => {
+            outcome("revoked");
+            app.failures.failed(ip, claimed_user.as_deref());
+            audit.record(failed("revoked"));
+            return json_error(StatusCode::UNAUTHORIZED, "revoked");
+        }
+        // Not confirmed yet: upgrade only to deliver the `logout` frame.
+        Verdict::LoggedOut { revocation, .. } => Some(revocation),
+    };
     let Some(key) = key else {
         return json_error(StatusCode::BAD_REQUEST, "websocket_upgrade_required");
     };
@@ -298,13 +380,24 @@ fn public(
             outcome("upgrade_failed");
             return;
         };
-        outcome("ok");
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(app2.ws_config)).await;
         let device = identity.device.clone();
-        tracing::info!(user = %device.user, device = %device.device, peer = %peer.ip(), "session started");
+        if let Some(revocation) = revocation {
+            outcome("logged_out");
+            tracing::info!(user = %device.user, device = %device.device, peer = %ip, "revoked credentials: sending logout");
+            driver::logged_out(ws, app2.sessions.clone(), identity, revocation).await;
+            drop(permit);
+            return;
+        }
+        outcome("ok");
+        let audit = &app2.sessions.access.audit;
+        audit.record(Event { ip: Some(ip.to_string()), ..Event::new("connect").device(&device) });
+        tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
         metrics::gauge!("relay_connections").increment(1.0);
         let ended = driver::run(ws, app2.sessions.clone(), identity, app2.shutdown.clone()).await;
         metrics::gauge!("relay_connections").decrement(1.0);
+        let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) { "idle_logoff" } else { "disconnect" };
+        audit.record(Event { ip: Some(ip.to_string()), ..Event::new(kind).device(&device).reason(ended.reason) });
         tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
         drop(permit);
     });

@@ -1,4 +1,5 @@
-//! The `relay` binary: `serve` (default), `token` (mint a device token), `keygen`.
+//! The `relay` binary: `serve` (default), `token` (mint a device token), `keygen`, `migrate`,
+//! `check`, `audit verify`, `admin-credential`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,11 +55,38 @@ enum Command {
     Migrate,
     /// Validate the configuration (file, environment, flags) and exit: 0 if usable, 64 if not.
     Check,
+    /// The access audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Create an admin API credential: prints the token (give it to the caller) and the
+    /// `[[admin.credentials]]` entry holding only its SHA-256.
+    AdminCredential {
+        /// Name recorded as the actor in the audit trail.
+        #[arg(long)]
+        name: String,
+        /// `support`, `org_admin` or `account_service`.
+        #[arg(long)]
+        role: String,
+        /// The organisation (org_admin only).
+        #[arg(long)]
+        org: Option<String>,
+    },
     /// Generate keys: an Ed25519 token-signing pair and an at-rest key.
     Keygen {
         /// Directory to write `token-signing-key.pem` and `token-signing-key.pub.pem` into.
         #[arg(long)]
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute every hash chain: exit 0 if intact, 1 if a record was edited or deleted.
+    /// Embedded backend: run it on a stopped node (the store is locked while a relay runs).
+    Verify {
+        /// Only this user's partitions.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -144,6 +172,8 @@ fn main() -> ExitCode {
         Command::Token(args) => token(&config, args),
         Command::Keygen { .. } => ExitCode::SUCCESS, // handled above: needs no configuration
         Command::Migrate => migrate(&config),
+        Command::Audit(AuditCommand::Verify { user }) => audit_verify(&config, user.as_deref()),
+        Command::AdminCredential { name, role, org } => admin_credential(&name, &role, org),
         Command::Check => {
             println!(
                 "configuration OK: mode {:?}, backend {:?}, listen {}, admin {}",
@@ -211,6 +241,80 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+fn audit_verify(config: &Config, user: Option<&str>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async {
+        let store = match server::open_store_for_tool(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("relay audit verify: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let result = relay::audit::verify(&*store, user, config.retention().archive_ms).await;
+        let _ = store.close().await;
+        match result {
+            Ok(v) if v.findings.is_empty() => {
+                println!(
+                    "audit trail intact: {} records in {} partitions",
+                    v.records, v.partitions
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                for f in &v.findings {
+                    println!(
+                        "TAMPERED subject={} month={} node={} n={}: {}",
+                        f.chain.subject, f.chain.month, f.chain.node, f.n, f.problem
+                    );
+                }
+                println!(
+                    "audit trail NOT intact: {} problems in {} records, {} partitions",
+                    v.findings.len(),
+                    v.records,
+                    v.partitions
+                );
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("relay audit verify: {e}");
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+fn admin_credential(name: &str, role: &str, org: Option<String>) -> ExitCode {
+    if !["support", "org_admin", "account_service"].contains(&role) {
+        eprintln!("relay admin-credential: --role must be support, org_admin or account_service");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if (role == "org_admin") != org.is_some() {
+        eprintln!("relay admin-credential: --org is required for org_admin, and only for it");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (token, digest) = relay::admin::new_credential();
+    println!("token (give to the caller, store nowhere else): {token}");
+    println!();
+    println!("[[admin.credentials]]");
+    println!("name = {name:?}");
+    println!("role = {role:?}");
+    if let Some(org) = org {
+        println!("org = {org:?}");
+    }
+    println!("token_sha256 = \"{digest}\"");
+    ExitCode::SUCCESS
 }
 
 fn migrate(config: &Config) -> ExitCode {

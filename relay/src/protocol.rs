@@ -60,6 +60,11 @@ pub enum ClientFrame {
     },
     /// Stop pushing to this device.
     PushTokenRemove,
+    /// The device wiped its local data after a `logout` frame or push.
+    LogoutAck {
+        /// The `signal` of the `logout` frame or push.
+        signal: Uuid,
+    },
 }
 
 /// Why a client frame could not be used. Sent back as an `error` frame.
@@ -109,7 +114,7 @@ fn classify(text: &str, err: serde_json::Error) -> (FrameError, String) {
     };
     match value.get("type").and_then(|t| t.as_str()) {
         None => (FrameError::BadRequest, "missing string field `type`".into()),
-        Some("send" | "ack" | "active" | "push_token" | "push_token_remove") => {
+        Some("send" | "ack" | "active" | "push_token" | "push_token_remove" | "logout_ack") => {
             (FrameError::BadRequest, sanitize(&err))
         }
         Some(_) => (FrameError::UnknownType, "unknown frame type".into()),
@@ -253,6 +258,14 @@ pub enum ServerFrame<'a> {
         /// Inactivity limit that was reached, seconds.
         idle_timeout_s: u64,
     },
+    /// The device is logged out: wipe local data, answer `logout_ack`; the relay then closes
+    /// with 4006. Always the first frame of a session whose credentials were revoked.
+    Logout {
+        /// `password_changed`, `lost_device`, `admin`, `locked`, `security`.
+        reason: &'a str,
+        /// Opaque id to confirm with `logout_ack`.
+        signal: Uuid,
+    },
     /// A `push_token` or `push_token_remove` was stored.
     PushTokenSaved {
         /// Whether the device now has a push registration.
@@ -292,6 +305,9 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4004;
     /// No pong within two ping intervals.
     pub const UNRESPONSIVE: u16 = 4005;
+    /// The device was logged out remotely (lost device, password change, lock): wipe local
+    /// data, confirm with `logout_ack`, and do not reconnect with the same credentials.
+    pub const LOGGED_OUT: u16 = 4006;
 }
 
 #[cfg(test)]

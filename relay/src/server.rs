@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, Verifier};
+use crate::access::Access;
+use crate::audit::Auditor;
+use crate::auth::{self, FailureLimits, Verifier};
 use crate::cluster::Cluster;
 use crate::config::{Backend, Config, Mode, NodeId};
 use crate::fanout::{Hub, Presence};
@@ -28,7 +30,7 @@ use crate::session::{SessionContext, state::Limits};
 use crate::store::DeliverySink;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::scylla::ScyllaStore;
-use crate::store::{DeviceRef, MessageStore, now_ms};
+use crate::store::{DeviceRef, MAX_NODES, MessageStore, now_ms};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,38 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
     Ok((verifier, keyring))
 }
 
+/// Receives nothing: for tools that open the store without serving devices.
+struct NoDelivery;
+
+impl DeliverySink for NoDelivery {
+    fn deliver(&self, _: &[DeviceRef], _: &crate::store::InboxEntry) {}
+}
+
+/// Opens the configured store for a tool (`relay audit verify`). The embedded store cannot be
+/// opened while a relay runs on the same data directory.
+pub async fn open_store_for_tool(config: &Config) -> Result<Arc<dyn MessageStore>, StartError> {
+    let (_, keyring) = resolve_keys(config)?;
+    let keyring = Arc::new(keyring);
+    Ok(match config.storage.backend {
+        Backend::Embedded => Arc::new(EmbeddedStore::open(
+            &config.data_dir.join("store"),
+            keyring,
+            Arc::new(NoDelivery),
+        )?),
+        // A fixed id and no appends: the tool takes no node-id lease.
+        Backend::Scylla => Arc::new(
+            ScyllaStore::open(
+                &config.storage.scylla,
+                Some(MAX_NODES - 1),
+                keyring,
+                config.retention(),
+                Arc::new(NoDelivery),
+            )
+            .await?,
+        ),
+    })
+}
+
 /// A running relay.
 pub struct Server {
     /// Bound public address.
@@ -141,6 +175,7 @@ pub struct Server {
     cluster: Option<Arc<Cluster>>,
     cluster_tasks: Option<crate::cluster::Tasks>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    audit_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the relay: everything is bound and serving when this returns.
@@ -246,6 +281,21 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         dispatcher
     });
 
+    let (auditor, audit_task) = Auditor::start(store.clone(), node_id);
+    let presence: Arc<dyn Presence> = match &cluster {
+        Some(c) => c.clone(),
+        None => hub.clone(),
+    };
+    let access = Arc::new(Access {
+        store: store.clone(),
+        hub: hub.clone(),
+        presence,
+        cluster: cluster.clone(),
+        audit: auditor.clone(),
+        dispatcher: dispatcher.clone(),
+        ack_wait: config.access.logout_ack_wait.0,
+    });
+
     let public = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
     let admin = bind(config.admin_listen).map_err(|e| StartError::Bind(config.admin_listen, e))?;
     let public_addr = public
@@ -274,6 +324,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         push_apps: config.push.app_ids.clone(),
         pager: dispatcher.as_ref().map(|_| pager.clone()),
         cluster: cluster.clone(),
+        access,
     });
     // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
     // per connection would dominate memory. The buffer grows on demand for large frames.
@@ -284,7 +335,15 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         .max_write_buffer_size(max_frame.max(1 << 20) * 4)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));
+    let a = &config.access;
+    let failures = FailureLimits::new(
+        a.failed_auth_per_ip,
+        a.failed_auth_per_account,
+        a.failed_auth_window.0,
+    );
     let app = Arc::new(App {
+        failures,
+        node_id,
         connections: Arc::new(Semaphore::new(l.max_connections)),
         config,
         verifier,
@@ -319,6 +378,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         cluster,
         cluster_tasks,
         background,
+        audit_task,
     })
 }
 
@@ -340,18 +400,30 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
     let retention = app.config.retention();
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
     let mut sweep = tokio::time::interval(app.config.retention.sweep_interval.0);
+    let mut logouts = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             _ = metrics_tick.tick() => {
                 metrics::gauge!("relay_store_ready").set(if store.ready() { 1.0 } else { 0.0 });
                 app.metrics.run_upkeep();
+                app.failures.prune();
             }
+            _ = logouts.tick() => match store.pending_logouts().await {
+                Ok(pending) => {
+                    let overdue_before = now_ms().saturating_sub(app.config.access.logout_confirm_within.0.as_millis() as u64);
+                    let overdue = pending.iter().filter(|(_, at)| *at < overdue_before).count();
+                    metrics::gauge!("relay_logouts_pending").set(pending.len() as f64);
+                    metrics::gauge!("relay_logouts_overdue").set(overdue as f64);
+                }
+                Err(e) => tracing::warn!(error = %e, "pending logouts not read"),
+            },
             _ = sweep.tick() => match store.expire(now_ms(), retention).await {
                 Ok(n) => {
                     metrics::counter!("relay_retention_expired_rows_total", "table" => "archive").increment(n.archive);
                     metrics::counter!("relay_retention_expired_rows_total", "table" => "inbox").increment(n.inbox);
                     metrics::counter!("relay_retention_expired_rows_total", "table" => "idempotency").increment(n.idempotency);
+                    metrics::counter!("relay_retention_expired_rows_total", "table" => "audit").increment(n.audit);
                     if n != Default::default() {
                         tracing::info!(archive = n.archive, inbox = n.inbox, idempotency = n.idempotency, "retention expiry");
                     }
@@ -392,6 +464,15 @@ impl Server {
         if let Some(d) = &self.dispatcher {
             d.close();
         }
+        // Sessions are gone: their last audit events are queued. Store them before the store
+        // closes.
+        self.app
+            .sessions
+            .access
+            .audit
+            .flush(Duration::from_secs(5))
+            .await;
+        self.audit_task.abort();
         match self.store.close().await {
             Ok(()) => tracing::info!("store flushed; stopped"),
             Err(e) => tracing::error!(error = %e, "store close failed"),

@@ -341,6 +341,193 @@ async fn push_tokens(kind: Kind) {
     store.close().await.expect("close");
 }
 
+async fn access_state(kind: Kind) {
+    use relay::access::{self, Change, Confirmation, Lock, Revocation, Verdict};
+    let (p, store, _) = setup(kind, LONG).await;
+    let (u, phone) = ("dora", DeviceRef::new("dora", "phone"));
+    store
+        .register_device(phone.clone())
+        .await
+        .expect("register");
+    store
+        .register_device(DeviceRef::new("dora", "laptop"))
+        .await
+        .expect("register");
+    let mut devices = store.devices(u.into()).await.expect("devices");
+    devices.sort();
+    assert_eq!(devices, vec!["laptop", "phone"]);
+    assert!(store.access(u.into(), None).await.expect("read").is_empty());
+
+    let seen = Change::Seen {
+        at: 5,
+        org: Some("clinic-a".into()),
+    };
+    store
+        .update_access(u.into(), "phone".into(), seen)
+        .await
+        .expect("seen");
+    let r = Revocation {
+        at: 1_000_500,
+        reason: "lost_device".into(),
+        signal: Uuid::new_v4(),
+        except: None,
+    };
+    store
+        .update_access(u.into(), "phone".into(), Change::Revoke(r.clone()))
+        .await
+        .expect("revoke");
+    let lock = Lock {
+        at: 7,
+        reason: "left the practice".into(),
+    };
+    store
+        .update_access(u.into(), String::new(), Change::Lock(Some(lock.clone())))
+        .await
+        .expect("lock");
+    // A confirmation and a later revocation touch different fields: neither undoes the other.
+    let c = Confirmation {
+        signal: r.signal,
+        at: 9,
+    };
+    store
+        .update_access(u.into(), "phone".into(), Change::Confirm(c.clone()))
+        .await
+        .expect("confirm");
+    store.close().await.expect("close");
+    drop(store);
+
+    // Durable across a restart.
+    let store = p
+        .open(
+            keyring(&key_entry("k1"), "k1"),
+            LONG,
+            Arc::new(Recorder::default()),
+        )
+        .await;
+    let (user, rows) = access::split(
+        store
+            .access(u.into(), Some("phone".into()))
+            .await
+            .expect("read"),
+    );
+    assert_eq!(user.org.as_deref(), Some("clinic-a"));
+    assert_eq!(user.locked, Some(lock));
+    assert_eq!(rows.len(), 1);
+    let (id, dev) = &rows[0];
+    assert_eq!(id, "phone");
+    assert_eq!(dev.revoked, Some(r));
+    assert_eq!(dev.confirmed, Some(c));
+    assert_eq!(dev.last_seen, Some(5));
+    assert!(matches!(
+        access::verdict(&user, dev, "phone", 1000),
+        Verdict::LoggedOut {
+            confirmed: true,
+            ..
+        }
+    ));
+    assert_eq!(access::verdict(&user, dev, "phone", 1001), Verdict::Locked);
+    store
+        .update_access(u.into(), String::new(), Change::Lock(None))
+        .await
+        .expect("unlock");
+    let (user, _) = access::split(store.access(u.into(), None).await.expect("read"));
+    assert_eq!(user.locked, None);
+    assert_eq!(
+        store.org_users("clinic-a".into()).await.expect("org"),
+        vec![u.to_string()]
+    );
+
+    store
+        .set_pending_logout(phone.clone(), Some(42))
+        .await
+        .expect("pending");
+    assert_eq!(
+        store.pending_logouts().await.expect("read"),
+        vec![(phone.clone(), 42)]
+    );
+    store.set_pending_logout(phone, None).await.expect("clear");
+    assert!(store.pending_logouts().await.expect("read").is_empty());
+    store.close().await.expect("close");
+}
+
+async fn audit_chain(kind: Kind) {
+    use relay::audit::{self, Auditor, Event};
+    let (_p, store, _) = setup(kind, LONG).await;
+    let (auditor, task) = Auditor::start(store.clone(), 3);
+    let phone = DeviceRef::new("erin", "phone");
+    let t0 = now_ms();
+    for i in 0..20 {
+        auditor.record(Event {
+            ip: Some(format!("127.0.0.{i}")),
+            ..Event::new("connect").device(&phone)
+        });
+    }
+    auditor.record(Event::new("auth_failed").reason("bad_signature"));
+    auditor.flush(Duration::from_secs(10)).await;
+    let v = audit::verify(&*store, None, LONG.archive_ms)
+        .await
+        .expect("verify");
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert_eq!((v.records, v.partitions), (21, 2));
+
+    // Paged query by device and time range returns exactly the events, in order.
+    let first = audit::query(&*store, "erin", Some("phone"), t0, now_ms() + 1, 15, None)
+        .await
+        .expect("q");
+    assert_eq!(first.events.len(), 15);
+    let cursor = first.next.as_deref().and_then(audit::parse_cursor);
+    let rest = audit::query(&*store, "erin", Some("phone"), t0, now_ms() + 1, 15, cursor)
+        .await
+        .expect("q");
+    assert_eq!(rest.events.len(), 5);
+    assert!(rest.next.is_none());
+    let ips: Vec<String> = first
+        .events
+        .iter()
+        .chain(&rest.events)
+        .filter_map(|e| e.ip.clone())
+        .collect();
+    assert_eq!(
+        ips,
+        (0..20).map(|i| format!("127.0.0.{i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        audit::query(&*store, "erin", Some("tablet"), t0, now_ms() + 1, 15, None)
+            .await
+            .expect("q")
+            .events
+            .is_empty()
+    );
+
+    // A restarted writer continues the chain from the store.
+    task.abort();
+    let (auditor, _task) = Auditor::start(store.clone(), 3);
+    auditor.record(Event::new("disconnect").device(&phone));
+    auditor.flush(Duration::from_secs(10)).await;
+    let v = audit::verify(&*store, Some("erin"), LONG.archive_ms)
+        .await
+        .expect("verify");
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert_eq!(v.records, 21);
+
+    // Edit one stored record in place: verification names it.
+    let month = audit::month_of(t0);
+    let mut records = store.audit_read("erin".into(), month).await.expect("read");
+    records.sort_by_key(|r| r.n);
+    let mut edited = records[7].clone();
+    edited.entry = edited.entry.replace("127.0.0.7", "10.9.9.9");
+    store.audit_append(vec![edited]).await.expect("overwrite");
+    let v = audit::verify(&*store, None, LONG.archive_ms)
+        .await
+        .expect("verify");
+    assert_eq!(v.findings.len(), 1, "{:?}", v.findings);
+    assert_eq!(
+        (v.findings[0].chain.subject.as_str(), v.findings[0].n),
+        ("erin", 7)
+    );
+    store.close().await.expect("close");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -362,6 +549,8 @@ conformance!(
     retention_expires,
     key_rotation,
     push_tokens,
+    access_state,
+    audit_chain,
 );
 
 /// ScyllaDB only (the embedded store is one node): nodes sharing a database lease distinct

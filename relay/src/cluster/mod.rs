@@ -277,6 +277,31 @@ impl Cluster {
         );
     }
 
+    /// Tells every other node to close the sessions a logout covers (it is already stored).
+    pub fn logout(
+        &self,
+        user: &str,
+        target: &crate::access::Target,
+        reason: &str,
+        signal: uuid::Uuid,
+    ) {
+        let (device, except) = match target {
+            crate::access::Target::Device(d) => (Some(d.device.to_string()), None),
+            crate::access::Target::User { except, .. } => (None, except.clone()),
+        };
+        self.publish_control(
+            "logout",
+            &Control::Logout {
+                instance: self.instance,
+                user: user.into(),
+                device,
+                except,
+                reason: reason.into(),
+                signal,
+            },
+        );
+    }
+
     /// Announces that this node is going away, so others forget its devices at once.
     pub fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);
@@ -436,6 +461,26 @@ impl Cluster {
             } if instance != self.instance => {
                 self.directory
                     .snapshot(instance, node_id, part, devices, now);
+            }
+            Control::Logout {
+                instance,
+                user,
+                device,
+                except,
+                reason,
+                signal,
+            } if instance != self.instance => {
+                let target = match device {
+                    Some(d) => crate::access::Target::Device(DeviceRef::new(&user, &d)),
+                    None => crate::access::Target::User {
+                        user: user.clone(),
+                        except,
+                    },
+                };
+                let n = self.hub.logout(&user, &target, &reason, signal);
+                if n > 0 {
+                    tracing::info!(user = %user, sessions = n, "logged out by another node");
+                }
             }
             Control::Resync { instance, floor } if instance != self.instance => {
                 metrics::counter!("relay_bus_resyncs_total").increment(1);

@@ -173,6 +173,16 @@ pub enum Control {
     /// Deliveries published since `floor` (a sequence number) may have been lost: sessions
     /// re-read their inbox from there.
     Resync { instance: u64, floor: u64 },
+    /// Devices of `user` were logged out (one `device`, or all but `except`): close their
+    /// sessions with the `logout` frame. The revocation is already stored.
+    Logout {
+        instance: u64,
+        user: String,
+        device: Option<String>,
+        except: Option<String>,
+        reason: String,
+        signal: uuid::Uuid,
+    },
 }
 
 /// Seals a publication for `subject`.

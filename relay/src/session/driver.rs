@@ -74,6 +74,7 @@ where
 
     let ended = match ctx.store.register_device(device.clone()).await {
         Ok(()) => {
+            seen(&ctx, &device, identity.org.clone());
             if let Some(cluster) = &ctx.cluster {
                 cluster.attach(&device, reg.since).await;
             }
@@ -92,6 +93,7 @@ where
         }
     };
     ctx.hub.unregister(&device, reg.id);
+    seen(&ctx, &device, None);
     if let Some(code) = ended.code {
         close_with(&mut ws, code, ended.reason, ctx.write_timeout).await;
     }
@@ -148,6 +150,10 @@ where
             _ = reg.outbox.evict.cancelled() => {
                 finish_pending(ws, &mut pending, ctx).await;
                 let code = reg.outbox.evict_code.load(Ordering::Relaxed);
+                let logout = reg.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let (close::LOGGED_OUT, Some((reason, signal))) = (code, logout) {
+                    return logout_phase(ws, ctx, state.device(), &reason, signal, "live").await;
+                }
                 let reason = if code == close::RESTART { "relay restarting" } else { "displaced by a newer connection" };
                 return Ended { code: Some(code), reason };
             }
@@ -305,6 +311,101 @@ where
             }
         }
     }
+}
+
+/// Records the device's last-seen time (and its user's organisation) in the background.
+fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option<String>) {
+    let (store, device) = (ctx.store.clone(), device.clone());
+    tokio::spawn(async move {
+        let change = crate::access::Change::Seen {
+            at: crate::store::now_ms(),
+            org,
+        };
+        let (user, dev) = (device.user.to_string(), device.device.to_string());
+        if let Err(e) = store.update_access(user, dev, change).await {
+            tracing::debug!(error = %e, "last-seen time not recorded");
+        }
+    });
+}
+
+/// A session of revoked credentials that the device has not confirmed yet: the `logout` frame
+/// first, then the close. Nothing else: no inbox, no live deliveries, no sends.
+pub async fn logged_out<S>(
+    mut ws: Ws<S>,
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    revocation: crate::access::Revocation,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ended = logout_phase(
+        &mut ws,
+        &ctx,
+        &identity.device,
+        &revocation.reason,
+        revocation.signal,
+        "reconnect",
+    )
+    .await;
+    if let Some(code) = ended.code {
+        close_with(&mut ws, code, ended.reason, ctx.write_timeout).await;
+    }
+    ended
+}
+
+/// Sends `logout`, waits (bounded) for `logout_ack`, records the confirmation.
+async fn logout_phase<S>(
+    ws: &mut Ws<S>,
+    ctx: &SessionContext,
+    device: &crate::store::DeviceRef,
+    reason: &str,
+    signal: Uuid,
+    via: &str,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ended = Ended {
+        code: Some(close::LOGGED_OUT),
+        reason: "logged out",
+    };
+    let frame = ServerFrame::Logout { reason, signal }.to_json();
+    if write(ws, vec![frame.into()], ctx.write_timeout)
+        .await
+        .is_err()
+    {
+        return ended;
+    }
+    metrics::counter!("relay_logouts_delivered_total", "via" => if via == "live" { "live" } else { "reconnect" }).increment(1);
+    ctx.access.audit.record(crate::audit::Event {
+        via: Some(via.into()),
+        signal: Some(signal),
+        ..crate::audit::Event::new("logout_delivered").device(device)
+    });
+    let wait = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Text(text) = msg else {
+                if matches!(msg, Message::Close(_)) {
+                    return false;
+                }
+                continue;
+            };
+            if let Ok(protocol::ClientFrame::LogoutAck { signal: acked }) =
+                protocol::parse_client_frame(&text)
+                && acked == signal
+            {
+                return true;
+            }
+        }
+        false
+    };
+    if tokio::time::timeout(ctx.access.ack_wait, wait).await == Ok(true)
+        && let Err(e) = ctx.access.confirm(device, signal).await
+    {
+        tracing::warn!(error = %e, "logout confirmation not stored; the device confirms again on reconnect");
+    }
+    ended
 }
 
 /// Resolves with the oldest pending append's outcome; pending forever when there is none.

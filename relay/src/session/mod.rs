@@ -30,4 +30,6 @@ pub struct SessionContext {
     pub pager: Option<Arc<crate::pager::Pager>>,
     /// Cluster membership, in cluster mode.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Remote logout (and, through it, the audit trail).
+    pub access: Arc<crate::access::Access>,
 }

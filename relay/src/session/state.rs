@@ -219,6 +219,8 @@ impl State {
                 }
             }
             Ok(ClientFrame::PushTokenRemove) => Action::SetPushToken(None),
+            // Meaningful only to a logged-out session (see `driver::logged_out`).
+            Ok(ClientFrame::LogoutAck { .. }) => Action::None,
             Ok(ClientFrame::Send {
                 id,
                 to,

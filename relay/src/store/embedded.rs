@@ -25,6 +25,8 @@ use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
     Retention, SeqClock, StoreError, now_ms, seq_floor,
 };
+use crate::access::{AccessRow, Change};
+use crate::audit;
 use crate::seal::Keyring;
 
 /// Most requests committed in one batch.
@@ -42,6 +44,10 @@ struct Tables {
     idempotency: Keyspace,
     devices: Keyspace,
     push_tokens: Keyspace,
+    access: Keyspace,
+    org_users: Keyspace,
+    pending_logouts: Keyspace,
+    audit: Keyspace,
 }
 
 /// fjall-backed [`MessageStore`].
@@ -50,6 +56,8 @@ pub struct EmbeddedStore {
     keyring: Arc<Keyring>,
     ops: WriterQueue,
     healthy: Arc<AtomicBool>,
+    /// Serializes read-modify-writes of access rows.
+    access_lock: Arc<std::sync::Mutex<()>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -74,6 +82,10 @@ impl EmbeddedStore {
             idempotency: ks("idempotency")?,
             devices: ks("devices")?,
             push_tokens: ks("push_tokens")?,
+            access: ks("access")?,
+            org_users: ks("org_users")?,
+            pending_logouts: ks("pending_logouts")?,
+            audit: ks("audit")?,
             db: db.clone(),
         };
         let last_seq = match tables.archive.last_key_value() {
@@ -102,6 +114,7 @@ impl EmbeddedStore {
             keyring,
             ops: tx,
             healthy,
+            access_lock: Arc::default(),
         })
     }
 
@@ -148,11 +161,42 @@ impl EmbeddedStore {
         expired.inbox = delete_where(t, &t.inbox, t.inbox.iter(), |k, _| {
             record::inbox_key_seq(k).is_some_and(|s| s < inbox_floor)
         })?;
+        let audit_floor = now.saturating_sub(r.archive_ms);
+        expired.audit = delete_where(t, &t.audit, t.audit.iter(), |_, v| {
+            v.first_chunk::<8>()
+                .is_some_and(|ts| u64::from_be_bytes(*ts) < audit_floor)
+        })?;
         let idem_floor = now.saturating_sub(r.idempotency_ms);
         expired.idempotency = delete_where(t, &t.idempotency, t.idempotency.iter(), |_, v| {
             record::parse_idempotency_value(v).is_some_and(|(_, ts)| ts < idem_floor)
         })?;
         Ok(expired)
+    }
+}
+
+/// Second ids of the `id | id` keys under `first`.
+fn prefix_ids(ks: &Keyspace, first: &str) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for guard in ks.prefix(record::user_prefix(first)) {
+        let key = guard.key().map_err(unavailable)?;
+        out.extend(record::device_from_key(&key).map(|d| d.device.to_string()));
+    }
+    Ok(out)
+}
+
+impl EmbeddedStore {
+    /// Runs `f` on a blocking thread with the tables.
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tables) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let t = self.tables.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&t))
+                .await
+                .map_err(unavailable)?
+        }
+        .boxed()
     }
 }
 
@@ -296,6 +340,194 @@ impl MessageStore for EmbeddedStore {
                 .map_err(unavailable)?
         }
         .boxed()
+    }
+
+    fn access(
+        &self,
+        user: String,
+        device: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>> {
+        self.blocking(move |t| {
+            let mut rows = Vec::new();
+            let mut push = |key: &[u8], value: &[u8]| {
+                if let (Some(d), Ok(row)) = (
+                    record::device_from_key(key),
+                    serde_json::from_slice::<AccessRow>(value),
+                ) {
+                    rows.push((d.device.to_string(), row));
+                }
+            };
+            match device {
+                Some(device) => {
+                    for id in ["", device.as_str()] {
+                        let key = record::device_key(&DeviceRef::new(&user, id));
+                        if let Some(v) = t.access.get(&key).map_err(unavailable)? {
+                            push(&key, &v);
+                        }
+                    }
+                }
+                None => {
+                    for guard in t.access.prefix(record::user_prefix(&user)) {
+                        let (k, v) = guard.into_inner().map_err(unavailable)?;
+                        push(&k, &v);
+                    }
+                }
+            }
+            Ok(rows)
+        })
+    }
+
+    fn update_access(
+        &self,
+        user: String,
+        device: String,
+        change: Change,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let lock = self.access_lock.clone();
+        self.blocking(move |t| {
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let key = record::device_key(&DeviceRef::new(&user, &device));
+            let mut row: AccessRow = match t.access.get(&key).map_err(unavailable)? {
+                Some(v) => {
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?
+                }
+                None => AccessRow::default(),
+            };
+            let seen = matches!(change, Change::Seen { .. });
+            if let Change::Seen { at, org: Some(org) } = &change {
+                // The organisation belongs to the user row.
+                let user_key = record::device_key(&DeviceRef::new(&user, ""));
+                let mut user_row: AccessRow = match t.access.get(&user_key).map_err(unavailable)? {
+                    Some(v) => serde_json::from_slice(&v)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    None => AccessRow::default(),
+                };
+                if user_row.org.as_ref() != Some(org) {
+                    user_row.org = Some(org.clone());
+                    let value = serde_json::to_vec(&user_row).map_err(unavailable)?;
+                    t.access.insert(&user_key, value).map_err(unavailable)?;
+                }
+                t.org_users
+                    .insert(record::device_key(&DeviceRef::new(org, &user)), [])
+                    .map_err(unavailable)?;
+                row.apply(Change::Seen { at: *at, org: None });
+            } else {
+                row.apply(change);
+            }
+            let value = serde_json::to_vec(&row).map_err(unavailable)?;
+            t.access.insert(&key, value).map_err(unavailable)?;
+            // Last-seen times ride on the next journal sync; revocations are durable now.
+            if !seen {
+                t.db.persist(PersistMode::SyncAll).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        self.blocking(move |t| prefix_ids(&t.devices, &user))
+    }
+
+    fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        self.blocking(move |t| prefix_ids(&t.org_users, &org))
+    }
+
+    fn pending_logouts(&self) -> BoxFuture<'_, Result<Vec<(DeviceRef, u64)>, StoreError>> {
+        self.blocking(move |t| {
+            let mut out = Vec::new();
+            for guard in t.pending_logouts.iter() {
+                let (k, v) = guard.into_inner().map_err(unavailable)?;
+                if let (Some(d), Some(at)) = (record::device_from_key(&k), v.first_chunk::<8>()) {
+                    out.push((d, u64::from_be_bytes(*at)));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_pending_logout(
+        &self,
+        device: DeviceRef,
+        requested_at: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.blocking(move |t| {
+            let key = record::device_key(&device);
+            match requested_at {
+                Some(at) => t.pending_logouts.insert(&key, at.to_be_bytes()),
+                None => t.pending_logouts.remove(&key),
+            }
+            .map_err(unavailable)?;
+            t.db.persist(PersistMode::SyncAll).map_err(unavailable)
+        })
+    }
+
+    fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.blocking(move |t| {
+            let mut batch = t.db.batch();
+            for r in &records {
+                batch.insert(
+                    &t.audit,
+                    record::audit_key(&r.chain, r.n),
+                    record::audit_value(r),
+                );
+            }
+            batch
+                .durability(Some(PersistMode::SyncAll))
+                .commit()
+                .map_err(unavailable)
+        })
+    }
+
+    fn audit_tail(
+        &self,
+        chain: audit::Chain,
+    ) -> BoxFuture<'_, Result<Option<audit::Head>, StoreError>> {
+        self.blocking(move |t| {
+            let Some(guard) = t
+                .audit
+                .prefix(record::audit_chain_prefix(&chain))
+                .next_back()
+            else {
+                return Ok(None);
+            };
+            let (k, v) = guard.into_inner().map_err(unavailable)?;
+            Ok(record::audit_record(&k, &v).map(|r| (r.n, r.hash)))
+        })
+    }
+
+    fn audit_read(
+        &self,
+        subject: String,
+        month: u32,
+    ) -> BoxFuture<'_, Result<Vec<audit::Record>, StoreError>> {
+        self.blocking(move |t| {
+            let mut out = Vec::new();
+            for guard in t
+                .audit
+                .prefix(record::audit_partition_prefix(&subject, month))
+            {
+                let (k, v) = guard.into_inner().map_err(unavailable)?;
+                out.extend(record::audit_record(&k, &v));
+            }
+            Ok(out)
+        })
+    }
+
+    fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>> {
+        self.blocking(move |t| {
+            let mut out: Vec<(String, u32)> = Vec::new();
+            for guard in t.audit.iter() {
+                let key = guard.key().map_err(unavailable)?;
+                let Some(r) = record::audit_record(&key, &[0; 72]) else {
+                    continue;
+                };
+                let p = (r.chain.subject, r.chain.month);
+                if out.last() != Some(&p) {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn ready(&self) -> bool {

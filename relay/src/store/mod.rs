@@ -21,6 +21,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::access::{AccessRow, Change};
+use crate::audit;
+
 /// A device of a user. Device ids are unique within a user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceRef {
@@ -98,6 +101,8 @@ pub struct Expired {
     pub inbox: u64,
     /// Idempotency records past their window.
     pub idempotency: u64,
+    /// Audit records past retention (the embedded backend; ScyllaDB expires them by TTL).
+    pub audit: u64,
 }
 
 /// Retention periods, in milliseconds.
@@ -181,6 +186,59 @@ pub trait MessageStore: Send + Sync + 'static {
         now_ms: u64,
         retention: Retention,
     ) -> BoxFuture<'_, Result<Expired, StoreError>>;
+
+    // Access state and the audit trail: see `crate::access` and `crate::audit`.
+
+    /// Access rows of `user`: the user row (id `""`) and the row of `device`, or every row
+    /// when `device` is `None`. Rows never written are absent.
+    fn access(
+        &self,
+        user: String,
+        device: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>>;
+
+    /// Applies `change` to row `device` (`""`: the user row) of `user`; durable on return.
+    fn update_access(
+        &self,
+        user: String,
+        device: String,
+        change: Change,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Device ids registered for `user`.
+    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Users whose tokens named `org`.
+    fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Logouts not confirmed yet, with when each was requested (ms).
+    fn pending_logouts(&self) -> BoxFuture<'_, Result<Vec<(DeviceRef, u64)>, StoreError>>;
+
+    /// Marks (`Some(requested_at)`) or clears a device's unconfirmed logout.
+    fn set_pending_logout(
+        &self,
+        device: DeviceRef,
+        requested_at: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Stores audit records (already chained); durable on return.
+    fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Position and hash of the last record of `chain`.
+    fn audit_tail(
+        &self,
+        chain: audit::Chain,
+    ) -> BoxFuture<'_, Result<Option<audit::Head>, StoreError>>;
+
+    /// Every record of one partition, any order.
+    fn audit_read(
+        &self,
+        subject: String,
+        month: u32,
+    ) -> BoxFuture<'_, Result<Vec<audit::Record>, StoreError>>;
+
+    /// Every audit partition `(subject, month)` (verification).
+    fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>>;
 
     /// Whether the store can take writes now.
     fn ready(&self) -> bool;

@@ -248,6 +248,63 @@ pub fn open_push_token(
     serde_json::from_slice(&plain).map_err(|_| SealError::Tampered)
 }
 
+/// `subject | month | node`: prefix of one audit chain's rows (embedded backend).
+pub fn audit_chain_prefix(c: &crate::audit::Chain) -> Vec<u8> {
+    let mut k = audit_partition_prefix(&c.subject, c.month);
+    k.push(c.node);
+    k
+}
+
+/// `subject | month`: prefix of one audit partition's rows.
+pub fn audit_partition_prefix(subject: &str, month: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + subject.len() + 4 + 9);
+    push_id(&mut k, subject);
+    k.extend_from_slice(&month.to_be_bytes());
+    k
+}
+
+/// `subject | month | node | n`.
+pub fn audit_key(c: &crate::audit::Chain, n: u64) -> Vec<u8> {
+    let mut k = audit_chain_prefix(c);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// `ts | prev | hash | entry`.
+pub fn audit_value(r: &crate::audit::Record) -> Vec<u8> {
+    let mut v = Vec::with_capacity(72 + r.entry.len());
+    v.extend_from_slice(&r.ts.to_be_bytes());
+    v.extend_from_slice(&r.prev);
+    v.extend_from_slice(&r.hash);
+    v.extend_from_slice(r.entry.as_bytes());
+    v
+}
+
+/// Reads an audit row back.
+pub fn audit_record(key: &[u8], value: &[u8]) -> Option<crate::audit::Record> {
+    let mut k = key;
+    let subject = take_id(&mut k)?.to_string();
+    let (month, k) = k.split_first_chunk::<4>()?;
+    let (&node, mut k) = k.split_first()?;
+    let n = take_u64(&mut k)?;
+    let mut v = value;
+    let ts = take_u64(&mut v)?;
+    let (prev, v) = v.split_first_chunk::<32>()?;
+    let (hash, v) = v.split_first_chunk::<32>()?;
+    Some(crate::audit::Record {
+        chain: crate::audit::Chain {
+            subject,
+            month: u32::from_be_bytes(*month),
+            node,
+        },
+        n,
+        ts,
+        entry: String::from_utf8(v.to_vec()).ok()?,
+        prev: *prev,
+        hash: *hash,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
+use futures_util::TryStreamExt as _;
 use futures_util::future::{BoxFuture, join_all};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -43,11 +44,13 @@ use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
     NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_time_ms,
 };
+use crate::access::{AccessRow, Change, Confirmation, Lock, Revocation};
+use crate::audit;
 use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -65,6 +68,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "node_leases",
         include_str!("../../../schema/0003_node_leases.cql"),
+    ),
+    (
+        4,
+        "access_audit",
+        include_str!("../../../schema/0004_access_audit.cql"),
     ),
 ];
 
@@ -240,6 +248,51 @@ pub enum SchemaError {
     },
 }
 
+/// Columns of an access row, in the order [`AccessColumns`] reads them.
+macro_rules! access_columns {
+    () => {
+        "device_id, org, locked_at, lock_reason, revoked_at, revoke_reason, signal, except_device, confirmed_signal, confirmed_at, last_seen"
+    };
+}
+
+type AccessColumns = (
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<Uuid>,
+    Option<String>,
+    Option<Uuid>,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn access_row(c: AccessColumns) -> (String, AccessRow) {
+    let (device, org, locked_at, lock_reason, revoked_at, reason, signal, except, csig, cat, seen) =
+        c;
+    let ms = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+    let row = AccessRow {
+        org,
+        locked: ms(locked_at).map(|at| Lock {
+            at,
+            reason: lock_reason.unwrap_or_default(),
+        }),
+        revoked: ms(revoked_at).zip(signal).map(|(at, signal)| Revocation {
+            at,
+            reason: reason.unwrap_or_default(),
+            signal,
+            except,
+        }),
+        confirmed: csig
+            .zip(ms(cat))
+            .map(|(signal, at)| Confirmation { signal, at }),
+        last_seen: ms(seen),
+    };
+    (device, row)
+}
+
 struct Statements {
     insert_inbox: PreparedStatement,
     select_inbox: PreparedStatement,
@@ -254,6 +307,22 @@ struct Statements {
     insert_push: PreparedStatement,
     select_push: PreparedStatement,
     delete_push: PreparedStatement,
+    select_access_user: PreparedStatement,
+    select_access_device: PreparedStatement,
+    revoke: PreparedStatement,
+    lock: PreparedStatement,
+    confirm: PreparedStatement,
+    seen: PreparedStatement,
+    set_org: PreparedStatement,
+    insert_org_user: PreparedStatement,
+    select_org_users: PreparedStatement,
+    insert_pending: PreparedStatement,
+    delete_pending: PreparedStatement,
+    select_pending: PreparedStatement,
+    insert_audit: PreparedStatement,
+    select_audit_tail: PreparedStatement,
+    select_audit: PreparedStatement,
+    select_audit_partitions: PreparedStatement,
 }
 
 impl Statements {
@@ -279,6 +348,22 @@ impl Statements {
             insert_push: p("INSERT INTO {ks}.push_tokens (user_id, device_id, sealed) VALUES (?, ?, ?)").await?,
             select_push: p("SELECT sealed FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
             delete_push: p("DELETE FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
+            select_access_user: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access WHERE user_id = ?")).await?,
+            select_access_device: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access WHERE user_id = ? AND device_id IN ('', ?)")).await?,
+            revoke: p("UPDATE {ks}.access SET revoked_at = ?, revoke_reason = ?, signal = ?, except_device = ? WHERE user_id = ? AND device_id = ?").await?,
+            lock: p("UPDATE {ks}.access SET locked_at = ?, lock_reason = ? WHERE user_id = ? AND device_id = ?").await?,
+            confirm: p("UPDATE {ks}.access SET confirmed_signal = ?, confirmed_at = ? WHERE user_id = ? AND device_id = ?").await?,
+            seen: p("UPDATE {ks}.access SET last_seen = ? WHERE user_id = ? AND device_id = ?").await?,
+            set_org: p("UPDATE {ks}.access SET org = ? WHERE user_id = ? AND device_id = ''").await?,
+            insert_org_user: p("INSERT INTO {ks}.org_users (org, user_id) VALUES (?, ?)").await?,
+            select_org_users: p("SELECT user_id FROM {ks}.org_users WHERE org = ?").await?,
+            insert_pending: p("INSERT INTO {ks}.pending_logouts (bucket, user_id, device_id, requested_at) VALUES (0, ?, ?, ?)").await?,
+            delete_pending: p("DELETE FROM {ks}.pending_logouts WHERE bucket = 0 AND user_id = ? AND device_id = ?").await?,
+            select_pending: p("SELECT user_id, device_id, requested_at FROM {ks}.pending_logouts WHERE bucket = 0").await?,
+            insert_audit: p("INSERT INTO {ks}.audit (subject, month, node, n, ts, entry, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_audit_tail: p("SELECT n, hash FROM {ks}.audit WHERE subject = ? AND month = ? AND node = ? ORDER BY node DESC, n DESC LIMIT 1").await?,
+            select_audit: p("SELECT node, n, ts, entry, prev, hash FROM {ks}.audit WHERE subject = ? AND month = ?").await?,
+            select_audit_partitions: p("SELECT DISTINCT subject, month FROM {ks}.audit").await?,
         })
     }
 }
@@ -484,6 +569,26 @@ impl ScyllaStore {
         })
     }
 
+    /// The text column of every row `statement` returns for one key.
+    async fn strings(
+        &self,
+        statement: &PreparedStatement,
+        key: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .shared
+            .session
+            .execute_unpaged(statement, (key,))
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?;
+        rows.rows::<(String,)>()
+            .map_err(unavailable)?
+            .map(|r| r.map(|(v,)| v).map_err(unavailable))
+            .collect()
+    }
+
     /// This node's id (configured or leased).
     pub fn node_id(&self) -> u8 {
         self.node_id
@@ -679,6 +784,265 @@ impl MessageStore for ScyllaStore {
     ) -> BoxFuture<'_, Result<Expired, StoreError>> {
         // Every row is written with a TTL: the database expires them itself.
         async { Ok(Expired::default()) }.boxed()
+    }
+
+    fn access(
+        &self,
+        user: String,
+        device: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let result = match &device {
+                Some(d) => {
+                    s.session
+                        .execute_unpaged(&s.st.select_access_device, (&user, d))
+                        .await
+                }
+                None => {
+                    s.session
+                        .execute_unpaged(&s.st.select_access_user, (&user,))
+                        .await
+                }
+            }
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?;
+            let rows = result
+                .rows::<AccessColumns>()
+                .map_err(unavailable)?
+                .map(|r| r.map(access_row).map_err(unavailable))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        }
+        .boxed()
+    }
+
+    fn update_access(
+        &self,
+        user: String,
+        device: String,
+        change: Change,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let s = &self.shared;
+            let (u, d) = (&user, &device);
+            let ms = |v: u64| v as i64;
+            match change {
+                Change::Revoke(r) => {
+                    s.session
+                        .execute_unpaged(
+                            &s.st.revoke,
+                            (ms(r.at), &r.reason, r.signal, &r.except, u, d),
+                        )
+                        .await
+                }
+                Change::Lock(l) => {
+                    let (at, reason) = l.map(|l| (ms(l.at), l.reason)).unzip();
+                    s.session
+                        .execute_unpaged(&s.st.lock, (at, reason, u, d))
+                        .await
+                }
+                Change::Confirm(c) => {
+                    s.session
+                        .execute_unpaged(&s.st.confirm, (c.signal, ms(c.at), u, d))
+                        .await
+                }
+                Change::Seen { at, org } => {
+                    if let Some(org) = org {
+                        s.session
+                            .execute_unpaged(&s.st.set_org, (&org, u))
+                            .await
+                            .map_err(unavailable)?;
+                        s.session
+                            .execute_unpaged(&s.st.insert_org_user, (&org, u))
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    s.session.execute_unpaged(&s.st.seen, (ms(at), u, d)).await
+                }
+            }
+            .map(|_| ())
+            .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        async move { self.strings(&self.shared.st.select_devices, &user).await }.boxed()
+    }
+
+    fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        async move { self.strings(&self.shared.st.select_org_users, &org).await }.boxed()
+    }
+
+    fn pending_logouts(&self) -> BoxFuture<'_, Result<Vec<(DeviceRef, u64)>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let mut rows = s
+                .session
+                .execute_iter(s.st.select_pending.clone(), ())
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(String, String, i64)>()
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some((u, d, at)) = rows.try_next().await.map_err(unavailable)? {
+                out.push((DeviceRef::new(&u, &d), at.max(0) as u64));
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn set_pending_logout(
+        &self,
+        device: DeviceRef,
+        requested_at: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let s = &self.shared;
+            let (u, d) = (&*device.user, &*device.device);
+            match requested_at {
+                Some(at) => {
+                    s.session
+                        .execute_unpaged(&s.st.insert_pending, (u, d, at as i64))
+                        .await
+                }
+                None => {
+                    s.session
+                        .execute_unpaged(&s.st.delete_pending, (u, d))
+                        .await
+                }
+            }
+            .map(|_| ())
+            .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let s = &self.shared;
+            let ttl = ttl_secs(s.retention.archive_ms);
+            let writes = records.iter().map(|r| {
+                s.session.execute_unpaged(
+                    &s.st.insert_audit,
+                    (
+                        &r.chain.subject,
+                        r.chain.month as i32,
+                        i32::from(r.chain.node),
+                        r.n as i64,
+                        r.ts as i64,
+                        &r.entry,
+                        r.prev.as_slice(),
+                        r.hash.as_slice(),
+                        ttl,
+                    ),
+                )
+            });
+            for result in join_all(writes).await {
+                result.map_err(unavailable)?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn audit_tail(
+        &self,
+        chain: audit::Chain,
+    ) -> BoxFuture<'_, Result<Option<audit::Head>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let rows = s
+                .session
+                .execute_unpaged(
+                    &s.st.select_audit_tail,
+                    (&chain.subject, chain.month as i32, i32::from(chain.node)),
+                )
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            Ok(rows
+                .maybe_first_row::<(i64, Vec<u8>)>()
+                .map_err(unavailable)?
+                .and_then(|(n, hash)| Some((n as u64, hash.try_into().ok()?))))
+        }
+        .boxed()
+    }
+
+    fn audit_read(
+        &self,
+        subject: String,
+        month: u32,
+    ) -> BoxFuture<'_, Result<Vec<audit::Record>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let mut rows = s
+                .session
+                .execute_iter(s.st.select_audit.clone(), (&subject, month as i32))
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(i32, i64, i64, String, Vec<u8>, Vec<u8>)>()
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some((node, n, ts, entry, prev, hash)) =
+                rows.try_next().await.map_err(unavailable)?
+            {
+                let (Ok(prev), Ok(hash)) = (prev.try_into(), hash.try_into()) else {
+                    // A mangled hash column is itself tampering: verification reports it.
+                    out.push(audit::Record {
+                        chain: audit::Chain {
+                            subject: subject.clone(),
+                            month,
+                            node: node as u8,
+                        },
+                        n: n as u64,
+                        ts: ts as u64,
+                        entry,
+                        prev: [0xff; 32],
+                        hash: [0xff; 32],
+                    });
+                    continue;
+                };
+                out.push(audit::Record {
+                    chain: audit::Chain {
+                        subject: subject.clone(),
+                        month,
+                        node: node as u8,
+                    },
+                    n: n as u64,
+                    ts: ts as u64,
+                    entry,
+                    prev,
+                    hash,
+                });
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>> {
+        async move {
+            let s = &self.shared;
+            let mut rows = s
+                .session
+                .execute_iter(s.st.select_audit_partitions.clone(), ())
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(String, i32)>()
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some((subject, month)) = rows.try_next().await.map_err(unavailable)? {
+                out.push((subject, month.max(0) as u32));
+            }
+            out.sort();
+            Ok(out)
+        }
+        .boxed()
     }
 
     fn ready(&self) -> bool {

@@ -1,0 +1,582 @@
+//! Remote logout and account lock: which credentials the relay still honours, and carrying out
+//! a logout on every node, live, by push, and at the next reconnect.
+//!
+//! Tokens are issued by the platform's account service; the relay cannot recall them, so it
+//! remembers revocations instead. A **revocation** (of one device, or of every device of a user
+//! but one) refuses every token issued at or before its time (`iat`, whole seconds). A new
+//! login after the wipe gets a newer token and works. A **lock** refuses every token of the user
+//! while it lasts and revokes the sessions that existed when it began, so an unlock never
+//! resurrects them.
+//!
+//! The state is stored (both backends, one partition per user: a row per device, and a user
+//! row with the device id `""`), so every node checks it at the upgrade; live sessions are
+//! closed through the hub, and on other nodes through the cluster bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::audit::{Auditor, Event};
+use crate::fanout::{Hub, Presence};
+use crate::store::{DeviceRef, MessageStore, StoreError, now_ms};
+
+/// Why a device was logged out. Travels in the `logout` frame and the audit trail.
+pub const REASONS: &[&str] = &[
+    "password_changed",
+    "lost_device",
+    "admin",
+    "locked",
+    "security",
+];
+
+/// A revocation: tokens issued at or before `at` are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// When, ms since the Unix epoch.
+    pub at: u64,
+    /// One of [`REASONS`].
+    pub reason: String,
+    /// Opaque id the device confirms with `logout_ack`; the only thing a logout push carries.
+    pub signal: Uuid,
+    /// User rows only: the device spared (where the password was just changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<String>,
+}
+
+impl Revocation {
+    /// Whether a token issued at `iat` (Unix seconds) is revoked by this.
+    pub fn covers(&self, iat: u64) -> bool {
+        iat.saturating_mul(1000) <= self.at
+    }
+}
+
+/// An account lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// Since when, ms.
+    pub at: u64,
+    /// Reason given by the admin.
+    pub reason: String,
+}
+
+/// A device's confirmation that it wiped its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// The revocation's signal.
+    pub signal: Uuid,
+    /// When, ms.
+    pub at: u64,
+}
+
+/// Stored access state of a user (device id `""`) or of one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRow {
+    /// User row: the user's organisation, from their tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// User row: the lock, while locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<Lock>,
+    /// Latest revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
+    /// Device row: the last confirmed logout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<Confirmation>,
+    /// Device row: last connect or disconnect, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+}
+
+/// One change to an access row. Each touches only its own fields, so concurrent changes from
+/// different nodes (a confirmation and a new revocation) never undo each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Sets the revocation.
+    Revoke(Revocation),
+    /// Sets or clears the lock.
+    Lock(Option<Lock>),
+    /// Records a confirmation.
+    Confirm(Confirmation),
+    /// The device connected or disconnected; the user's org when the token names one.
+    Seen {
+        /// When, ms.
+        at: u64,
+        /// Organisation.
+        org: Option<String>,
+    },
+}
+
+impl AccessRow {
+    /// Applies `change` (the embedded backend's read-modify-write).
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Revoke(r) => self.revoked = Some(r),
+            Change::Lock(l) => self.locked = l,
+            Change::Confirm(c) => self.confirmed = Some(c),
+            Change::Seen { at, org } => {
+                self.last_seen = Some(at);
+                if org.is_some() {
+                    self.org = org;
+                }
+            }
+        }
+    }
+}
+
+/// What the relay does with a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A normal session.
+    Allowed,
+    /// The user is locked: refused before the upgrade.
+    Locked,
+    /// The token is revoked. Unconfirmed: the device gets the `logout` frame and the close;
+    /// confirmed: refused before the upgrade.
+    LoggedOut {
+        /// The revocation that applies.
+        revocation: Revocation,
+        /// The device already confirmed its wipe.
+        confirmed: bool,
+    },
+}
+
+/// Decides for a token of `device` issued at `iat`, given the user row and the device row.
+pub fn verdict(user: &AccessRow, dev: &AccessRow, device: &str, iat: u64) -> Verdict {
+    let from_user = user
+        .revoked
+        .as_ref()
+        .filter(|r| r.except.as_deref() != Some(device));
+    let applies = [dev.revoked.as_ref(), from_user]
+        .into_iter()
+        .flatten()
+        .filter(|r| r.covers(iat))
+        .max_by_key(|r| r.at);
+    if let Some(r) = applies {
+        let confirmed = dev.confirmed.as_ref().is_some_and(|c| c.signal == r.signal);
+        return Verdict::LoggedOut {
+            revocation: r.clone(),
+            confirmed,
+        };
+    }
+    if user.locked.is_some() {
+        return Verdict::Locked;
+    }
+    Verdict::Allowed
+}
+
+/// Splits the rows of [`MessageStore::access`] into the user row and the device rows.
+pub fn split(rows: Vec<(String, AccessRow)>) -> (AccessRow, Vec<(String, AccessRow)>) {
+    let mut user = AccessRow::default();
+    let mut devices = Vec::new();
+    for (id, row) in rows {
+        if id.is_empty() {
+            user = row;
+        } else {
+            devices.push((id, row));
+        }
+    }
+    (user, devices)
+}
+
+/// Whom a logout is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One device.
+    Device(DeviceRef),
+    /// Every device of `user`, but `except`.
+    User {
+        /// User id.
+        user: String,
+        /// Device spared.
+        except: Option<String>,
+    },
+}
+
+impl Target {
+    fn user(&self) -> &str {
+        match self {
+            Target::Device(d) => &d.user,
+            Target::User { user, .. } => user,
+        }
+    }
+
+    /// Whether the connection of `device` (of this target's user) is logged out.
+    pub fn includes(&self, device: &str) -> bool {
+        match self {
+            Target::Device(d) => &*d.device == device,
+            Target::User { except, .. } => except.as_deref() != Some(device),
+        }
+    }
+}
+
+/// What a logout did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The signal devices confirm.
+    pub signal: Uuid,
+    /// Devices logged out.
+    pub devices: Vec<String>,
+    /// Of them, connected somewhere in the cluster: closed live.
+    pub live: Vec<String>,
+    /// Of them, offline with a push registration: sent a background logout push.
+    pub pushed: Vec<String>,
+}
+
+/// Carries out logouts and locks; the admin API's back end.
+pub struct Access {
+    /// Storage.
+    pub store: Arc<dyn MessageStore>,
+    /// This node's sessions.
+    pub hub: Arc<Hub>,
+    /// Cluster-wide presence (this node's hub on a single node).
+    pub presence: Arc<dyn Presence>,
+    /// Other nodes, in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The audit trail.
+    pub audit: Arc<Auditor>,
+    /// Background pushes, when push is configured.
+    pub dispatcher: Option<Arc<push::Dispatcher<DeviceRef>>>,
+    /// How long a session waits for `logout_ack` before closing.
+    pub ack_wait: Duration,
+}
+
+impl Access {
+    /// The verdict for a token of `device` issued at `iat`.
+    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Verdict, StoreError> {
+        let rows = self
+            .store
+            .access(device.user.to_string(), Some(device.device.to_string()))
+            .await?;
+        let (user, devices) = split(rows);
+        let dev = devices
+            .into_iter()
+            .next()
+            .map(|(_, r)| r)
+            .unwrap_or_default();
+        Ok(verdict(&user, &dev, &device.device, iat))
+    }
+
+    /// Logs `target` out: durable first, then live on every node, then pushes to offline
+    /// devices. `actor` is the admin credential, for the audit trail.
+    pub async fn logout(
+        &self,
+        target: Target,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Outcome, StoreError> {
+        let user = target.user().to_string();
+        let now = now_ms();
+        let (except, device) = match &target {
+            Target::Device(d) => (None, Some(d.device.to_string())),
+            Target::User { except, .. } => (except.clone(), None),
+        };
+        let revocation = Revocation {
+            at: now,
+            reason: reason.into(),
+            signal: Uuid::new_v4(),
+            except: except.clone(),
+        };
+        let mut devices: Vec<String> = match &target {
+            Target::Device(d) => vec![d.device.to_string()],
+            Target::User { .. } => {
+                let known = self.store.devices(user.clone()).await?;
+                known.into_iter().filter(|d| target.includes(d)).collect()
+            }
+        };
+        devices.sort();
+        devices.dedup();
+        if let Target::User {
+            except: Some(spared),
+            ..
+        } = &target
+        {
+            // The spared device keeps only its newest tokens: an earlier user-wide revocation
+            // still applies to it, so copy that to its own row before the user row moves on.
+            let (user_row, rows) = split(
+                self.store
+                    .access(user.clone(), Some(spared.clone()))
+                    .await?,
+            );
+            if let Some(old) = user_row
+                .revoked
+                .filter(|r| r.except.as_deref() != Some(spared))
+            {
+                let own = rows.first().and_then(|(_, r)| r.revoked.clone());
+                if own.is_none_or(|own| own.at < old.at) {
+                    let copy = Revocation {
+                        except: None,
+                        ..old
+                    };
+                    self.store
+                        .update_access(user.clone(), spared.clone(), Change::Revoke(copy))
+                        .await?;
+                }
+            }
+        }
+        if matches!(target, Target::User { .. }) {
+            self.store
+                .update_access(
+                    user.clone(),
+                    String::new(),
+                    Change::Revoke(revocation.clone()),
+                )
+                .await?;
+        }
+        let per_device = Revocation {
+            except: None,
+            ..revocation.clone()
+        };
+        for d in &devices {
+            self.store
+                .update_access(user.clone(), d.clone(), Change::Revoke(per_device.clone()))
+                .await?;
+            self.store
+                .set_pending_logout(DeviceRef::new(&user, d), Some(now))
+                .await?;
+        }
+        self.audit.record(Event {
+            user: Some(user.clone()),
+            device,
+            reason: Some(reason.into()),
+            actor: Some(actor.into()),
+            signal: Some(revocation.signal),
+            via: except.map(|e| format!("all_but:{e}")),
+            ..Event::new("logout_requested")
+        });
+        metrics::counter!("relay_logouts_requested_total", "reason" => reason_label(reason))
+            .increment(devices.len() as u64);
+
+        // Live: this node now, the others through the bus.
+        self.hub.logout(&user, &target, reason, revocation.signal);
+        if let Some(c) = &self.cluster {
+            c.logout(&user, &target, reason, revocation.signal);
+        }
+
+        let mut live = Vec::new();
+        let mut pushed = Vec::new();
+        for d in &devices {
+            let dref = DeviceRef::new(&user, d);
+            if self.presence.is_online(&dref) {
+                live.push(d.clone());
+            } else if self.push_logout(&dref, revocation.signal).await {
+                pushed.push(d.clone());
+            }
+        }
+        tracing::info!(user = %user, devices = devices.len(), live = live.len(), pushed = pushed.len(), reason, "logout requested");
+        Ok(Outcome {
+            signal: revocation.signal,
+            devices,
+            live,
+            pushed,
+        })
+    }
+
+    /// Sends a background logout push and forgets the device's push registration, so it gets
+    /// no more wake-ups. Whether a push was queued.
+    async fn push_logout(&self, device: &DeviceRef, signal: Uuid) -> bool {
+        let Some(dispatcher) = &self.dispatcher else {
+            return false;
+        };
+        let token = match self.store.push_token(device.clone()).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "push token lookup failed; logout waits for reconnect");
+                return false;
+            }
+        };
+        let queued = matches!(
+            dispatcher.enqueue(device.clone(), token, push::Push::Logout { signal }),
+            push::dispatch::Enqueued::Queued
+        );
+        if queued {
+            if let Err(e) = self.store.set_push_token(device.clone(), None).await {
+                tracing::warn!(error = %e, "push registration of a logged-out device not removed");
+            }
+            self.audit.record(Event {
+                via: Some("push".into()),
+                signal: Some(signal),
+                ..Event::new("logout_delivered").device(device)
+            });
+        }
+        queued
+    }
+
+    /// Locks `user`: refuses their tokens and logs every device out.
+    pub async fn lock(&self, user: &str, reason: &str, actor: &str) -> Result<Outcome, StoreError> {
+        self.store
+            .update_access(
+                user.into(),
+                String::new(),
+                Change::Lock(Some(Lock {
+                    at: now_ms(),
+                    reason: reason.into(),
+                })),
+            )
+            .await?;
+        self.audit.record(Event {
+            user: Some(user.into()),
+            reason: Some(reason.into()),
+            actor: Some(actor.into()),
+            ..Event::new("lock")
+        });
+        self.logout(
+            Target::User {
+                user: user.into(),
+                except: None,
+            },
+            "locked",
+            actor,
+        )
+        .await
+    }
+
+    /// Unlocks `user`. Sessions revoked by the lock stay revoked: the user logs in again.
+    pub async fn unlock(&self, user: &str, actor: &str) -> Result<(), StoreError> {
+        self.store
+            .update_access(user.into(), String::new(), Change::Lock(None))
+            .await?;
+        self.audit.record(Event {
+            user: Some(user.into()),
+            actor: Some(actor.into()),
+            ..Event::new("unlock")
+        });
+        Ok(())
+    }
+
+    /// The device confirmed that it wiped its data.
+    pub async fn confirm(&self, device: &DeviceRef, signal: Uuid) -> Result<(), StoreError> {
+        let user = device.user.to_string();
+        self.store
+            .update_access(
+                user,
+                device.device.to_string(),
+                Change::Confirm(Confirmation {
+                    signal,
+                    at: now_ms(),
+                }),
+            )
+            .await?;
+        self.store.set_pending_logout(device.clone(), None).await?;
+        metrics::counter!("relay_logouts_confirmed_total").increment(1);
+        self.audit.record(Event {
+            signal: Some(signal),
+            ..Event::new("logout_confirmed").device(device)
+        });
+        Ok(())
+    }
+}
+
+/// Metric label for a reason (bounded).
+pub fn reason_label(reason: &str) -> &'static str {
+    REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(at_s: u64, except: Option<&str>) -> Revocation {
+        Revocation {
+            at: at_s * 1000 + 500,
+            reason: "lost_device".into(),
+            signal: Uuid::new_v4(),
+            except: except.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn tokens_issued_up_to_the_revocation_second_are_refused() {
+        let dev = AccessRow {
+            revoked: Some(rev(100, None)),
+            ..Default::default()
+        };
+        let user = AccessRow::default();
+        assert!(matches!(
+            verdict(&user, &dev, "d", 99),
+            Verdict::LoggedOut {
+                confirmed: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            verdict(&user, &dev, "d", 100),
+            Verdict::LoggedOut { .. }
+        ));
+        assert_eq!(verdict(&user, &dev, "d", 101), Verdict::Allowed);
+    }
+
+    #[test]
+    fn user_revocation_spares_the_excepted_device_only() {
+        let user = AccessRow {
+            revoked: Some(rev(100, Some("laptop"))),
+            ..Default::default()
+        };
+        let none = AccessRow::default();
+        assert_eq!(verdict(&user, &none, "laptop", 50), Verdict::Allowed);
+        assert!(matches!(
+            verdict(&user, &none, "phone", 50),
+            Verdict::LoggedOut { .. }
+        ));
+    }
+
+    #[test]
+    fn confirmation_counts_for_its_signal_only() {
+        let r = rev(100, None);
+        let mut dev = AccessRow {
+            revoked: Some(r.clone()),
+            confirmed: Some(Confirmation {
+                signal: r.signal,
+                at: 1,
+            }),
+            ..Default::default()
+        };
+        let user = AccessRow::default();
+        assert!(matches!(
+            verdict(&user, &dev, "d", 1),
+            Verdict::LoggedOut {
+                confirmed: true,
+                ..
+            }
+        ));
+        dev.revoked = Some(rev(200, None));
+        assert!(matches!(
+            verdict(&user, &dev, "d", 1),
+            Verdict::LoggedOut {
+                confirmed: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn lock_refuses_new_tokens_and_unlock_does_not_resurrect_old_ones() {
+        let mut user = AccessRow {
+            locked: Some(Lock {
+                at: 100_500,
+                reason: "left".into(),
+            }),
+            revoked: Some(rev(100, None)),
+            ..Default::default()
+        };
+        let none = AccessRow::default();
+        assert_eq!(verdict(&user, &none, "d", 150), Verdict::Locked);
+        assert!(matches!(
+            verdict(&user, &none, "d", 90),
+            Verdict::LoggedOut { .. }
+        ));
+        user.apply(Change::Lock(None));
+        assert_eq!(verdict(&user, &none, "d", 150), Verdict::Allowed);
+        assert!(matches!(
+            verdict(&user, &none, "d", 90),
+            Verdict::LoggedOut { .. }
+        ));
+    }
+}

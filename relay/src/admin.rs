@@ -1,0 +1,666 @@
+//! The admin API, on the admin listener: remote logout, lock, the devices and presence views,
+//! and audit queries. Callers authenticate with a bearer token whose SHA-256 is configured in
+//! `[[admin.credentials]]`, with a role (see [`AdminRole`]); every call is audited with its
+//! actor. Shapes and error codes: README, "Admin API".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use crate::access::{self, Target};
+use crate::audit::{self, Event};
+use crate::config::{AdminCredential, AdminRole};
+use crate::listener::App;
+use crate::protocol::valid_id;
+use crate::store::{DeviceRef, StoreError, now_ms};
+
+type Body = Full<Bytes>;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 * 1024;
+/// Largest audit page.
+const MAX_PAGE: usize = 1000;
+
+/// A refused call: status, stable code, human-readable detail.
+struct Refusal(StatusCode, &'static str, String);
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Refusal(status, code, detail.into())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "admin call: store unavailable");
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the store is unavailable; retry",
+        )
+    }
+}
+
+fn respond(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The caller.
+struct Caller<'a> {
+    cred: &'a AdminCredential,
+}
+
+impl Caller<'_> {
+    fn actor(&self) -> String {
+        format!("{} ({})", self.cred.name, self.cred.role.name())
+    }
+
+    fn require(&self, allowed: &[AdminRole]) -> Result<(), Refusal> {
+        if allowed.contains(&self.cred.role) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("role {} may not do this", self.cred.role.name()),
+            ))
+        }
+    }
+
+    /// An org admin acts only on users of their organisation.
+    async fn may_touch(&self, app: &App, user: &str) -> Result<(), Refusal> {
+        let Some(org) = &self.cred.org else {
+            return Ok(());
+        };
+        let rows = app
+            .sessions
+            .store
+            .access(user.into(), Some(String::new()))
+            .await?;
+        let (row, _) = access::split(rows);
+        if row.org.as_ref() == Some(org) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "outside_your_org",
+                "this user is not in your organisation",
+            ))
+        }
+    }
+}
+
+fn authenticate<'a>(req: &Request<Incoming>, app: &'a App) -> Option<Caller<'a>> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    let digest = hex(&Sha256::digest(token.as_bytes()));
+    app.config
+        .admin
+        .credentials
+        .iter()
+        .find(|c| {
+            constant_time_eq(
+                c.token_sha256.to_ascii_lowercase().as_bytes(),
+                digest.as_bytes(),
+            )
+        })
+        .map(|cred| Caller { cred })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A new admin token and the SHA-256 to configure for it.
+pub fn new_credential() -> (String, String) {
+    let mut raw = [0u8; 32];
+    let _ = aws_lc_rs::rand::fill(&mut raw);
+    let token = format!("rla_{}", hex(&raw));
+    let digest = hex(&Sha256::digest(token.as_bytes()));
+    (token, digest)
+}
+
+/// Handles a `/v1/...` request on the admin listener.
+pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let caller = authenticate(&req, app);
+    let (subject, result) = match &caller {
+        None => (
+            None,
+            Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send an admin credential: Authorization: Bearer <token>",
+            )),
+        ),
+        Some(caller) => route(req, caller, app).await,
+    };
+    let (status, body) = match result {
+        Ok((status, body)) => (status, body),
+        Err(Refusal(status, code, detail)) => (status, json!({ "error": code, "detail": detail })),
+    };
+    let audit = &app.sessions.access.audit;
+    audit.record(Event {
+        user: subject,
+        actor: caller.as_ref().map(Caller::actor),
+        ip: Some(peer.ip().to_string()),
+        request: Some(format!("{method} {path}")),
+        status: Some(status.as_u16()),
+        ..Event::new("admin_request")
+    });
+    metrics::counter!("relay_admin_requests_total", "status" => status_class(status)).increment(1);
+    respond(status, &body)
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        401 => "401",
+        403 => "403",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+type Routed = (Option<String>, Result<(StatusCode, Value), Refusal>);
+
+async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    use AdminRole::*;
+    match (method, segments.as_slice()) {
+        (Method::POST, ["v1", "users", user, action @ ("logout" | "lock" | "unlock")]) => {
+            let user = user.to_string();
+            let action = action.to_string();
+            let result = async {
+                check_id("user", &user)?;
+                let body: ActionBody = read_json(req).await?;
+                match action.as_str() {
+                    "logout" => {
+                        caller.require(&[Support, OrgAdmin, AccountService])?;
+                        caller.may_touch(app, &user).await?;
+                        let reason = check_reason(body.reason.as_deref())?;
+                        if let Some(d) = &body.except_device {
+                            check_id("except_device", d)?;
+                        }
+                        let target = Target::User {
+                            user: user.clone(),
+                            except: body.except_device,
+                        };
+                        let outcome = app
+                            .sessions
+                            .access
+                            .logout(target, reason, &caller.actor())
+                            .await?;
+                        Ok((StatusCode::OK, json!(outcome)))
+                    }
+                    "lock" => {
+                        caller.require(&[OrgAdmin, AccountService])?;
+                        caller.may_touch(app, &user).await?;
+                        let reason = body.reason.unwrap_or_else(|| "admin".into());
+                        if reason.len() > 200 {
+                            return Err(Refusal::new(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                "reason: at most 200 characters",
+                            ));
+                        }
+                        let outcome = app
+                            .sessions
+                            .access
+                            .lock(&user, &reason, &caller.actor())
+                            .await?;
+                        Ok((StatusCode::OK, json!({ "locked": true, "logout": outcome })))
+                    }
+                    _ => {
+                        caller.require(&[OrgAdmin, AccountService])?;
+                        caller.may_touch(app, &user).await?;
+                        app.sessions.access.unlock(&user, &caller.actor()).await?;
+                        Ok((StatusCode::OK, json!({ "locked": false })))
+                    }
+                }
+            }
+            .await;
+            (Some(user), result)
+        }
+        (Method::POST, ["v1", "devices", device, "logout"]) => {
+            let device = device.to_string();
+            let mut subject = None;
+            let result = async {
+                check_id("device", &device)?;
+                caller.require(&[Support, OrgAdmin, AccountService])?;
+                let body: ActionBody = read_json(req).await?;
+                let user = body.user.ok_or_else(|| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "`user` is required: device ids are unique per user",
+                    )
+                })?;
+                check_id("user", &user)?;
+                subject = Some(user.clone());
+                caller.may_touch(app, &user).await?;
+                let reason = check_reason(body.reason.as_deref())?;
+                let target = Target::Device(DeviceRef::new(&user, &device));
+                let outcome = app
+                    .sessions
+                    .access
+                    .logout(target, reason, &caller.actor())
+                    .await?;
+                Ok((StatusCode::OK, json!(outcome)))
+            }
+            .await;
+            (subject, result)
+        }
+        (Method::GET, ["v1", "users", user, "devices"]) => {
+            let user = user.to_string();
+            let result = async {
+                check_id("user", &user)?;
+                caller.require(&[Support, OrgAdmin, AccountService])?;
+                caller.may_touch(app, &user).await?;
+                devices_view(app, &user).await
+            }
+            .await;
+            (Some(user), result)
+        }
+        (Method::GET, ["v1", "orgs", org, "presence"]) => {
+            let org = org.to_string();
+            let result = async {
+                check_id("org", &org)?;
+                caller.require(&[Support, OrgAdmin])?;
+                if caller.cred.org.as_ref().is_some_and(|o| *o != org) {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "outside_your_org",
+                        "not your organisation",
+                    ));
+                }
+                presence_view(app, &org).await
+            }
+            .await;
+            (Some(audit::org_subject(&org)), result)
+        }
+        (Method::GET, ["v1", "audit"]) => {
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let params = parse_query(&query);
+            let user = params
+                .iter()
+                .find(|(k, _)| k == "user")
+                .map(|(_, v)| v.clone());
+            let result = async {
+                caller.require(&[Support, OrgAdmin])?;
+                let user = user.clone().ok_or_else(|| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "`user` is required (device ids are unique per user)",
+                    )
+                })?;
+                if user != audit::ANONYMOUS {
+                    check_id("user", &user)?;
+                    caller.may_touch(app, &user).await?;
+                } else if caller.cred.role != Support {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "only support reads failed logins of unknown users",
+                    ));
+                }
+                audit_view(app, &user, &params).await
+            }
+            .await;
+            (user.filter(|u| valid_id(u)), result)
+        }
+        _ => (
+            None,
+            Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such admin endpoint",
+            )),
+        ),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    reason: Option<String>,
+    except_device: Option<String>,
+    user: Option<String>,
+}
+
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Refusal> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("at most {MAX_BODY} bytes"),
+            )
+        })?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or("invalid JSON");
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            msg.chars().take(200).collect::<String>(),
+        )
+    })
+}
+
+fn check_id(name: &str, id: &str) -> Result<(), Refusal> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{name}: 1-128 characters of A-Z a-z 0-9 . _ : @ + -"),
+        ))
+    }
+}
+
+fn check_reason(reason: Option<&str>) -> Result<&'static str, Refusal> {
+    let reason = reason.unwrap_or("admin");
+    access::REASONS
+        .iter()
+        .find(|r| **r == reason && reason != "locked")
+        .copied()
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad_reason",
+                "reason: password_changed, lost_device, admin or security",
+            )
+        })
+}
+
+async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refusal> {
+    let store = &app.sessions.store;
+    let (user_row, rows) = access::split(store.access(user.into(), None).await?);
+    let mut ids = store.devices(user.into()).await?;
+    ids.extend(rows.iter().map(|(d, _)| d.clone()));
+    ids.sort();
+    ids.dedup();
+    let overdue_before =
+        now_ms().saturating_sub(app.config.access.logout_confirm_within.0.as_millis() as u64);
+    let mut devices = Vec::new();
+    for id in ids {
+        let dref = DeviceRef::new(user, &id);
+        let row = rows
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        // The revocation that applies to the device now (its own, or the user-wide one).
+        let from_user = user_row
+            .revoked
+            .clone()
+            .filter(|r| r.except.as_deref() != Some(&id));
+        let revoked = [row.revoked.clone(), from_user]
+            .into_iter()
+            .flatten()
+            .max_by_key(|r| r.at);
+        let logout = revoked.map(|r| {
+            let confirmed = row
+                .confirmed
+                .as_ref()
+                .filter(|c| c.signal == r.signal)
+                .map(|c| c.at);
+            json!({
+                "reason": r.reason,
+                "requested_at": r.at,
+                "signal": r.signal,
+                "confirmed_at": confirmed,
+                "pending": confirmed.is_none(),
+                "overdue": confirmed.is_none() && r.at < overdue_before,
+            })
+        });
+        let platform = store
+            .push_token(dref.clone())
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.platform.name());
+        devices.push(json!({
+            "device": id,
+            "platform": platform,
+            "last_seen": row.last_seen,
+            "online": app.sessions.access.presence.is_online(&dref),
+            "logout": logout,
+        }));
+    }
+    Ok((
+        StatusCode::OK,
+        json!({ "user": user, "org": user_row.org, "locked": user_row.locked, "devices": devices }),
+    ))
+}
+
+async fn presence_view(app: &App, org: &str) -> Result<(StatusCode, Value), Refusal> {
+    let store = &app.sessions.store;
+    let mut online = Vec::new();
+    for user in store.org_users(org.into()).await? {
+        let devices: Vec<String> = store
+            .devices(user.clone())
+            .await?
+            .into_iter()
+            .filter(|d| {
+                app.sessions
+                    .access
+                    .presence
+                    .is_online(&DeviceRef::new(&user, d))
+            })
+            .collect();
+        if !devices.is_empty() {
+            online.push(json!({ "user": user, "devices": devices }));
+        }
+    }
+    Ok((StatusCode::OK, json!({ "org": org, "online": online })))
+}
+
+async fn audit_view(
+    app: &App,
+    user: &str,
+    params: &[(String, String)],
+) -> Result<(StatusCode, Value), Refusal> {
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let bad = |detail: &str| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
+    let to = match get("to") {
+        Some(t) => parse_time(t)
+            .ok_or_else(|| bad("to: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z)"))?,
+        None => now_ms() + 1,
+    };
+    let from = match get("from") {
+        Some(t) => parse_time(t)
+            .ok_or_else(|| bad("from: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z)"))?,
+        None => to.saturating_sub(30 * 86_400_000),
+    };
+    if from >= to {
+        return Err(bad("from must be before to"));
+    }
+    if to - from > 366 * 86_400_000 {
+        return Err(bad("at most one year per query"));
+    }
+    let device = get("device");
+    if let Some(d) = device {
+        check_id("device", d)?;
+    }
+    let limit = match get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| bad("limit: 1-1000"))?,
+        None => 100,
+    };
+    let cursor = match get("cursor") {
+        Some(c) => Some(
+            audit::parse_cursor(c)
+                .ok_or_else(|| bad("cursor: pass `next` from the previous page"))?,
+        ),
+        None => None,
+    };
+    // This node's own recent events first, so a query right after an action sees it.
+    app.sessions
+        .access
+        .audit
+        .flush(Duration::from_secs(2))
+        .await;
+    let page = audit::query(&*app.sessions.store, user, device, from, to, limit, cursor).await?;
+    Ok((StatusCode::OK, json!(page)))
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unix milliseconds, or RFC 3339 in UTC (`2026-11-28T10:00:00Z`, optional fraction).
+pub fn parse_time(s: &str) -> Option<u64> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Some(ms);
+    }
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms_frac = format!("{frac:0<3}").get(..3)?.parse::<i64>().ok()?;
+    let ms = ((days * 86_400 + h * 3600 + min * 60 + sec) * 1000) + ms_frac;
+    u64::try_from(ms).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_ms_or_rfc3339() {
+        assert_eq!(parse_time("1767225600123"), Some(1_767_225_600_123));
+        assert_eq!(parse_time("2026-01-01T00:00:00Z"), Some(1_767_225_600_000));
+        assert_eq!(
+            parse_time("2026-01-01T00:00:00.5Z"),
+            Some(1_767_225_600_500)
+        );
+        assert_eq!(
+            parse_time("2024-02-29T12:30:00+00:00"),
+            Some(1_709_209_800_000)
+        );
+        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn query_strings_decode() {
+        assert_eq!(
+            parse_query("user=dr.bob%40clinic&device=a+b&x"),
+            vec![
+                ("user".into(), "dr.bob@clinic".into()),
+                ("device".into(), "a b".into()),
+                ("x".into(), String::new())
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn credentials_hash_and_compare() {
+        let (token, digest) = new_credential();
+        assert_eq!(hex(&Sha256::digest(token.as_bytes())), digest);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
