@@ -400,7 +400,7 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
     let retention = app.config.retention();
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
     let mut sweep = tokio::time::interval(app.config.retention.sweep_interval.0);
-    let mut logouts = tokio::time::interval(Duration::from_secs(15));
+    let mut logouts = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,

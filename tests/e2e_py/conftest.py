@@ -6,12 +6,15 @@ Each test gets its own relay process on free loopback ports with its own data di
 import asyncio
 import base64
 import functools
+import hashlib
 import json
+import secrets
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -31,6 +34,25 @@ def cassandra_port() -> int:
     port_file = CASSANDRA_RUN / "port"
     assert port_file.exists(), "Cassandra is not running: start it with `scripts/cassandra start` (scripts/test does)"
     return int(port_file.read_text())
+
+
+# Admin API credentials every test relay accepts: name -> (role, org, bearer token).
+ADMIN = {
+    "support-desk": ("support", None),
+    "clinic-a-admin": ("org_admin", "clinic-a"),
+    "clinic-b-admin": ("org_admin", "clinic-b"),
+    "account-service": ("account_service", None),
+}
+ADMIN_TOKENS = {name: "rla_" + secrets.token_hex(32) for name in ADMIN}
+
+
+def admin_credentials_toml() -> str:
+    entries = []
+    for name, (role, org) in ADMIN.items():
+        digest = hashlib.sha256(ADMIN_TOKENS[name].encode()).hexdigest()
+        org_part = f', org = "{org}"' if org else ""
+        entries.append(f'{{ name = "{name}", role = "{role}"{org_part}, token_sha256 = "{digest}" }}')
+    return "[" + ", ".join(entries) + "]"
 
 
 def free_port() -> int:
@@ -75,6 +97,7 @@ class Relay:
             RELAY_SHUTDOWN_GRACE="5s",
             RELAY_LIMITS__SEND_RATE_PER_S="10000",
             RELAY_LIMITS__SEND_BURST="10000",
+            RELAY_ADMIN__CREDENTIALS=admin_credentials_toml(),
         )
         if BACKEND == "cassandra":
             env.update(
@@ -136,6 +159,19 @@ class Relay:
             env=self._env(), capture_output=True, text=True, check=True,
         )
         return out.stdout.strip()
+
+    def admin(self, method, path, body=None, as_="support-desk", token=None):
+        """Calls the admin API; returns (status, parsed JSON body)."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method)
+        bearer = token if token is not None else ADMIN_TOKENS.get(as_)
+        if bearer:
+            req.add_header("Authorization", f"Bearer {bearer}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
