@@ -39,6 +39,11 @@ const HANDSHAKE_OUTCOMES: &[&str] = &[
     "draining",
     "tls_failed",
     "upgrade_failed",
+    "throttled",
+    "store_unavailable",
+    "account_locked",
+    "revoked",
+    "logged_out",
 ];
 const REJECT_CODES: &[&str] = &[
     "too_large",
@@ -70,7 +75,27 @@ const WAKEUP_RESULTS: &[&str] = &[
 ];
 const ESCALATION_RESULTS: &[&str] = &["repaged", "acknowledged", "exhausted"];
 const STORE_OPS: &[&str] = &["commit", "write", "ack"];
-const TABLES: &[&str] = &["archive", "inbox", "idempotency"];
+const TABLES: &[&str] = &["archive", "inbox", "idempotency", "audit"];
+const AUDIT_EVENTS: &[&str] = &[
+    "connect",
+    "disconnect",
+    "idle_logoff",
+    "auth_failed",
+    "auth_throttled",
+    "logout_requested",
+    "logout_delivered",
+    "logout_confirmed",
+    "lock",
+    "unlock",
+    "admin_request",
+];
+const LOGOUT_REASONS: &[&str] = &[
+    "password_changed",
+    "lost_device",
+    "admin",
+    "locked",
+    "security",
+];
 
 /// Every metric the relay exports.
 pub const CATALOGUE: &[Entry] = &[
@@ -341,6 +366,72 @@ pub const CATALOGUE: &[Entry] = &[
         Kind::Counter,
         &[],
         "Heartbeats from another live node with this node's node_id (a misconfiguration).",
+    ),
+    (
+        "relay_auth_throttled_total",
+        Kind::Counter,
+        &[("scope", &["ip", "account"])],
+        "Upgrades refused with 429 after too many failed logins, by the limit that applied.",
+    ),
+    (
+        "relay_logouts_requested_total",
+        Kind::Counter,
+        &[("reason", LOGOUT_REASONS)],
+        "Devices logged out remotely (admin API), by reason.",
+    ),
+    (
+        "relay_logouts_delivered_total",
+        Kind::Counter,
+        &[("via", &["live", "reconnect"])],
+        "`logout` frames sent: to a live session, or at the reconnect of revoked credentials.",
+    ),
+    (
+        "relay_logouts_confirmed_total",
+        Kind::Counter,
+        &[],
+        "Logouts the device confirmed with `logout_ack` (it wiped its data).",
+    ),
+    (
+        "relay_logouts_pending",
+        Kind::Gauge,
+        &[],
+        "Logouts requested and not confirmed yet (cluster-wide, read from the store).",
+    ),
+    (
+        "relay_logouts_overdue",
+        Kind::Gauge,
+        &[],
+        "Pending logouts older than access.logout_confirm_within: a lost device that has not confirmed its wipe.",
+    ),
+    (
+        "relay_audit_events_total",
+        Kind::Counter,
+        &[("event", AUDIT_EVENTS)],
+        "Access events recorded in the audit trail, by kind.",
+    ),
+    (
+        "relay_audit_records_written_total",
+        Kind::Counter,
+        &[],
+        "Audit records stored (chained).",
+    ),
+    (
+        "relay_audit_dropped_total",
+        Kind::Counter,
+        &[],
+        "Audit events dropped because the audit queue was full (the store was away too long).",
+    ),
+    (
+        "relay_audit_store_errors_total",
+        Kind::Counter,
+        &[],
+        "Failed audit writes (retried until they succeed).",
+    ),
+    (
+        "relay_admin_requests_total",
+        Kind::Counter,
+        &[("status", &["2xx", "401", "403", "4xx", "5xx"])],
+        "Admin API calls by status class.",
     ),
     (
         push::metric::AUTH_REFRESHES,
