@@ -177,6 +177,52 @@ async def test_devices_of_one_user_spread_over_nodes_all_receive(cluster):
 
 
 @run
+async def test_logout_requested_on_one_node_closes_the_device_on_another_within_a_second(cluster):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    token = cluster.token("dr-lost", "phone")
+    phone = await cluster[1].online("dr-lost", "phone", token=token)
+    other = await cluster.online(2, "dr-lost", "laptop")
+    await settle(cluster, 2)
+    started = time.monotonic()
+    status, out = cluster[0].admin("POST", "/v1/devices/phone/logout", {"user": "dr-lost", "reason": "lost_device"})
+    assert status == 200 and out["live"] == ["phone"], out
+    frame = await phone.recv(timeout=2)
+    elapsed = time.monotonic() - started
+    assert frame == {"type": "logout", "reason": "lost_device", "signal": out["signal"]}
+    assert elapsed < 1.0, elapsed
+    await phone.ws.send(json.dumps({"type": "logout_ack", "signal": out["signal"]}))
+    await asyncio.wait_for(phone.ws.wait_closed(), 3)
+    assert phone.ws.close_code == 4006
+
+    async def status_of(node):
+        try:
+            ws = await connect(node.url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None)
+        except InvalidStatus as e:
+            return e.response.status_code
+        await ws.close()
+        return 101
+
+    # Refused at the upgrade on every node; the user's other device is untouched.
+    assert [await status_of(n) for n in cluster.nodes] == [401, 401, 401]
+    sender = await cluster.online(0, "nurse-zoe", "web")
+    acc = await sender.send_ok(["dr-lost"], b"for the laptop")
+    assert (await other.expect("deliver"))["id"] == acc["id"]
+    # The audit trail, written by every node, tells the story, queried on node 2.
+    def events():
+        return cluster[2].admin("GET", "/v1/audit?user=dr-lost&device=phone")[1]["events"]
+
+    # Other nodes' writers store their records within milliseconds; allow for that.
+    await wait_until(lambda: len({e["node"] for e in events()}) == 3, timeout=5, what="audit records of all nodes")
+    events = events()
+    kinds = [e["event"] for e in events]
+    assert kinds[:1] == ["connect"] and {"logout_requested", "logout_delivered", "logout_confirmed"} <= set(kinds), kinds
+    refusals = [e for e in events if e["event"] == "auth_failed" and e["reason"] == "revoked"]
+    assert len({e["node"] for e in refusals}) == 3, refusals
+
+
+@run
 async def test_a_device_is_displaced_across_nodes(cluster):
     old = await cluster.online(0, "dr-carol", "phone")
     await settle(cluster, 1)
