@@ -350,9 +350,10 @@ impl Access {
             .increment(devices.len() as u64);
 
         // Live: this node now, the others through the bus.
-        self.hub.logout(&user, &target, reason, revocation.signal);
+        self.hub
+            .logout(&user, &target, reason, revocation.signal, revocation.at);
         if let Some(c) = &self.cluster {
-            c.logout(&user, &target, reason, revocation.signal);
+            c.logout(&user, &target, reason, revocation.signal, revocation.at);
         }
 
         let mut live = Vec::new();
@@ -372,6 +373,35 @@ impl Access {
             live,
             pushed,
         })
+    }
+
+    /// Safety net for logouts whose live signal never arrived (bus down, a control message
+    /// lost): a session on this node that began before a pending logout of its device is
+    /// logged out now. `pending` comes from [`MessageStore::pending_logouts`].
+    pub async fn enforce(&self, pending: &[(DeviceRef, u64)]) {
+        for (device, requested_at) in pending {
+            if self
+                .hub
+                .connected_since(device)
+                .is_none_or(|s| s >= *requested_at)
+            {
+                continue;
+            }
+            let Ok(rows) = self
+                .store
+                .access(device.user.to_string(), Some(device.device.to_string()))
+                .await
+            else {
+                continue;
+            };
+            let (_, rows) = split(rows);
+            if let Some(r) = rows.into_iter().next().and_then(|(_, row)| row.revoked) {
+                tracing::info!(user = %device.user, device = %device.device, "closing a session a logout missed");
+                let target = Target::Device(device.clone());
+                self.hub
+                    .logout(&device.user, &target, &r.reason, r.signal, r.at);
+            }
+        }
     }
 
     /// Sends a background logout push and forgets the device's push registration, so it gets

@@ -109,11 +109,26 @@ pub trait Presence: Send + Sync + 'static {
     fn is_online(&self, device: &DeviceRef) -> bool;
 }
 
+/// A logout this node applied in the last few seconds.
+struct RecentLogout {
+    applied: std::time::Instant,
+    user: String,
+    target: crate::access::Target,
+    reason: String,
+    signal: uuid::Uuid,
+    /// Revocation time, ms: tokens issued at or before it are covered.
+    at: u64,
+}
+
+/// How long a logout is remembered for sessions that were already past the upgrade check.
+const RECENT_LOGOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Live connections of this node, by device.
 pub struct Hub {
     conns: DashMap<DeviceRef, Conn>,
     next_id: AtomicU64,
     catch_up: watch::Sender<u64>,
+    recent_logouts: Mutex<VecDeque<RecentLogout>>,
 }
 
 impl Default for Hub {
@@ -122,6 +137,7 @@ impl Default for Hub {
             conns: DashMap::new(),
             next_id: AtomicU64::new(0),
             catch_up: watch::Sender::new(0),
+            recent_logouts: Mutex::default(),
         }
     }
 }
@@ -203,7 +219,28 @@ impl Hub {
         target: &crate::access::Target,
         reason: &str,
         signal: uuid::Uuid,
+        at: u64,
     ) -> usize {
+        {
+            let mut recent = self
+                .recent_logouts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            while recent
+                .front()
+                .is_some_and(|r| r.applied.elapsed() > RECENT_LOGOUT)
+            {
+                recent.pop_front();
+            }
+            recent.push_back(RecentLogout {
+                applied: std::time::Instant::now(),
+                user: user.to_string(),
+                target: target.clone(),
+                reason: reason.to_string(),
+                signal,
+                at,
+            });
+        }
         let mut n = 0;
         for conn in self.conns.iter() {
             if &*conn.key().user == user && target.includes(&conn.key().device) {
@@ -216,10 +253,38 @@ impl Hub {
         n
     }
 
+    /// A logout applied here in the last seconds that covers `device` with a token issued at
+    /// `iat`: closes the gap between a session's upgrade check and its registration.
+    pub fn recently_logged_out(
+        &self,
+        device: &DeviceRef,
+        iat: u64,
+    ) -> Option<(String, uuid::Uuid)> {
+        let recent = self
+            .recent_logouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        recent
+            .iter()
+            .rev()
+            .find(|r| {
+                r.user == *device.user
+                    && r.target.includes(&device.device)
+                    && iat.saturating_mul(1000) <= r.at
+                    && r.applied.elapsed() <= RECENT_LOGOUT
+            })
+            .map(|r| (r.reason.clone(), r.signal))
+    }
+
     /// Removes the registration `id` of `device`, unless a newer connection replaced it.
     pub fn unregister(&self, device: &DeviceRef, id: u64) {
         self.conns.remove_if(device, |_, c| c.id == id);
         metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
+    }
+
+    /// When this node's connection of `device` registered (ms), if it has one.
+    pub fn connected_since(&self, device: &DeviceRef) -> Option<u64> {
+        self.conns.get(device).map(|c| c.since)
     }
 
     /// Devices connected to this node.
@@ -302,6 +367,39 @@ mod tests {
         assert!(hub.is_online(&d));
         hub.unregister(&d, second.id);
         assert!(!hub.is_online(&d));
+    }
+
+    #[test]
+    fn a_logout_is_remembered_for_sessions_registering_just_after_it() {
+        let hub = Hub::default();
+        let phone = DeviceRef::new("u", "phone");
+        let target = crate::access::Target::User {
+            user: "u".into(),
+            except: Some("laptop".into()),
+        };
+        let reg = hub.register(&phone, 4);
+        assert_eq!(
+            hub.logout("u", &target, "lost_device", uuid::Uuid::nil(), 100_500),
+            1
+        );
+        assert_eq!(
+            reg.outbox.evict_code.load(Ordering::Relaxed),
+            close::LOGGED_OUT
+        );
+        // A session of a token issued before the logout, past its upgrade check already.
+        assert!(hub.recently_logged_out(&phone, 100).is_some());
+        assert!(
+            hub.recently_logged_out(&phone, 101).is_none(),
+            "a newer login"
+        );
+        assert!(
+            hub.recently_logged_out(&DeviceRef::new("u", "laptop"), 1)
+                .is_none()
+        );
+        assert!(
+            hub.recently_logged_out(&DeviceRef::new("v", "phone"), 1)
+                .is_none()
+        );
     }
 
     #[test]

@@ -415,6 +415,7 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
                     let overdue = pending.iter().filter(|(_, at)| *at < overdue_before).count();
                     metrics::gauge!("relay_logouts_pending").set(pending.len() as f64);
                     metrics::gauge!("relay_logouts_overdue").set(overdue as f64);
+                    app.sessions.access.enforce(&pending).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "pending logouts not read"),
             },

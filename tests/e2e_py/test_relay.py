@@ -281,6 +281,10 @@ async def test_idle_logoff(make_relay):
     assert 1.5 <= time.monotonic() - started <= 5
     await active.send_ok(["alice"], b"still active")
     assert "relay_idle_logoffs_total 1" in relay.metrics()
+    # The automatic logoff is in the audit trail.
+    status, page = relay.admin("GET", "/v1/audit?user=alice&device=phone")
+    assert status == 200
+    assert [e["event"] for e in page["events"]] == ["connect", "idle_logoff"], page
 
 
 @run

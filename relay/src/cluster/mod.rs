@@ -284,6 +284,7 @@ impl Cluster {
         target: &crate::access::Target,
         reason: &str,
         signal: uuid::Uuid,
+        at: u64,
     ) {
         let (device, except) = match target {
             crate::access::Target::Device(d) => (Some(d.device.to_string()), None),
@@ -298,6 +299,7 @@ impl Cluster {
                 except,
                 reason: reason.into(),
                 signal,
+                at,
             },
         );
     }
@@ -469,6 +471,7 @@ impl Cluster {
                 except,
                 reason,
                 signal,
+                at,
             } if instance != self.instance => {
                 let target = match device {
                     Some(d) => crate::access::Target::Device(DeviceRef::new(&user, &d)),
@@ -477,7 +480,7 @@ impl Cluster {
                         except,
                     },
                 };
-                let n = self.hub.logout(&user, &target, &reason, signal);
+                let n = self.hub.logout(&user, &target, &reason, signal, at);
                 if n > 0 {
                     tracing::info!(user = %user, sessions = n, "logged out by another node");
                 }

@@ -182,6 +182,8 @@ pub enum Control {
         except: Option<String>,
         reason: String,
         signal: uuid::Uuid,
+        /// Revocation time, ms.
+        at: u64,
     },
 }
 

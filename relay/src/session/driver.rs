@@ -75,6 +75,14 @@ where
     let ended = match ctx.store.register_device(device.clone()).await {
         Ok(()) => {
             seen(&ctx, &device, identity.org.clone());
+            // A logout that landed between this device's upgrade check and its registration.
+            if let Some((reason, signal)) = ctx.hub.recently_logged_out(&device, identity.issued_at)
+            {
+                ctx.hub.unregister(&device, reg.id);
+                let ended = logout_phase(&mut ws, &ctx, &device, &reason, signal, "live").await;
+                close_with(&mut ws, close::LOGGED_OUT, ended.reason, ctx.write_timeout).await;
+                return ended;
+            }
             if let Some(cluster) = &ctx.cluster {
                 cluster.attach(&device, reg.since).await;
             }

@@ -223,6 +223,22 @@ async def test_logout_requested_on_one_node_closes_the_device_on_another_within_
 
 
 @run
+async def test_with_the_bus_down_a_logout_still_reaches_the_device_from_the_store(cluster, nats):
+    phone = await cluster.online(1, "dr-offbus", "phone")
+    await settle(cluster, 1)
+    nats.stop()
+    await wait_until(lambda: metric(cluster[0], "relay_bus_connected") == 0, what="bus down")
+    started = time.monotonic()
+    status, out = cluster[0].admin("POST", "/v1/devices/phone/logout", {"user": "dr-offbus", "reason": "lost_device"})
+    assert status == 200, out
+    # No bus: node 1 finds the pending logout in the store on its next check (every 5 s).
+    frame = await phone.recv(timeout=10)
+    assert frame == {"type": "logout", "reason": "lost_device", "signal": out["signal"]}
+    assert time.monotonic() - started < 7
+    nats.start()
+
+
+@run
 async def test_a_device_is_displaced_across_nodes(cluster):
     old = await cluster.online(0, "dr-carol", "phone")
     await settle(cluster, 1)
