@@ -127,6 +127,17 @@ class Relay:
         return [p for root in roots for p in root.rglob("*") if p.is_file()]
 
     def start(self):
+        # A port from free_port() can be taken by someone's outgoing connection before the
+        # relay binds it (ephemeral ports come from the same range): pick new ports and retry.
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError as e:
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                self.port, self.admin_port = free_port(), free_port()
+
+    def _start(self):
         if not self.migrated:
             subprocess.run([str(RELAY_BIN), "migrate"], env=self._env(), check=True, capture_output=True, timeout=120)
             self.migrated = True
