@@ -143,17 +143,28 @@ pub enum Verdict {
     },
 }
 
-/// Decides for a token of `device` issued at `iat`, given the user row and the device row.
-pub fn verdict(user: &AccessRow, dev: &AccessRow, device: &str, iat: u64) -> Verdict {
+/// The latest revocation that applies to `device` (its own, or its user's unless spared)
+/// among those covering a token issued at `iat`.
+pub fn revocation<'a>(
+    user: &'a AccessRow,
+    dev: &'a AccessRow,
+    device: &str,
+    iat: u64,
+) -> Option<&'a Revocation> {
     let from_user = user
         .revoked
         .as_ref()
         .filter(|r| r.except.as_deref() != Some(device));
-    let applies = [dev.revoked.as_ref(), from_user]
+    [dev.revoked.as_ref(), from_user]
         .into_iter()
         .flatten()
         .filter(|r| r.covers(iat))
-        .max_by_key(|r| r.at);
+        .max_by_key(|r| r.at)
+}
+
+/// Decides for a token of `device` issued at `iat`, given the user row and the device row.
+pub fn verdict(user: &AccessRow, dev: &AccessRow, device: &str, iat: u64) -> Verdict {
+    let applies = revocation(user, dev, device, iat);
     if let Some(r) = applies {
         let confirmed = dev.confirmed.as_ref().is_some_and(|c| c.signal == r.signal);
         return Verdict::LoggedOut {
@@ -196,10 +207,30 @@ pub enum Target {
 }
 
 impl Target {
-    fn user(&self) -> &str {
+    /// The user whose devices are logged out.
+    pub fn user(&self) -> &str {
         match self {
             Target::Device(d) => &d.user,
             Target::User { user, .. } => user,
+        }
+    }
+
+    /// `(device, except)` as carried on the bus.
+    pub fn parts(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Target::Device(d) => (Some(d.device.to_string()), None),
+            Target::User { except, .. } => (None, except.clone()),
+        }
+    }
+
+    /// The inverse of [`Target::parts`].
+    pub fn from_parts(user: &str, device: Option<String>, except: Option<String>) -> Self {
+        match device {
+            Some(d) => Target::Device(DeviceRef::new(user, &d)),
+            None => Target::User {
+                user: user.into(),
+                except,
+            },
         }
     }
 
@@ -269,10 +300,7 @@ impl Access {
     ) -> Result<Outcome, StoreError> {
         let user = target.user().to_string();
         let now = now_ms();
-        let (except, device) = match &target {
-            Target::Device(d) => (None, Some(d.device.to_string())),
-            Target::User { except, .. } => (except.clone(), None),
-        };
+        let (device, except) = target.parts();
         let revocation = Revocation {
             at: now,
             reason: reason.into(),
@@ -351,9 +379,9 @@ impl Access {
 
         // Live: this node now, the others through the bus.
         self.hub
-            .logout(&user, &target, reason, revocation.signal, revocation.at);
+            .logout(&target, reason, revocation.signal, revocation.at);
         if let Some(c) = &self.cluster {
-            c.logout(&user, &target, reason, revocation.signal, revocation.at);
+            c.logout(&target, reason, revocation.signal, revocation.at);
         }
 
         let mut live = Vec::new();
@@ -398,8 +426,7 @@ impl Access {
             if let Some(r) = rows.into_iter().next().and_then(|(_, row)| row.revoked) {
                 tracing::info!(user = %device.user, device = %device.device, "closing a session a logout missed");
                 let target = Target::Device(device.clone());
-                self.hub
-                    .logout(&device.user, &target, &r.reason, r.signal, r.at);
+                self.hub.logout(&target, &r.reason, r.signal, r.at);
             }
         }
     }

@@ -427,15 +427,8 @@ async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refu
             .find(|(d, _)| *d == id)
             .map(|(_, r)| r.clone())
             .unwrap_or_default();
-        // The revocation that applies to the device now (its own, or the user-wide one).
-        let from_user = user_row
-            .revoked
-            .clone()
-            .filter(|r| r.except.as_deref() != Some(&id));
-        let revoked = [row.revoked.clone(), from_user]
-            .into_iter()
-            .flatten()
-            .max_by_key(|r| r.at);
+        // The revocation that applies to the device's tokens issued up to now.
+        let revoked = access::revocation(&user_row, &row, &id, 0);
         let logout = revoked.map(|r| {
             let confirmed = row
                 .confirmed

@@ -112,7 +112,6 @@ pub trait Presence: Send + Sync + 'static {
 /// A logout this node applied in the last few seconds.
 struct RecentLogout {
     applied: std::time::Instant,
-    user: String,
     target: crate::access::Target,
     reason: String,
     signal: uuid::Uuid,
@@ -211,11 +210,10 @@ impl Hub {
         }
     }
 
-    /// Logs out this node's connections of `user` that `target` covers: each session sends the
+    /// Logs out this node's connections that `target` covers: each session sends the
     /// `logout` frame, waits briefly for `logout_ack`, and closes with [`close::LOGGED_OUT`].
     pub fn logout(
         &self,
-        user: &str,
         target: &crate::access::Target,
         reason: &str,
         signal: uuid::Uuid,
@@ -234,7 +232,6 @@ impl Hub {
             }
             recent.push_back(RecentLogout {
                 applied: std::time::Instant::now(),
-                user: user.to_string(),
                 target: target.clone(),
                 reason: reason.to_string(),
                 signal,
@@ -243,7 +240,7 @@ impl Hub {
         }
         let mut n = 0;
         for conn in self.conns.iter() {
-            if &*conn.key().user == user && target.includes(&conn.key().device) {
+            if &*conn.key().user == target.user() && target.includes(&conn.key().device) {
                 *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((reason.to_string(), signal));
                 conn.outbox.evict(close::LOGGED_OUT);
@@ -268,7 +265,7 @@ impl Hub {
             .iter()
             .rev()
             .find(|r| {
-                r.user == *device.user
+                r.target.user() == &*device.user
                     && r.target.includes(&device.device)
                     && iat.saturating_mul(1000) <= r.at
                     && r.applied.elapsed() <= RECENT_LOGOUT
@@ -379,7 +376,7 @@ mod tests {
         };
         let reg = hub.register(&phone, 4);
         assert_eq!(
-            hub.logout("u", &target, "lost_device", uuid::Uuid::nil(), 100_500),
+            hub.logout(&target, "lost_device", uuid::Uuid::nil(), 100_500),
             1
         );
         assert_eq!(

@@ -280,21 +280,17 @@ impl Cluster {
     /// Tells every other node to close the sessions a logout covers (it is already stored).
     pub fn logout(
         &self,
-        user: &str,
         target: &crate::access::Target,
         reason: &str,
         signal: uuid::Uuid,
         at: u64,
     ) {
-        let (device, except) = match target {
-            crate::access::Target::Device(d) => (Some(d.device.to_string()), None),
-            crate::access::Target::User { except, .. } => (None, except.clone()),
-        };
+        let (device, except) = target.parts();
         self.publish_control(
             "logout",
             &Control::Logout {
                 instance: self.instance,
-                user: user.into(),
+                user: target.user().into(),
                 device,
                 except,
                 reason: reason.into(),
@@ -473,14 +469,8 @@ impl Cluster {
                 signal,
                 at,
             } if instance != self.instance => {
-                let target = match device {
-                    Some(d) => crate::access::Target::Device(DeviceRef::new(&user, &d)),
-                    None => crate::access::Target::User {
-                        user: user.clone(),
-                        except,
-                    },
-                };
-                let n = self.hub.logout(&user, &target, &reason, signal, at);
+                let target = crate::access::Target::from_parts(&user, device, except);
+                let n = self.hub.logout(&target, &reason, signal, at);
                 if n > 0 {
                     tracing::info!(user = %user, sessions = n, "logged out by another node");
                 }
