@@ -876,6 +876,7 @@ fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
                 org: None,
                 iat: now,
                 exp: now + 86_400,
+                nbf: None,
                 sep: 0,
                 aud: args.audience.clone(),
             })?;

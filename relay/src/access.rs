@@ -73,9 +73,12 @@ pub struct Confirmation {
 /// Stored access state of a user (device id `""`) or of one device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessRow {
-    /// User row: the user's organisation, from their tokens.
+    /// User row: the user's organisation: the `org` of their newest token (by `iat`) seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// User row: the `iat` (Unix seconds) of the token `org` came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_since: Option<u64>,
     /// User row: the lock, while locked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked: Option<Lock>,
@@ -88,6 +91,10 @@ pub struct AccessRow {
     /// Device row: last connect or disconnect, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<u64>,
+    /// Device row: where the device's first login after its latest revocation began, ms.
+    /// Nothing accepted before it is delivered to the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh_from: Option<u64>,
 }
 
 /// One change to an access row. Each touches only its own fields, so concurrent changes from
@@ -104,9 +111,11 @@ pub enum Change {
     Seen {
         /// When, ms.
         at: u64,
-        /// Organisation.
-        org: Option<String>,
+        /// Organisation, with the `iat` of the token that names it: a newer token's wins.
+        org: Option<(String, u64)>,
     },
+    /// The device's first login after a revocation began at this time, ms.
+    Fresh(u64),
 }
 
 impl AccessRow {
@@ -118,10 +127,19 @@ impl AccessRow {
             Change::Confirm(c) => self.confirmed = Some(c),
             Change::Seen { at, org } => {
                 self.last_seen = Some(at);
-                if org.is_some() {
-                    self.org = org;
+                if let Some((org, since)) = org {
+                    self.set_org(org, since);
                 }
             }
+            Change::Fresh(at) => self.fresh_from = Some(at),
+        }
+    }
+
+    /// Takes `org` unless the current one came from a newer token.
+    pub fn set_org(&mut self, org: String, since: u64) {
+        if self.org_since.is_none_or(|s| s <= since) {
+            self.org = Some(org);
+            self.org_since = Some(since);
         }
     }
 }
@@ -176,6 +194,50 @@ pub fn verdict(user: &AccessRow, dev: &AccessRow, device: &str, iat: u64) -> Ver
         return Verdict::Locked;
     }
     Verdict::Allowed
+}
+
+/// How a session that passed the upgrade check starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A normal session of a login that began at `floor_ms`: nothing accepted earlier is
+    /// delivered (0 unless the device id was logged out before).
+    Open {
+        /// Ms since the Unix epoch.
+        floor_ms: u64,
+    },
+    /// Revoked after the upgrade check: the `logout` frame, nothing else.
+    LoggedOut(Revocation),
+    /// Locked after the upgrade check.
+    Locked,
+}
+
+/// How a session of `device` with a token issued at `iat` starts at `now` (ms), from the
+/// stored rows; and what to record for it (the beginning of a login after a logout).
+pub fn start(
+    user: &AccessRow,
+    dev: &AccessRow,
+    device: &str,
+    iat: u64,
+    now: u64,
+) -> (Start, Option<Change>) {
+    match verdict(user, dev, device, iat) {
+        Verdict::LoggedOut { revocation, .. } => return (Start::LoggedOut(revocation), None),
+        Verdict::Locked => return (Start::Locked, None),
+        Verdict::Allowed => {}
+    }
+    let Some(last) = revocation(user, dev, device, 0) else {
+        return (Start::Open { floor_ms: 0 }, None);
+    };
+    if let Some(floor_ms) = dev.fresh_from.filter(|f| *f > last.at) {
+        return (Start::Open { floor_ms }, None);
+    }
+    // The login began when its token was issued (never later than now); it is newer than the
+    // revocation, or the verdict would have refused it.
+    let floor_ms = iat
+        .saturating_mul(1000)
+        .min(now)
+        .max(last.at.saturating_add(1));
+    (Start::Open { floor_ms }, Some(Change::Fresh(floor_ms)))
 }
 
 /// Splits the rows of [`MessageStore::access`] into the user row and the device rows.
@@ -275,8 +337,8 @@ pub struct Access {
 }
 
 impl Access {
-    /// The verdict for a token of `device` issued at `iat`.
-    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Verdict, StoreError> {
+    /// The user row and the device row of `device`.
+    async fn rows(&self, device: &DeviceRef) -> Result<(AccessRow, AccessRow), StoreError> {
         let rows = self
             .store
             .access(device.user.to_string(), Some(device.device.to_string()))
@@ -287,7 +349,31 @@ impl Access {
             .next()
             .map(|(_, r)| r)
             .unwrap_or_default();
+        Ok((user, dev))
+    }
+
+    /// The verdict for a token of `device` issued at `iat`.
+    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Verdict, StoreError> {
+        let (user, dev) = self.rows(device).await?;
         Ok(verdict(&user, &dev, &device.device, iat))
+    }
+
+    /// Decides again, from the stored state, once the session is registered with the hub (and
+    /// subscribed to the bus): a logout stored before this read is seen here, and one stored
+    /// after it reaches the registered session live. No time-limited memory is involved, so
+    /// however long the upgrade took, a revoked token never gets a session.
+    ///
+    /// A login after a logout of the device starts afresh: the first such session records
+    /// when the login began, and every session of it skips what was accepted before.
+    pub async fn session_start(&self, device: &DeviceRef, iat: u64) -> Result<Start, StoreError> {
+        let (user, dev) = self.rows(device).await?;
+        let (start, record) = start(&user, &dev, &device.device, iat, now_ms());
+        if let Some(change) = record {
+            self.store
+                .update_access(device.user.to_string(), device.device.to_string(), change)
+                .await?;
+        }
+        Ok(start)
     }
 
     /// Logs `target` out: durable first, then live on every node, then pushes to offline
@@ -611,6 +697,57 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_revocation_stored_after_the_upgrade_check_is_seen_at_registration() {
+        // Upgrade check: allowed. However long the 101 takes, the registration reads the rows
+        // again, and a revocation stored meanwhile ends the session before anything else.
+        let user = AccessRow::default();
+        let mut dev = AccessRow::default();
+        assert_eq!(verdict(&user, &dev, "d", 100), Verdict::Allowed);
+        dev.apply(Change::Revoke(rev(100, None)));
+        let (start, record) = start(&user, &dev, "d", 100, 10_000_000);
+        assert!(matches!(start, Start::LoggedOut(_)) && record.is_none());
+        let locked = AccessRow {
+            locked: Some(Lock {
+                at: 1,
+                reason: "left".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(start_of(&locked, &AccessRow::default(), 100), Start::Locked);
+    }
+
+    fn start_of(user: &AccessRow, dev: &AccessRow, iat: u64) -> Start {
+        start(user, dev, "d", iat, 10_000_000).0
+    }
+
+    #[test]
+    fn a_login_after_a_logout_starts_when_its_token_was_issued_and_stays_there() {
+        let mut dev = AccessRow::default();
+        let user = AccessRow::default();
+        assert_eq!(start_of(&user, &dev, 50), Start::Open { floor_ms: 0 });
+        dev.apply(Change::Revoke(rev(100, None)));
+        let (first, record) = start(&user, &dev, "d", 102, 10_000_000);
+        assert_eq!(first, Start::Open { floor_ms: 102_000 });
+        assert_eq!(record, Some(Change::Fresh(102_000)));
+        dev.apply(Change::Fresh(102_000));
+        // A refreshed token of the same login keeps the floor; nothing more is recorded.
+        assert_eq!(
+            start(&user, &dev, "d", 500, 10_000_000),
+            (Start::Open { floor_ms: 102_000 }, None)
+        );
+        // A token whose iat lies ahead of the clock starts the login now, not in the future.
+        dev.apply(Change::Revoke(rev(600, None)));
+        assert_eq!(
+            start_of(&user, &dev, 700),
+            Start::Open { floor_ms: 700_000 }
+        );
+        assert_eq!(
+            start(&user, &dev, "d", 9_999, 650_000).0,
+            Start::Open { floor_ms: 650_000 }
+        );
     }
 
     #[test]

@@ -86,13 +86,7 @@ impl Caller<'_> {
         let Some(org) = &self.cred.org else {
             return Ok(());
         };
-        let rows = app
-            .sessions
-            .store
-            .access(user.into(), Some(String::new()))
-            .await?;
-        let (row, _) = access::split(rows);
-        if row.org.as_ref() == Some(org) {
+        if current_org(app, user).await?.as_ref() == Some(org) {
             Ok(())
         } else {
             Err(Refusal::new(
@@ -464,10 +458,24 @@ async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refu
     ))
 }
 
+/// The organisation `user` belongs to now: the `org` of their newest token. The org index
+/// remembers every org a user was ever seen in, so membership is always read from here.
+async fn current_org(app: &App, user: &str) -> Result<Option<String>, StoreError> {
+    let rows = app
+        .sessions
+        .store
+        .access(user.into(), Some(String::new()))
+        .await?;
+    Ok(access::split(rows).0.org)
+}
+
 async fn presence_view(app: &App, org: &str) -> Result<(StatusCode, Value), Refusal> {
     let store = &app.sessions.store;
     let mut online = Vec::new();
     for user in store.org_users(org.into()).await? {
+        if current_org(app, &user).await?.as_deref() != Some(org) {
+            continue; // moved to another organisation since
+        }
         let devices: Vec<String> = store
             .devices(user.clone())
             .await?

@@ -5,6 +5,7 @@
 //! Tokens in the URL are never read (they end up in proxy and access logs).
 
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv6Addr};
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use base64::Engine as _;
@@ -30,6 +31,9 @@ pub struct Claims {
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// Not before, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Session epoch: tokens minted before a revocation carry an older epoch.
     #[serde(default)]
     pub sep: u64,
@@ -64,13 +68,16 @@ pub enum AuthError {
     /// Past its expiry.
     #[error("token expired")]
     Expired,
+    /// Before its `nbf`.
+    #[error("token not yet valid")]
+    NotYetValid,
     /// Signed by no configured key.
     #[error("bad signature")]
     BadSignature,
     /// Issued for another audience or issuer.
     #[error("wrong audience")]
     WrongAudience,
-    /// Claims missing or invalid (ids, times).
+    /// Claims missing or invalid: ids, `iat` in the future, a lifetime over the maximum.
     #[error("invalid claims")]
     BadClaims,
 }
@@ -82,6 +89,7 @@ impl AuthError {
             AuthError::Missing => "missing_token",
             AuthError::Malformed => "malformed_token",
             AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
             AuthError::BadSignature => "bad_signature",
             AuthError::WrongAudience => "wrong_audience",
             AuthError::BadClaims => "bad_claims",
@@ -102,6 +110,7 @@ pub struct Verifier {
     keys: Vec<(Algorithm, DecodingKey)>,
     audience: String,
     leeway_s: u64,
+    max_lifetime_s: u64,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -133,8 +142,14 @@ fn pem_blocks(pem: &str) -> Vec<String> {
 }
 
 impl Verifier {
-    /// Loads every public key (Ed25519 or P-256, SPKI PEM) from `pem`.
-    pub fn new(pem: &str, audience: &str, leeway_s: u64) -> Result<Self, KeyError> {
+    /// Loads every public key (Ed25519 or P-256, SPKI PEM) from `pem`. Tokens may live at most
+    /// `max_lifetime_s` (`exp - iat`); `leeway_s` is the clock skew allowed on every time.
+    pub fn new(
+        pem: &str,
+        audience: &str,
+        leeway_s: u64,
+        max_lifetime_s: u64,
+    ) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
         for block in pem_blocks(pem) {
             if let Ok(key) = DecodingKey::from_ed_pem(block.as_bytes()) {
@@ -154,11 +169,29 @@ impl Verifier {
             keys,
             audience: audience.to_string(),
             leeway_s,
+            max_lifetime_s,
         })
     }
 
     /// Checks a token and returns the identity it proves.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_at(token, crate::store::now_ms() / 1000)
+    }
+
+    /// [`Verifier::verify`] at `now` (Unix seconds) for the checks of our own: a token issued
+    /// in the future would outlive a revocation made before that time, and one that lives
+    /// longer than the maximum would outlive its purpose.
+    fn verify_at(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
+        let id = self.verify_signed(token)?;
+        if id.issued_at > now.saturating_add(self.leeway_s)
+            || id.expires_at.saturating_sub(id.issued_at) > self.max_lifetime_s
+        {
+            return Err(AuthError::BadClaims);
+        }
+        Ok(id)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         if !matches!(header.alg, Algorithm::EdDSA | Algorithm::ES256) {
             return Err(AuthError::Malformed);
@@ -166,6 +199,7 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&[&self.audience]);
         validation.leeway = self.leeway_s;
+        validation.validate_nbf = true;
         validation.required_spec_claims = HashSet::from(["exp", "aud", "sub"].map(String::from));
         let mut last = AuthError::BadSignature;
         for (alg, key) in self.keys.iter().filter(|(alg, _)| *alg == header.alg) {
@@ -175,9 +209,8 @@ impl Verifier {
                 Err(e) => {
                     last = match e.kind() {
                         ErrorKind::InvalidSignature => AuthError::BadSignature,
-                        ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => {
-                            AuthError::Expired
-                        }
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                         ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
                             AuthError::WrongAudience
                         }
@@ -254,12 +287,40 @@ struct Window {
     throttled: bool,
 }
 
-/// Per-IP and per-account limits on failed upgrades (fixed windows, this node only).
+impl Window {
+    fn new() -> Self {
+        Window {
+            start: std::time::Instant::now(),
+            failures: 0,
+            throttled: false,
+        }
+    }
+}
+
+/// The address limits count under: an IPv4 address, or an IPv6 /64 (what one subscriber
+/// gets, so rotating through it gains nothing).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Most keys a failure map tracks. Claimed accounts come from unverified tokens, so an
+/// attacker can name endless ones; past this, new keys go uncounted until the next prune.
+const MAX_TRACKED: usize = 100_000;
+
+/// Counts failed upgrades per source address and per claimed account (fixed windows, this
+/// node only). Only failures are ever refused: a correctly signed, valid token never consults
+/// these limits, so nobody can lock a user out by failing in their name.
 pub struct FailureLimits {
     per_ip: u32,
     per_account: u32,
     window: std::time::Duration,
-    ips: dashmap::DashMap<std::net::IpAddr, Window>,
+    ips: dashmap::DashMap<IpAddr, Window>,
     accounts: dashmap::DashMap<String, Window>,
 }
 
@@ -286,63 +347,51 @@ impl FailureLimits {
         }
     }
 
-    fn over<K: std::hash::Hash + Eq>(
+    fn bump<K: std::hash::Hash + Eq>(
         &self,
         map: &dashmap::DashMap<K, Window>,
         key: K,
         limit: u32,
         scope: Scope,
     ) -> Option<Throttled> {
-        let mut w = map.get_mut(&key)?;
-        let age = w.start.elapsed();
-        if age >= self.window || w.failures < limit {
+        if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
+            return None;
+        }
+        let mut w = map.entry(key).or_insert_with(Window::new);
+        if w.start.elapsed() >= self.window {
+            *w = Window::new();
+        }
+        w.failures = w.failures.saturating_add(1);
+        if w.failures <= limit {
             return None;
         }
         let first = !w.throttled;
         w.throttled = true;
         Some(Throttled {
             scope,
-            retry_after_s: (self.window - age).as_secs().max(1),
+            retry_after_s: self
+                .window
+                .saturating_sub(w.start.elapsed())
+                .as_secs()
+                .max(1),
             first,
         })
     }
 
-    /// Whether upgrades from `ip` (claiming `account`) are refused now.
-    pub fn check(&self, ip: std::net::IpAddr, account: Option<&str>) -> Option<Throttled> {
-        self.over(&self.ips, ip, self.per_ip, Scope::Ip)
-            .or_else(|| {
-                account.and_then(|a| {
-                    self.over(
-                        &self.accounts,
-                        a.to_string(),
-                        self.per_account,
-                        Scope::Account,
-                    )
-                })
-            })
-    }
-
-    /// Counts a failed upgrade.
-    pub fn failed(&self, ip: std::net::IpAddr, account: Option<&str>) {
-        let bump = |w: &mut Window| {
-            if w.start.elapsed() >= self.window {
-                *w = Window {
-                    start: std::time::Instant::now(),
-                    failures: 0,
-                    throttled: false,
-                };
-            }
-            w.failures += 1;
-        };
-        let fresh = || Window {
-            start: std::time::Instant::now(),
-            failures: 0,
-            throttled: false,
-        };
-        bump(&mut self.ips.entry(ip).or_insert_with(fresh));
-        if let Some(a) = account {
-            bump(&mut self.accounts.entry(a.to_string()).or_insert_with(fresh));
-        }
+    /// Counts a failed upgrade from `ip` claiming `account`. `Some` when the source or the
+    /// account is over its limit: the failure is then answered `429` and audited once per
+    /// window instead of each time.
+    pub fn failed(&self, ip: IpAddr, account: Option<&str>) -> Option<Throttled> {
+        let by_ip = self.bump(&self.ips, source_key(ip), self.per_ip, Scope::Ip);
+        let by_account = account.and_then(|a| {
+            self.bump(
+                &self.accounts,
+                a.to_string(),
+                self.per_account,
+                Scope::Account,
+            )
+        });
+        by_ip.or(by_account)
     }
 
     /// Forgets windows that ended (called periodically).
@@ -394,7 +443,7 @@ pub fn offers_subprotocol(headers: &HeaderMap) -> bool {
 
 /// A freshly generated Ed25519 key pair, PEM-encoded.
 pub struct GeneratedKey {
-    /// PKCS#8 private key.
+    /// PKCS#8 v1 private key.
     pub private_pem: String,
     /// SPKI public key.
     pub public_pem: String,
@@ -413,7 +462,8 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// Generates an Ed25519 signing key for tokens.
 pub fn generate_ed25519() -> Result<GeneratedKey, KeyError> {
-    let doc = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+    // PKCS#8 v1 (RFC 5208): OpenSSL 3, Python `cryptography` and Node refuse the v2 form.
+    let doc = Ed25519KeyPair::generate_pkcs8v1(&aws_lc_rs::rand::SystemRandom::new())
         .map_err(|_| KeyError::Invalid("key generation failed".into()))?;
     let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref())
         .map_err(|_| KeyError::Invalid("generated key unreadable".into()))?;
@@ -481,8 +531,9 @@ mod tests {
             sub: "alice".into(),
             dev: "phone".into(),
             org: Some("clinic".into()),
-            iat: 0,
+            iat: now() - 60,
             exp,
+            nbf: None,
             sep: 3,
             aud: aud.into(),
         }
@@ -498,7 +549,7 @@ mod tests {
         let other = generate_ed25519().expect("key");
         let minter = Minter::from_pem(&key.private_pem).expect("minter");
         let forger = Minter::from_pem(&other.private_pem).expect("minter");
-        let v = Verifier::new(&key.public_pem, "relay", 0).expect("verifier");
+        let v = Verifier::new(&key.public_pem, "relay", 0, 86_400).expect("verifier");
 
         let id = v
             .verify(&minter.mint(&claims(now() + 60, "relay")).expect("mint"))
@@ -541,32 +592,107 @@ mod tests {
 
     #[test]
     fn failure_limits_throttle_per_ip_and_per_account() {
-        let ip: std::net::IpAddr = [127, 0, 0, 9].into();
-        let other: std::net::IpAddr = [127, 0, 0, 10].into();
+        let ip: IpAddr = [127, 0, 0, 9].into();
         let l = FailureLimits::new(3, 2, std::time::Duration::from_secs(60));
-        l.failed(ip, None);
-        l.failed(ip, None);
-        assert_eq!(l.check(ip, None), None);
-        l.failed(ip, None);
-        let t = l.check(ip, None).expect("throttled");
+        for _ in 0..3 {
+            assert_eq!(l.failed(ip, None), None);
+        }
+        let t = l.failed(ip, None).expect("throttled");
         assert_eq!((t.scope, t.first), (Scope::Ip, true));
-        assert!(!l.check(ip, None).expect("still").first);
+        assert!(!l.failed(ip, None).expect("still").first);
         // An account attacked from many addresses.
-        l.failed(other, Some("bob"));
-        l.failed([127, 0, 0, 11].into(), Some("bob"));
+        assert_eq!(l.failed([127, 0, 0, 10].into(), Some("bob")), None);
+        assert_eq!(l.failed([127, 0, 0, 11].into(), Some("bob")), None);
         let t = l
-            .check([127, 0, 0, 12].into(), Some("bob"))
+            .failed([127, 0, 0, 12].into(), Some("bob"))
             .expect("throttled");
         assert_eq!(t.scope, Scope::Account);
-        assert_eq!(l.check(other, Some("carol")), None);
+        assert_eq!(l.failed([127, 0, 0, 13].into(), Some("carol")), None);
+    }
+
+    #[test]
+    fn an_ipv6_subscriber_prefix_counts_as_one_source() {
+        let l = FailureLimits::new(2, 100, std::time::Duration::from_secs(60));
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        assert_eq!(l.failed(a, None), None);
+        assert_eq!(l.failed(b, None), None);
+        assert!(l.failed(a, None).is_some());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert_eq!(source_key(mapped), IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn token_times_from_the_future_or_beyond_the_lifetime_are_refused() {
+        let key = generate_ed25519().expect("key");
+        let minter = Minter::from_pem(&key.private_pem).expect("minter");
+        let v = Verifier::new(&key.public_pem, "relay", 30, 86_400).expect("verifier");
+        let t = now();
+        let mint = |iat: u64, exp: u64, nbf: Option<u64>| {
+            let mut c = claims(exp, "relay");
+            c.iat = iat;
+            c.nbf = nbf;
+            minter.mint(&c).expect("mint")
+        };
+        assert!(
+            v.verify(&mint(t + 20, t + 3600, None)).is_ok(),
+            "within the leeway"
+        );
+        assert_eq!(
+            v.verify(&mint(t + 120, t + 3600, None)).err(),
+            Some(AuthError::BadClaims)
+        );
+        assert_eq!(
+            v.verify(&mint(t, t + 2 * 86_400, None)).err(),
+            Some(AuthError::BadClaims)
+        );
+        assert_eq!(
+            v.verify(&mint(t, u64::MAX, None)).err(),
+            Some(AuthError::BadClaims)
+        );
+        assert_eq!(
+            v.verify(&mint(t, 10_000_000_000_000_000_000, None)).err(),
+            Some(AuthError::BadClaims)
+        );
+        assert_eq!(
+            v.verify(&mint(t, t + 3600, Some(t + 600))).err(),
+            Some(AuthError::NotYetValid)
+        );
+        assert!(v.verify(&mint(t, t + 3600, Some(t - 1))).is_ok());
+    }
+
+    #[test]
+    fn generated_keys_are_pkcs8_v1() {
+        use base64::Engine as _;
+        let key = generate_ed25519().expect("key");
+        let b64: String = key
+            .private_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let der = B64.decode(b64).expect("base64");
+        // SEQUENCE { INTEGER 0 (v1), AlgorithmIdentifier Ed25519, OCTET STRING { seed } }
+        assert_eq!(der.len(), 48);
+        assert_eq!(
+            &der[..16],
+            &[
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20
+            ]
+        );
     }
 
     #[test]
     fn key_rotation_accepts_either_key() {
         let k1 = generate_ed25519().expect("key");
         let k2 = generate_ed25519().expect("key");
-        let v = Verifier::new(&format!("{}{}", k1.public_pem, k2.public_pem), "relay", 0)
-            .expect("verifier");
+        let v = Verifier::new(
+            &format!("{}{}", k1.public_pem, k2.public_pem),
+            "relay",
+            0,
+            86_400,
+        )
+        .expect("verifier");
         for k in [&k1, &k2] {
             let t = Minter::from_pem(&k.private_pem)
                 .expect("minter")

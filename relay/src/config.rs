@@ -88,6 +88,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Problems that did not stop the start (unknown `RELAY_*` variables), for the log.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
     /// `dev` or `production`.
     pub mode: Mode,
     /// Public WebSocket + HTTP listener.
@@ -143,9 +146,12 @@ pub struct AccessConfig {
     pub failed_auth_per_account: u32,
     /// The window of the failed-login limits.
     pub failed_auth_window: Dur,
-    /// Header a trusted proxy sets to the client's IP (`Fly-Client-IP` on Fly.io); unset:
-    /// the TCP peer address.
+    /// Header a trusted proxy sets to the client's IP (`Fly-Client-IP` on Fly.io, or
+    /// `X-Forwarded-For`); read only on connections from `trusted_proxies`.
     pub client_ip_header: Option<String>,
+    /// Proxies (CIDRs) whose `client_ip_header` is believed. Of a comma-separated list, the
+    /// right-most address that is not itself a trusted proxy is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for AccessConfig {
@@ -157,6 +163,7 @@ impl Default for AccessConfig {
             failed_auth_per_account: 10,
             failed_auth_window: Dur::secs(300),
             client_ip_header: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -500,8 +507,10 @@ pub struct AuthConfig {
     pub public_keys_file: Option<PathBuf>,
     /// Required `aud` claim.
     pub audience: String,
-    /// Clock skew tolerated on `exp`.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
     pub leeway: Dur,
+    /// Longest token lifetime (`exp - iat`) accepted.
+    pub max_token_lifetime: Dur,
     /// Browser origins allowed to connect. `scheme://host:*` allows any port.
     pub allowed_origins: Vec<String>,
 }
@@ -528,6 +537,8 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Most simultaneous connections (TCP) on the public listener.
     pub max_connections: usize,
+    /// Most simultaneous connections from one client address (an IPv6 /64 counts as one).
+    pub max_connections_per_ip: usize,
     /// Sustained sends per second per device.
     pub send_rate_per_s: f64,
     /// Sends a device may burst above its rate.
@@ -571,6 +582,7 @@ pub struct RetentionConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            warnings: Vec::new(),
             mode: Mode::Dev,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
@@ -601,6 +613,7 @@ impl Default for AuthConfig {
             public_keys_file: None,
             audience: "relay".into(),
             leeway: Dur::secs(30),
+            max_token_lifetime: Dur::secs(30 * 86_400),
             allowed_origins: Vec::new(),
         }
     }
@@ -612,6 +625,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 256 * 1024,
             max_recipients: 100,
             max_connections: 50_000,
+            max_connections_per_ip: 1_000,
             send_rate_per_s: 50.0,
             send_burst: 200,
             outbound_queue: 256,
@@ -649,6 +663,54 @@ fn env_value(raw: &str) -> toml::Value {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// `Some(hint)` when `path` names no setting: the hint names the closest setting, if any.
+fn unknown_key(path: &[String], value: toml::Value) -> Option<String> {
+    let mut probe = toml::Table::new();
+    set_path(&mut probe, path, value).ok()?;
+    let err = Config::deserialize(toml::Value::Table(probe))
+        .err()?
+        .to_string();
+    let rest = err.split("unknown field `").nth(1)?;
+    let expected = rest.split("expected").nth(1).unwrap_or_default();
+    let name = path.last()?;
+    let closest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+        .min();
+    Some(match closest {
+        Some((_, k)) => {
+            let parents: Vec<&str> = path[..path.len() - 1].iter().map(String::as_str).collect();
+            let key = parents
+                .iter()
+                .copied()
+                .chain([k])
+                .collect::<Vec<_>>()
+                .join("__");
+            format!(" (did you mean RELAY_{}?)", key.to_ascii_uppercase())
+        }
+        None => String::new(),
+    })
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
@@ -692,8 +754,18 @@ impl Config {
             .filter_map(|(k, v)| Some((k.strip_prefix("RELAY_")?.to_ascii_lowercase(), v)))
             .collect();
         env.sort();
+        let mut warnings = Vec::new();
         for (key, raw) in env {
             let path: Vec<String> = key.split("__").map(str::to_string).collect();
+            // Wrappers set RELAY_BIN, RELAY_HOME and the like: the environment is shared, so
+            // a name the relay does not know is a warning; the file and flags stay strict.
+            if let Some(hint) = unknown_key(&path, env_value(&raw)) {
+                warnings.push(format!(
+                    "RELAY_{} is not a relay setting and was ignored{hint}",
+                    key.to_ascii_uppercase()
+                ));
+                continue;
+            }
             if let Err(e) = set_path(&mut table, &path, env_value(&raw)) {
                 errors.push(format!("RELAY_{}: {e}", key.to_ascii_uppercase()));
             }
@@ -712,7 +784,10 @@ impl Config {
             }
         };
         match config {
-            Some(c) if errors.is_empty() => c.validate().map(|()| c),
+            Some(mut c) if errors.is_empty() => {
+                c.warnings = warnings;
+                c.validate().map(|()| c)
+            }
             _ => Err(ConfigError(errors)),
         }
     }
@@ -753,6 +828,7 @@ impl Config {
         }
         for (name, v) in [
             ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.outbound_queue", l.outbound_queue),
             ("limits.max_pipelined_sends", l.max_pipelined_sends),
         ] {
@@ -765,6 +841,7 @@ impl Config {
             ("session.idle_timeout", self.session.idle_timeout),
             ("limits.handshake_timeout", l.handshake_timeout),
             ("limits.write_timeout", l.write_timeout),
+            ("auth.max_token_lifetime", self.auth.max_token_lifetime),
             ("retention.sweep_interval", self.retention.sweep_interval),
         ] {
             if d.0.is_zero() {
@@ -990,7 +1067,26 @@ mod tests {
         assert!(text.contains("auth.public_keys"), "{text}");
         assert!(text.contains("at_rest.keys"), "{text}");
         assert!(load(&[("RELAY_LISTEN", "0.0.0.0:8080")], None).is_err());
-        assert!(load(&[("RELAY_NO_SUCH_KEY", "1")], None).is_err());
+        let c = load(
+            &[
+                ("RELAY_NO_SUCH_KEY", "1"),
+                ("RELAY_LIMITS__MAX_BODY_BYTE", "9"),
+            ],
+            None,
+        )
+        .expect("unknown environment variables only warn");
+        assert_eq!(c.limits.max_body_bytes, 256 * 1024);
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("did you mean RELAY_LIMITS__MAX_BODY_BYTES"))
+        );
+        assert!(
+            load(&[], Some("no_such_key = 1")).is_err(),
+            "the file stays strict"
+        );
+        assert!(load(&[("RELAY_LIMITS__MAX_BODY_BYTES", "lots")], None).is_err());
         assert!(load(&[("RELAY_SESSION__PING_INTERVAL", "soon")], None).is_err());
     }
 

@@ -87,6 +87,8 @@ impl Outbox {
 struct Conn {
     id: u64,
     since: u64,
+    /// The session token's `iat`, Unix seconds: a logout closes only what it revokes.
+    issued_at: u64,
     outbox: Arc<Outbox>,
 }
 
@@ -109,25 +111,11 @@ pub trait Presence: Send + Sync + 'static {
     fn is_online(&self, device: &DeviceRef) -> bool;
 }
 
-/// A logout this node applied in the last few seconds.
-struct RecentLogout {
-    applied: std::time::Instant,
-    target: crate::access::Target,
-    reason: String,
-    signal: uuid::Uuid,
-    /// Revocation time, ms: tokens issued at or before it are covered.
-    at: u64,
-}
-
-/// How long a logout is remembered for sessions that were already past the upgrade check.
-const RECENT_LOGOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Live connections of this node, by device.
 pub struct Hub {
     conns: DashMap<DeviceRef, Conn>,
     next_id: AtomicU64,
     catch_up: watch::Sender<u64>,
-    recent_logouts: Mutex<VecDeque<RecentLogout>>,
 }
 
 impl Default for Hub {
@@ -136,14 +124,14 @@ impl Default for Hub {
             conns: DashMap::new(),
             next_id: AtomicU64::new(0),
             catch_up: watch::Sender::new(0),
-            recent_logouts: Mutex::default(),
         }
     }
 }
 
 impl Hub {
-    /// Registers a connection for `device`, displacing (closing) an older one of the same device.
-    pub fn register(&self, device: &DeviceRef, queue: usize) -> Registration {
+    /// Registers a connection for `device` (token issued at `issued_at`), displacing (closing)
+    /// an older one of the same device.
+    pub fn register(&self, device: &DeviceRef, queue: usize, issued_at: u64) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(queue));
         // Strictly increasing per node, so a reconnect within the same millisecond is newer.
@@ -151,6 +139,7 @@ impl Hub {
         let conn = Conn {
             id,
             since,
+            issued_at,
             outbox: outbox.clone(),
         };
         if let Some(old) = self.conns.insert(device.clone(), conn) {
@@ -210,8 +199,10 @@ impl Hub {
         }
     }
 
-    /// Logs out this node's connections that `target` covers: each session sends the
-    /// `logout` frame, waits briefly for `logout_ack`, and closes with [`close::LOGGED_OUT`].
+    /// Logs out this node's connections that `target` covers and whose token the revocation
+    /// at `at` (ms) revokes: each session sends the `logout` frame, waits briefly for
+    /// `logout_ack`, and closes with [`close::LOGGED_OUT`]. A session of a newer login is left
+    /// alone, so a stale or replayed logout signal cannot end it.
     pub fn logout(
         &self,
         target: &crate::access::Target,
@@ -219,28 +210,11 @@ impl Hub {
         signal: uuid::Uuid,
         at: u64,
     ) -> usize {
-        {
-            let mut recent = self
-                .recent_logouts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            while recent
-                .front()
-                .is_some_and(|r| r.applied.elapsed() > RECENT_LOGOUT)
-            {
-                recent.pop_front();
-            }
-            recent.push_back(RecentLogout {
-                applied: std::time::Instant::now(),
-                target: target.clone(),
-                reason: reason.to_string(),
-                signal,
-                at,
-            });
-        }
         let mut n = 0;
         for conn in self.conns.iter() {
-            if &*conn.key().user == target.user() && target.includes(&conn.key().device) {
+            let revoked = conn.issued_at.saturating_mul(1000) <= at;
+            if revoked && &*conn.key().user == target.user() && target.includes(&conn.key().device)
+            {
                 *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((reason.to_string(), signal));
                 conn.outbox.evict(close::LOGGED_OUT);
@@ -248,29 +222,6 @@ impl Hub {
             }
         }
         n
-    }
-
-    /// A logout applied here in the last seconds that covers `device` with a token issued at
-    /// `iat`: closes the gap between a session's upgrade check and its registration.
-    pub fn recently_logged_out(
-        &self,
-        device: &DeviceRef,
-        iat: u64,
-    ) -> Option<(String, uuid::Uuid)> {
-        let recent = self
-            .recent_logouts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        recent
-            .iter()
-            .rev()
-            .find(|r| {
-                r.target.user() == &*device.user
-                    && r.target.includes(&device.device)
-                    && iat.saturating_mul(1000) <= r.at
-                    && r.applied.elapsed() <= RECENT_LOGOUT
-            })
-            .map(|r| (r.reason.clone(), r.signal))
     }
 
     /// Removes the registration `id` of `device`, unless a newer connection replaced it.
@@ -352,8 +303,8 @@ mod tests {
     fn newer_connection_displaces_older() {
         let hub = Hub::default();
         let d = DeviceRef::new("u", "d");
-        let first = hub.register(&d, 4);
-        let second = hub.register(&d, 4);
+        let first = hub.register(&d, 4, 1);
+        let second = hub.register(&d, 4, 1);
         assert!(first.outbox.evict.is_cancelled());
         assert_eq!(
             first.outbox.evict_code.load(Ordering::Relaxed),
@@ -367,43 +318,34 @@ mod tests {
     }
 
     #[test]
-    fn a_logout_is_remembered_for_sessions_registering_just_after_it() {
+    fn a_logout_closes_only_sessions_whose_token_it_revokes() {
         let hub = Hub::default();
-        let phone = DeviceRef::new("u", "phone");
         let target = crate::access::Target::User {
             user: "u".into(),
             except: Some("laptop".into()),
         };
-        let reg = hub.register(&phone, 4);
+        let old = hub.register(&DeviceRef::new("u", "phone"), 4, 100);
+        let newer = hub.register(&DeviceRef::new("u", "tablet"), 4, 101);
+        let spared = hub.register(&DeviceRef::new("u", "laptop"), 4, 1);
+        let other = hub.register(&DeviceRef::new("v", "phone"), 4, 1);
         assert_eq!(
             hub.logout(&target, "lost_device", uuid::Uuid::nil(), 100_500),
             1
         );
         assert_eq!(
-            reg.outbox.evict_code.load(Ordering::Relaxed),
+            old.outbox.evict_code.load(Ordering::Relaxed),
             close::LOGGED_OUT
         );
-        // A session of a token issued before the logout, past its upgrade check already.
-        assert!(hub.recently_logged_out(&phone, 100).is_some());
-        assert!(
-            hub.recently_logged_out(&phone, 101).is_none(),
-            "a newer login"
-        );
-        assert!(
-            hub.recently_logged_out(&DeviceRef::new("u", "laptop"), 1)
-                .is_none()
-        );
-        assert!(
-            hub.recently_logged_out(&DeviceRef::new("v", "phone"), 1)
-                .is_none()
-        );
+        for kept in [newer, spared, other] {
+            assert!(!kept.outbox.evict.is_cancelled());
+        }
     }
 
     #[test]
     fn full_queue_marks_overflow_without_blocking() {
         let hub = Hub::default();
         let d = DeviceRef::new("u", "d");
-        let reg = hub.register(&d, 2);
+        let reg = hub.register(&d, 2, 1);
         for seq in 1..=3 {
             hub.deliver(std::slice::from_ref(&d), &entry(seq));
         }

@@ -4,11 +4,12 @@
 //! upgrades get a plain HTTP status (400, 401, 403, 503) and never reach a session.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -48,6 +49,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Caps open connections.
     pub connections: Arc<Semaphore>,
+    /// Caps open connections per client address.
+    pub sources: SourceCounts,
     /// WebSocket buffer sizes and message limit.
     pub ws_config: WebSocketConfig,
     /// Cancelled when the relay starts draining: no new devices.
@@ -78,6 +81,59 @@ pub(crate) fn json_error(status: StatusCode, code: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// Open connections per client address (an IPv6 /64 counts as one), each at most `max`: one
+/// address cannot take every slot of the listener.
+pub struct SourceCounts {
+    max: usize,
+    open: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; dropping it frees the slot.
+pub struct SourceSlot {
+    open: Arc<DashMap<IpAddr, usize>>,
+    key: IpAddr,
+}
+
+impl SourceCounts {
+    /// At most `max` connections per address.
+    pub fn new(max: usize) -> Self {
+        SourceCounts {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, unless the address holds `max` already.
+    pub fn acquire(&self, ip: IpAddr) -> Option<SourceSlot> {
+        let key = auth::source_key(ip);
+        let mut n = self.open.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            open: self.open.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.open.remove_if_mut(&self.key, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+/// What a public connection holds while it is open: its slot of the listener and, unless it
+/// comes through a trusted proxy, its slot of its source address.
+struct Slot {
+    _listener: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
 }
 
 /// Which listener a connection arrived on.
@@ -112,11 +168,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, tls: Option<TlsAcceptor
         };
         let permit = match role {
             Side::Admin => None,
-            Side::Public => match app.connections.clone().try_acquire_owned() {
-                Ok(p) => Some(Arc::new(p)),
-                Err(_) => {
-                    metrics::counter!("relay_handshakes_total", "outcome" => "over_capacity")
-                        .increment(1);
+            Side::Public => match admit(&app, peer.ip()) {
+                Ok(slot) => Some(Arc::new(slot)),
+                Err(outcome) => {
+                    metrics::counter!("relay_handshakes_total", "outcome" => outcome).increment(1);
                     continue; // dropping the socket refuses it
                 }
             },
@@ -140,11 +195,74 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, tls: Option<TlsAcceptor
     }
 }
 
+/// A slot for a new public connection from `peer`, or the outcome that refuses it. Behind a
+/// trusted proxy every client shares the proxy's address: those connections are counted per
+/// client at the upgrade instead.
+fn admit(app: &App, peer: IpAddr) -> Result<Slot, &'static str> {
+    let listener = app
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| "over_capacity")?;
+    let source = if app.trusted_proxy(peer) {
+        None
+    } else {
+        Some(app.sources.acquire(peer).ok_or("source_over_capacity")?)
+    };
+    Ok(Slot {
+        _listener: listener,
+        _source: source,
+    })
+}
+
+impl App {
+    fn trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config
+            .access
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the TCP peer, or, on a connection from a trusted proxy, the
+    /// right-most address in `client_ip_header` that is not itself a trusted proxy (each
+    /// proxy appends the address it heard from; everything left of that is the client's say).
+    fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> IpAddr {
+        let peer = peer.ip().to_canonical();
+        let Some(name) = self.config.access.client_ip_header.as_deref() else {
+            return peer;
+        };
+        if !self.trusted_proxy(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = req
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.parse::<IpAddr>() else {
+                break; // not an address: nothing further left can be believed
+            };
+            client = ip.to_canonical();
+            if !self.trusted_proxy(client) {
+                break;
+            }
+        }
+        client
+    }
+}
+
 async fn serve_conn<IO>(
     io: IO,
     peer: SocketAddr,
     app: Arc<App>,
-    permit: Option<Arc<OwnedSemaphorePermit>>,
+    permit: Option<Arc<Slot>>,
     role: Side,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -168,8 +286,18 @@ async fn serve_conn<IO>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
+    // A public connection must upgrade within the handshake timeout, 101 written included:
+    // keep-alive requests do not extend it, and a client that stops reading cannot hold an
+    // accepted upgrade open. (The future ends when the connection is handed to the session.)
+    let limit = match role {
+        Side::Public => app.config.limits.handshake_timeout.0,
+        Side::Admin => Duration::MAX,
+    };
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = tokio::time::sleep(limit), if role == Side::Public => {
+            metrics::counter!("relay_handshakes_total", "outcome" => "timeout").increment(1);
+        }
         _ = app.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
@@ -220,24 +348,11 @@ async fn admin(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<
     }
 }
 
-/// The client's address: the TCP peer, or the header a trusted proxy sets.
-fn client_ip(req: &Request<Incoming>, peer: SocketAddr, app: &App) -> std::net::IpAddr {
-    app.config
-        .access
-        .client_ip_header
-        .as_deref()
-        .and_then(|name| req.headers().get(name))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer.ip())
-}
-
 async fn public(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     app: Arc<App>,
-    permit: Option<Arc<OwnedSemaphorePermit>>,
+    permit: Option<Arc<Slot>>,
 ) -> Response<Body> {
     if let Some(r) = health(&req, &app) {
         return r;
@@ -285,47 +400,14 @@ async fn public(
         tracing::info!(peer = %peer.ip(), "upgrade refused: origin not allowed");
         return json_error(StatusCode::FORBIDDEN, "origin_not_allowed");
     }
-    let ip = client_ip(&req, peer, &app);
+    let ip = app.client_ip(&req, peer);
     let token = auth::token_from_headers(h);
-    let (claimed_user, claimed_device) = token.map(|(t, _)| auth::claimed(t)).unwrap_or_default();
-    let audit = &app.sessions.access.audit;
-    let failed = |code: &str| Event {
-        ip: Some(ip.to_string()),
-        user: claimed_user.clone(),
-        device: claimed_device.clone(),
-        reason: Some(code.into()),
-        ..Event::new("auth_failed")
-    };
-    if let Some(t) = app.failures.check(ip, claimed_user.as_deref()) {
-        outcome("throttled");
-        metrics::counter!("relay_auth_throttled_total", "scope" => t.scope.name()).increment(1);
-        if t.first {
-            tracing::warn!(peer = %ip, scope = t.scope.name(), "too many failed logins: refusing upgrades");
-            audit.record(Event {
-                event: "auth_throttled".into(),
-                reason: Some(t.scope.name().into()),
-                ..failed("")
-            });
-        }
-        let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "too_many_failed_logins");
-        if let Ok(v) = HeaderValue::from_str(&t.retry_after_s.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
-    }
+    let claimed = token.map(|(t, _)| auth::claimed(t)).unwrap_or_default();
     let identity = match token.and_then(|(t, src)| Ok((app.verifier.verify(t)?, src))) {
         Ok(ok) => ok,
         Err(e) => {
-            outcome(e.code());
-            app.failures.failed(ip, claimed_user.as_deref());
-            audit.record(failed(e.code()));
             tracing::info!(peer = %ip, reason = e.code(), "authentication failed");
-            let mut r = json_error(StatusCode::UNAUTHORIZED, e.code());
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"relay\", error=\"invalid_token\""),
-            );
-            return r;
+            return failed_login(&app, ip, claimed, e.code());
         }
     };
     let (identity, source) = identity;
@@ -338,6 +420,19 @@ async fn public(
         outcome("draining");
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "draining");
     }
+    // Behind a trusted proxy, the per-address cap applies to the client it names.
+    let client_slot = if app.trusted_proxy(peer.ip()) {
+        match app.sources.acquire(ip) {
+            Some(slot) => Some(slot),
+            None => {
+                outcome("source_over_capacity");
+                return json_error(StatusCode::TOO_MANY_REQUESTS, "too_many_connections");
+            }
+        }
+    } else {
+        None
+    };
+    let audit = &app.sessions.access.audit;
     let verdict = match app
         .sessions
         .access
@@ -355,16 +450,21 @@ async fn public(
         Verdict::Allowed => None,
         Verdict::Locked => {
             outcome("account_locked");
-            audit.record(failed("account_locked"));
+            audit.record(Event {
+                ip: Some(ip.to_string()),
+                reason: Some("account_locked".into()),
+                ..Event::new("auth_failed").device(&identity.device)
+            });
             return json_error(StatusCode::FORBIDDEN, "account_locked");
         }
         Verdict::LoggedOut {
             confirmed: true, ..
         } => {
-            outcome("revoked");
-            app.failures.failed(ip, claimed_user.as_deref());
-            audit.record(failed("revoked"));
-            return json_error(StatusCode::UNAUTHORIZED, "revoked");
+            let claimed = (
+                Some(identity.device.user.to_string()),
+                Some(identity.device.device.to_string()),
+            );
+            return failed_login(&app, ip, claimed, "revoked");
         }
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
         Verdict::LoggedOut { revocation, .. } => Some(revocation),
@@ -380,26 +480,24 @@ async fn public(
             outcome("upgrade_failed");
             return;
         };
+        let _held = (permit, client_slot);
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(app2.ws_config)).await;
         let device = identity.device.clone();
         if let Some(revocation) = revocation {
             outcome("logged_out");
             tracing::info!(user = %device.user, device = %device.device, peer = %ip, "revoked credentials: sending logout");
             driver::logged_out(ws, app2.sessions.clone(), identity, revocation).await;
-            drop(permit);
             return;
         }
         outcome("ok");
         let audit = &app2.sessions.access.audit;
         audit.record(Event { ip: Some(ip.to_string()), ..Event::new("connect").device(&device) });
         tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
-        metrics::gauge!("relay_connections").increment(1.0);
+        let _gauge = ConnectionGauge::up();
         let ended = driver::run(ws, app2.sessions.clone(), identity, app2.shutdown.clone()).await;
-        metrics::gauge!("relay_connections").decrement(1.0);
         let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) { "idle_logoff" } else { "disconnect" };
         audit.record(Event { ip: Some(ip.to_string()), ..Event::new(kind).device(&device).reason(ended.reason) });
         tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
-        drop(permit);
     });
 
     let mut r = Response::new(Full::new(Bytes::new()));
@@ -417,6 +515,63 @@ async fn public(
         );
     }
     r
+}
+
+/// Counts a failed login and answers it: `401` (or the code's status), or `429` once the
+/// source or the claimed account is over its failure limit. Audited per claimed account: each
+/// failure, then one `auth_throttled` per window.
+fn failed_login(
+    app: &App,
+    ip: IpAddr,
+    (user, device): (Option<String>, Option<String>),
+    code: &'static str,
+) -> Response<Body> {
+    let event = |kind: &str, reason: &str| Event {
+        ip: Some(ip.to_string()),
+        user: user.clone(),
+        device: device.clone(),
+        reason: Some(reason.into()),
+        ..Event::new(kind)
+    };
+    let audit = &app.sessions.access.audit;
+    if let Some(t) = app.failures.failed(ip, user.as_deref()) {
+        metrics::counter!("relay_handshakes_total", "outcome" => "throttled").increment(1);
+        metrics::counter!("relay_auth_throttled_total", "scope" => t.scope.name()).increment(1);
+        if t.first {
+            tracing::warn!(peer = %ip, scope = t.scope.name(), "too many failed logins: answering 429");
+            audit.record(event("auth_throttled", t.scope.name()));
+        }
+        let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "too_many_failed_logins");
+        if let Ok(v) = HeaderValue::from_str(&t.retry_after_s.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    metrics::counter!("relay_handshakes_total", "outcome" => code).increment(1);
+    audit.record(event("auth_failed", code));
+    let mut r = json_error(StatusCode::UNAUTHORIZED, code);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"relay\", error=\"invalid_token\""),
+    );
+    r
+}
+
+/// `relay_connections` up while it lives: a session that ends any way, a panic included,
+/// takes itself off the gauge.
+struct ConnectionGauge;
+
+impl ConnectionGauge {
+    fn up() -> Self {
+        metrics::gauge!("relay_connections").increment(1.0);
+        ConnectionGauge
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("relay_connections").decrement(1.0);
+    }
 }
 
 /// Builds the TLS acceptor for the public listener: TLS 1.2+, ALPN `http/1.1` only.

@@ -167,13 +167,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if !matches!(command, Command::Serve) {
+        for w in &config.warnings {
+            eprintln!("relay: warning: {w}");
+        }
+    }
+    match command {
         Command::Serve => serve(config),
         Command::Token(args) => token(&config, args),
         Command::Keygen { .. } => ExitCode::SUCCESS, // handled above: needs no configuration
         Command::Migrate => migrate(&config),
         Command::Audit(AuditCommand::Verify { user }) => audit_verify(&config, user.as_deref()),
         Command::AdminCredential { name, role, org } => admin_credential(&name, &role, org),
+        // The serving relay only warns of unknown variables; the check is where to find them.
+        Command::Check if !config.warnings.is_empty() => ExitCode::from(EXIT_CONFIG),
         Command::Check => {
             println!(
                 "configuration OK: mode {:?}, backend {:?}, listen {}, admin {}",
@@ -186,6 +194,9 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     init_logs(&config);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -379,6 +390,7 @@ fn token(config: &Config, args: TokenArgs) -> ExitCode {
         iat: now,
         exp,
         sep: args.epoch,
+        nbf: None,
         aud: args
             .audience
             .unwrap_or_else(|| config.auth.audience.clone()),

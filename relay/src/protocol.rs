@@ -121,11 +121,19 @@ fn classify(text: &str, err: serde_json::Error) -> (FrameError, String) {
     }
 }
 
-/// serde's message names the field and the expectation; drop the echoed input, if any.
+/// A fixed message: nothing of the client's input is ever echoed (it may be patient data).
+/// serde's "missing field" names one of our own fields; every other message may quote input.
 fn sanitize(err: &serde_json::Error) -> String {
     let msg = err.to_string();
-    let msg = msg.split(" at line ").next().unwrap_or("invalid frame");
-    msg.chars().take(200).collect()
+    match msg
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        Some(field) if field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') => {
+            format!("missing field `{field}`")
+        }
+        _ => "a field has the wrong type or an invalid value".into(),
+    }
 }
 
 /// Decodes a message body. Returns `None` when it is not standard base64.
@@ -133,9 +141,11 @@ pub fn decode_body(body: &str) -> Option<Vec<u8>> {
     B64.decode(body).ok()
 }
 
-/// Upper bound of the decoded size of a base64 string, known without decoding it.
-pub fn decoded_len_upper_bound(body: &str) -> usize {
-    body.len() / 4 * 3 + 3
+/// The decoded size of standard (padded) base64, known without decoding it; an upper bound
+/// when `body` is not valid base64 (decoding then fails anyway).
+pub fn decoded_len(body: &str) -> usize {
+    let padding = body.bytes().rev().take(2).filter(|&b| b == b'=').count();
+    (body.len().div_ceil(4) * 3).saturating_sub(padding)
 }
 
 /// Machine-readable reason a `send` was not accepted.
@@ -293,6 +303,10 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// Frame larger than the configured maximum.
     pub const TOO_BIG: u16 = 1009;
+    /// A frame broke the WebSocket protocol (an unmasked client frame, a bad opcode).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// The relay restarts or drains; reconnect (with jitter).
     pub const RESTART: u16 = 1012;
     /// Inactivity logoff.
@@ -378,7 +392,10 @@ mod tests {
         let body = vec![7u8; 1000];
         let enc = encode_body(&body);
         assert_eq!(decode_body(&enc).expect("b64"), body);
-        assert!(decoded_len_upper_bound(&enc) >= body.len());
+        for n in [0, 1, 2, 3, 998, 999, 1000] {
+            assert_eq!(decoded_len(&encode_body(&vec![7u8; n])), n);
+        }
+        assert!(decoded_len(&enc) >= body.len());
         assert!(decode_body("***").is_none());
     }
 

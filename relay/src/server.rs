@@ -106,6 +106,7 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
         &public_pem,
         &config.auth.audience,
         config.auth.leeway.0.as_secs(),
+        config.auth.max_token_lifetime.0.as_secs(),
     )
     .map_err(|e| StartError::Keys(e.to_string()))?;
 
@@ -345,6 +346,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         failures,
         node_id,
         connections: Arc::new(Semaphore::new(l.max_connections)),
+        sources: listener::SourceCounts::new(l.max_connections_per_ip),
         config,
         verifier,
         sessions,

@@ -358,14 +358,24 @@ async fn access_state(kind: Kind) {
     assert_eq!(devices, vec!["laptop", "phone"]);
     assert!(store.access(u.into(), None).await.expect("read").is_empty());
 
-    let seen = Change::Seen {
-        at: 5,
-        org: Some("clinic-a".into()),
-    };
+    // The organisation of the newest token wins, whatever order the devices connect in.
+    for (device, org, iat) in [
+        ("phone", "clinic-a", 1_700_000_100),
+        ("laptop", "clinic-old", 1_700_000_000),
+    ] {
+        let seen = Change::Seen {
+            at: 5,
+            org: Some((org.into(), iat)),
+        };
+        store
+            .update_access(u.into(), device.into(), seen)
+            .await
+            .expect("seen");
+    }
     store
-        .update_access(u.into(), "phone".into(), seen)
+        .update_access(u.into(), "phone".into(), Change::Fresh(1_000_600))
         .await
-        .expect("seen");
+        .expect("fresh");
     let r = Revocation {
         at: 1_000_500,
         reason: "lost_device".into(),
@@ -411,6 +421,7 @@ async fn access_state(kind: Kind) {
             .expect("read"),
     );
     assert_eq!(user.org.as_deref(), Some("clinic-a"));
+    assert_eq!(user.org_since, Some(1_700_000_100));
     assert_eq!(user.locked, Some(lock));
     assert_eq!(rows.len(), 1);
     let (id, dev) = &rows[0];
@@ -418,6 +429,7 @@ async fn access_state(kind: Kind) {
     assert_eq!(dev.revoked, Some(r));
     assert_eq!(dev.confirmed, Some(c));
     assert_eq!(dev.last_seen, Some(5));
+    assert_eq!(dev.fresh_from, Some(1_000_600));
     assert!(matches!(
         access::verdict(&user, dev, "phone", 1000),
         Verdict::LoggedOut {

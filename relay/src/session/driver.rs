@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::SessionContext;
 use super::state::{Action, State, Timeout};
+use crate::access::Start;
 use crate::auth::Identity;
 use crate::fanout::{Registration, deliver_frame};
 use crate::protocol::{self, RejectCode, ServerFrame, close};
@@ -30,6 +31,8 @@ use crate::store::{AppendTicket, StoreError};
 const REPLAY_PAGE: usize = 128;
 /// Live deliveries written per flush.
 const LIVE_BATCH: usize = 64;
+/// Longest time a session trusts its token's `exp` for (ten years).
+const MAX_TOKEN_LEFT_S: u64 = 10 * 365 * 86_400;
 /// Close code when the store cannot serve the replay: try again later.
 const TRY_AGAIN_LATER: u16 = 1013;
 
@@ -61,32 +64,51 @@ where
 {
     let device = identity.device.clone();
     let now = Instant::now();
+    // Bounded so that no `exp` can overflow the clock (the verifier caps lifetimes too).
     let token_left = Duration::from_secs(
         identity
             .expires_at
-            .saturating_sub(crate::store::now_ms() / 1000),
+            .saturating_sub(crate::store::now_ms() / 1000)
+            .min(MAX_TOKEN_LEFT_S),
     );
     let mut state = State::new(device.clone(), ctx.limits.clone(), now, now + token_left);
-    let mut reg = ctx.hub.register(&device, ctx.outbound_queue);
+    let mut reg = ctx
+        .hub
+        .register(&device, ctx.outbound_queue, identity.issued_at);
     if let Some(pager) = &ctx.pager {
         pager.online(&device);
     }
 
     let ended = match ctx.store.register_device(device.clone()).await {
         Ok(()) => {
-            seen(&ctx, &device, identity.org.clone());
-            // A logout that landed between this device's upgrade check and its registration.
-            if let Some((reason, signal)) = ctx.hub.recently_logged_out(&device, identity.issued_at)
-            {
-                ctx.hub.unregister(&device, reg.id);
-                let ended = logout_phase(&mut ws, &ctx, &device, &reason, signal, "live").await;
-                close_with(&mut ws, close::LOGGED_OUT, ended.reason, ctx.write_timeout).await;
-                return ended;
-            }
             if let Some(cluster) = &ctx.cluster {
                 cluster.attach(&device, reg.since).await;
             }
-            let ended = session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await;
+            let ended = match ctx.access.session_start(&device, identity.issued_at).await {
+                Ok(Start::Open { floor_ms }) => {
+                    seen(
+                        &ctx,
+                        &device,
+                        identity.org.clone().map(|o| (o, identity.issued_at)),
+                    );
+                    state.start_at(crate::store::seq_floor(floor_ms));
+                    session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await
+                }
+                Ok(Start::LoggedOut(r)) => {
+                    logout_phase(&mut ws, &ctx, &device, &r.reason, r.signal, "live").await
+                }
+                Ok(Start::Locked) => Ended {
+                    code: Some(close::LOGGED_OUT),
+                    reason: "account locked",
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "access check at registration failed");
+                    Ended {
+                        code: Some(TRY_AGAIN_LATER),
+                        reason: "store unavailable",
+                    }
+                }
+            };
             if let Some(cluster) = &ctx.cluster {
                 cluster.detach(&device, reg.since).await;
             }
@@ -185,7 +207,15 @@ where
                         metrics::counter!("relay_frames_rejected_total", "reason" => "too_big").increment(1);
                         return Ended { code: Some(close::TOO_BIG), reason: "frame too big" };
                     }
-                    Some(Err(_)) => return Ended { code: None, reason: "protocol or io error" },
+                    Some(Err(WsError::Utf8(_))) => {
+                        metrics::counter!("relay_frames_rejected_total", "reason" => "invalid_utf8").increment(1);
+                        return Ended { code: Some(close::INVALID_DATA), reason: "text frame is not utf-8" };
+                    }
+                    Some(Err(WsError::Protocol(_))) => {
+                        metrics::counter!("relay_frames_rejected_total", "reason" => "protocol_error").increment(1);
+                        return Ended { code: Some(close::PROTOCOL_ERROR), reason: "websocket protocol error" };
+                    }
+                    Some(Err(_)) => return Ended { code: None, reason: "io error" },
                     Some(Ok(Message::Text(text))) => state.handle_text(now, &text),
                     Some(Ok(Message::Binary(_))) => state.handle_binary(now),
                     Some(Ok(Message::Close(_))) => {
@@ -271,10 +301,17 @@ where
                 let full = page.len() == REPLAY_PAGE;
                 replay_from = page.last().map_or(replay_from, |e| e.seq);
                 let mut frames = Vec::with_capacity(page.len());
+                let mut before_login = Vec::new();
                 for entry in &page {
-                    if state.advance(entry.seq) {
+                    if state.before_login(entry.seq) {
+                        before_login.push(entry.seq);
+                    } else if state.advance(entry.seq) {
                         frames.push(Message::Text(deliver_frame(entry)));
                     }
+                }
+                // Not for this login: off the inbox (the archive keeps them), never delivered.
+                if !before_login.is_empty() && ctx.store.ack(state.device().clone(), before_login).await.is_err() {
+                    return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
                 }
                 if !full {
                     // Caught up with the store: whatever is queued live is newer or a duplicate.
@@ -322,7 +359,7 @@ where
 }
 
 /// Records the device's last-seen time (and its user's organisation) in the background.
-fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option<String>) {
+fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option<(String, u64)>) {
     let (store, device) = (ctx.store.clone(), device.clone());
     tokio::spawn(async move {
         let change = crate::access::Change::Seen {

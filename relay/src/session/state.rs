@@ -76,6 +76,8 @@ pub struct State {
     errors: u32,
     errors_since: Instant,
     delivered: Delivered,
+    /// Sequences below this were accepted before this login (see [`State::start_at`]).
+    login_floor: u64,
 }
 
 /// Sequences delivered in this session, for deduplication.
@@ -109,6 +111,7 @@ impl State {
             errors: 0,
             errors_since: now,
             delivered: Delivered::default(),
+            login_floor: 0,
         }
     }
 
@@ -126,6 +129,9 @@ impl State {
     /// Records that `seq` is about to be delivered; false when it already was (live traffic that
     /// the replay covered, a bus redelivery), in which case it must be skipped.
     pub fn advance(&mut self, seq: u64) -> bool {
+        if self.before_login(seq) {
+            return false;
+        }
         let d = &mut self.delivered;
         if seq <= d.floor || !d.recent.insert(seq) {
             return false;
@@ -136,6 +142,17 @@ impl State {
             d.floor = oldest;
         }
         true
+    }
+
+    /// Starts this login afresh at `seq`: nothing accepted before it is delivered (a new
+    /// login of a device id after a logout).
+    pub fn start_at(&mut self, seq: u64) {
+        self.login_floor = seq;
+    }
+
+    /// Whether `seq` was accepted before this login began (see [`State::start_at`]).
+    pub fn before_login(&self, seq: u64) -> bool {
+        seq < self.login_floor
     }
 
     /// The earliest instant at which [`State::poll_timeout`] has something to do.
@@ -242,7 +259,7 @@ impl State {
         body: &str,
         urgent: bool,
     ) -> Action {
-        if protocol::decoded_len_upper_bound(body) > self.limits.max_body_bytes + 3 {
+        if protocol::decoded_len(body) > self.limits.max_body_bytes {
             return Action::Reject(id, RejectCode::TooLarge);
         }
         let Some(body) = protocol::decode_body(body) else {

@@ -394,7 +394,11 @@ impl MessageStore for EmbeddedStore {
                 None => AccessRow::default(),
             };
             let seen = matches!(change, Change::Seen { .. });
-            if let Change::Seen { at, org: Some(org) } = &change {
+            if let Change::Seen {
+                at,
+                org: Some((org, since)),
+            } = &change
+            {
                 // The organisation belongs to the user row.
                 let user_key = record::device_key(&DeviceRef::new(&user, ""));
                 let mut user_row: AccessRow = match t.access.get(&user_key).map_err(unavailable)? {
@@ -402,8 +406,9 @@ impl MessageStore for EmbeddedStore {
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     None => AccessRow::default(),
                 };
-                if user_row.org.as_ref() != Some(org) {
-                    user_row.org = Some(org.clone());
+                let before = user_row.clone();
+                user_row.set_org(org.clone(), *since);
+                if user_row != before {
                     let value = serde_json::to_vec(&user_row).map_err(unavailable)?;
                     t.access.insert(&user_key, value).map_err(unavailable)?;
                 }

@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "access_audit",
         include_str!("../../../schema/0004_access_audit.cql"),
     ),
+    (
+        5,
+        "fresh_login",
+        include_str!("../../../schema/0005_fresh_login.cql"),
+    ),
 ];
 
 const MAX_BATCH: usize = 512;
@@ -161,6 +166,39 @@ pub fn statements(cql: &str) -> Vec<String> {
         .collect()
 }
 
+/// `(table, column)` of an `ALTER TABLE t ADD column type` statement.
+fn added_column(stmt: &str) -> Option<(&str, &str)> {
+    let words: Vec<&str> = stmt.split_whitespace().collect();
+    match words.as_slice() {
+        [alter, table_kw, table, add, column, _type]
+            if alter.eq_ignore_ascii_case("alter")
+                && table_kw.eq_ignore_ascii_case("table")
+                && add.eq_ignore_ascii_case("add") =>
+        {
+            Some((table, column))
+        }
+        _ => None,
+    }
+}
+
+async fn column_exists(
+    session: &Session,
+    ks: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (ks, table, column),
+        )
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    Ok(rows.rows_num() > 0)
+}
+
 /// Creates the keyspace if missing and applies missing migrations. Returns the versions applied.
 pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
     let session = connect(cfg).await?;
@@ -199,6 +237,13 @@ pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
             continue;
         }
         for stmt in statements(cql) {
+            // CQL has no portable `ADD IF NOT EXISTS`: a column that exists was added by an
+            // earlier run of this migration that stopped before it was recorded.
+            if let Some((table, column)) = added_column(&stmt)
+                && column_exists(&session, ks, table, column).await?
+            {
+                continue;
+            }
             session.query_unpaged(stmt, ()).await.map_err(unavailable)?;
         }
         session
@@ -251,7 +296,7 @@ pub enum SchemaError {
 /// Columns of an access row, in the order [`AccessColumns`] reads them.
 macro_rules! access_columns {
     () => {
-        "device_id, org, locked_at, lock_reason, revoked_at, revoke_reason, signal, except_device, confirmed_signal, confirmed_at, last_seen"
+        "device_id, org, WRITETIME(org), locked_at, lock_reason, revoked_at, revoke_reason, signal, except_device, confirmed_signal, confirmed_at, last_seen, fresh_from"
     };
 }
 
@@ -259,22 +304,40 @@ type AccessColumns = (
     String,
     Option<String>,
     Option<i64>,
+    Option<i64>,
     Option<String>,
     Option<i64>,
     Option<String>,
     Option<Uuid>,
     Option<String>,
     Option<Uuid>,
+    Option<i64>,
     Option<i64>,
     Option<i64>,
 );
 
 fn access_row(c: AccessColumns) -> (String, AccessRow) {
-    let (device, org, locked_at, lock_reason, revoked_at, reason, signal, except, csig, cat, seen) =
-        c;
+    let (
+        device,
+        org,
+        org_written,
+        locked_at,
+        lock_reason,
+        revoked_at,
+        reason,
+        signal,
+        except,
+        csig,
+        cat,
+        seen,
+        fresh_from,
+    ) = c;
     let ms = |v: Option<i64>| v.map(|v| v.max(0) as u64);
     let row = AccessRow {
         org,
+        // `org` is written with the token's `iat` (seconds) as its write time (microseconds).
+        org_since: ms(org_written).map(|us| us / 1_000_000),
+        fresh_from: ms(fresh_from),
         locked: ms(locked_at).map(|at| Lock {
             at,
             reason: lock_reason.unwrap_or_default(),
@@ -314,6 +377,7 @@ struct Statements {
     confirm: PreparedStatement,
     seen: PreparedStatement,
     set_org: PreparedStatement,
+    fresh: PreparedStatement,
     insert_org_user: PreparedStatement,
     select_org_users: PreparedStatement,
     insert_pending: PreparedStatement,
@@ -354,7 +418,8 @@ impl Statements {
             lock: p("UPDATE {ks}.access SET locked_at = ?, lock_reason = ? WHERE user_id = ? AND device_id = ?").await?,
             confirm: p("UPDATE {ks}.access SET confirmed_signal = ?, confirmed_at = ? WHERE user_id = ? AND device_id = ?").await?,
             seen: p("UPDATE {ks}.access SET last_seen = ? WHERE user_id = ? AND device_id = ?").await?,
-            set_org: p("UPDATE {ks}.access SET org = ? WHERE user_id = ? AND device_id = ''").await?,
+            set_org: p("UPDATE {ks}.access USING TIMESTAMP ? SET org = ? WHERE user_id = ? AND device_id = ''").await?,
+            fresh: p("UPDATE {ks}.access SET fresh_from = ? WHERE user_id = ? AND device_id = ?").await?,
             insert_org_user: p("INSERT INTO {ks}.org_users (org, user_id) VALUES (?, ?)").await?,
             select_org_users: p("SELECT user_id FROM {ks}.org_users WHERE org = ?").await?,
             insert_pending: p("INSERT INTO {ks}.pending_logouts (bucket, user_id, device_id, requested_at) VALUES (0, ?, ?, ?)").await?,
@@ -848,10 +913,14 @@ impl MessageStore for ScyllaStore {
                         .execute_unpaged(&s.st.confirm, (c.signal, ms(c.at), u, d))
                         .await
                 }
+                Change::Fresh(at) => s.session.execute_unpaged(&s.st.fresh, (ms(at), u, d)).await,
                 Change::Seen { at, org } => {
-                    if let Some(org) = org {
+                    if let Some((org, since)) = org {
+                        // Last write wins by write time: the newest token's organisation.
+                        let written_us =
+                            since.saturating_mul(1_000_000).min(i64::MAX as u64) as i64;
                         s.session
-                            .execute_unpaged(&s.st.set_org, (&org, u))
+                            .execute_unpaged(&s.st.set_org, (written_us, &org, u))
                             .await
                             .map_err(unavailable)?;
                         s.session
@@ -1450,13 +1519,19 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         assert!(statements(MIGRATIONS[0].2).len() >= 4);
+        assert_eq!(
+            added_column("ALTER TABLE access ADD fresh_from bigint"),
+            Some(("access", "fresh_from"))
+        );
         for (_, _, cql) in MIGRATIONS {
             let stmts = statements(cql);
             assert!(!stmts.is_empty());
+            // Every statement can run again after an interrupted migration.
             assert!(
                 stmts
                     .iter()
-                    .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")),
+                    .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")
+                        || added_column(s).is_some()),
                 "{stmts:?}"
             );
         }
