@@ -359,3 +359,78 @@ def test_bus_outage_under_load_loses_nothing(cluster, nats):
     for n in cluster.nodes:
         assert metric(n, "relay_bus_connected") == 1
         assert metric(n, "relay_bus_disconnects_total") >= 1
+
+
+class RawNats:
+    """A bare NATS protocol client: what an attacker on the bus network could do."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        assert self.file.readline().startswith(b"INFO")
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        self.ping()
+
+    def ping(self):
+        self.sock.sendall(b"PING\r\n")
+        while self.file.readline().strip() != b"PONG":
+            pass
+
+    def subscribe(self, subject):
+        self.sock.sendall(f"SUB {subject} 1\r\n".encode())
+        self.ping()
+
+    def next_message(self):
+        """(subject, headers or None, payload) of the next message."""
+        while True:
+            line = self.file.readline().strip()
+            if line == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+                continue
+            parts = line.split()
+            if parts and parts[0] == b"MSG":
+                data = self.file.read(int(parts[-1]) + 2)[:-2]
+                return parts[1].decode(), None, data
+            if parts and parts[0] == b"HMSG":
+                hdr_len, total = int(parts[-2]), int(parts[-1])
+                data = self.file.read(total + 2)[:-2]
+                return parts[1].decode(), data[:hdr_len], data[hdr_len:]
+
+    def publish(self, subject, headers, payload):
+        if headers is None:
+            self.sock.sendall(f"PUB {subject} {len(payload)}\r\n".encode() + payload + b"\r\n")
+        else:
+            total = len(headers) + len(payload)
+            self.sock.sendall(f"HPUB {subject} {len(headers)} {total}\r\n".encode() + headers + payload + b"\r\n")
+        self.ping()
+
+    def close(self):
+        self.sock.close()
+
+
+@run
+async def test_a_replayed_logout_on_the_bus_cannot_end_a_newer_login(cluster, nats):
+    spy = RawNats(nats.port)
+    spy.subscribe("*.ctl.logout")
+    phone = await cluster[1].online("dr-replay", "phone", token=cluster.token("dr-replay", "phone"))
+    await settle(cluster, 1)
+    status, out = cluster[0].admin("POST", "/v1/devices/phone/logout", {"user": "dr-replay", "reason": "lost_device"})
+    assert status == 200 and out["live"] == ["phone"], out
+    captured = await asyncio.to_thread(spy.next_message)
+    frame = await phone.recv(timeout=3)
+    assert frame["type"] == "logout"
+    await phone.ws.send(json.dumps({"type": "logout_ack", "signal": frame["signal"]}))
+    await asyncio.wait_for(phone.ws.wait_closed(), 3)
+
+    await asyncio.sleep(1.1)  # a new login: a token of a later second
+    again = await cluster[1].online("dr-replay", "phone", token=cluster.token("dr-replay", "phone"))
+    await settle(cluster, 1)
+    for _ in range(3):
+        await asyncio.to_thread(spy.publish, *captured)
+    sender = await cluster.online(2, "nurse-rae", "web")
+    acc = await sender.send_ok(["dr-replay"], b"for the new login")
+    got = await again.recv(timeout=3)
+    assert got["type"] == "deliver" and got["id"] == acc["id"], got
+    await asyncio.sleep(1.0)
+    assert again.ws.close_code is None, "the replayed logout ended a newer login"
+    spy.close()
