@@ -105,7 +105,7 @@ pub enum Enqueued {
 /// Hands pushes to worker tasks. `O` identifies whose token a push goes to (the relay's device).
 pub struct Dispatcher<O> {
     inner: Arc<Inner<O>>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
+    workers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl<O: Clone + Send + Sync + 'static> Dispatcher<O> {
@@ -131,7 +131,10 @@ impl<O: Clone + Send + Sync + 'static> Dispatcher<O> {
         let workers = (0..inner.cfg.workers.max(1))
             .map(|_| tokio::spawn(work(inner.clone())))
             .collect();
-        Dispatcher { inner, workers }
+        Dispatcher {
+            inner,
+            workers: Mutex::new(workers),
+        }
     }
 
     /// Whether pushes to `platform` can be sent.
@@ -165,20 +168,46 @@ impl<O: Clone + Send + Sync + 'static> Dispatcher<O> {
         self.inner.depth()
     }
 
-    /// Stops the workers; queued pushes are dropped (wake-ups are best-effort by nature, and
-    /// the inbox still holds every message).
-    pub fn close(&self) {
+    /// Stops taking pushes and sends what is queued (logout pushes first, with the urgent
+    /// ones) for at most `grace`, then stops the workers. Returns how many queued pushes were
+    /// left unsent; they are counted as dropped (`reason="shutdown"`). Retries not due yet are
+    /// dropped too: the inbox still holds every message, and a logout reaches its device at
+    /// the next connect.
+    pub async fn drain(&self, grace: Duration) -> usize {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.ready.notify_waiters();
-        for w in &self.workers {
-            w.abort();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let aborts: Vec<_> = workers.iter().map(|w| w.abort_handle()).collect();
+        let finished = tokio::time::timeout(grace, async {
+            for w in workers {
+                let _ = w.await;
+            }
+        })
+        .await;
+        if finished.is_err() {
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
+        let left = {
+            let mut q = self.inner.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let n = q.priority.len() + q.normal.len();
+            q.priority.clear();
+            q.normal.clear();
+            n
+        };
+        metrics::gauge!(metric::QUEUE_DEPTH).set(0.0);
+        metrics::counter!(metric::DROPPED, "reason" => "shutdown").increment(left as u64);
+        left
     }
 }
 
 impl<O> Drop for Dispatcher<O> {
     fn drop(&mut self) {
-        for w in &self.workers {
+        for w in self
+            .workers
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             w.abort();
         }
     }

@@ -137,6 +137,9 @@ pub fn new_credential() -> (String, String) {
     (token, digest)
 }
 
+/// Longest an admin request may take.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Handles a `/v1/...` request on the admin listener.
 pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Body> {
     let method = req.method().clone();
@@ -151,7 +154,19 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
                 "send an admin credential: Authorization: Bearer <token>",
             )),
         ),
-        Some(caller) => route(req, caller, app).await,
+        // Every request ends: a store that hangs gets the caller a 503, not a stuck call.
+        Some(caller) => match tokio::time::timeout(REQUEST_DEADLINE, route(req, caller, app)).await
+        {
+            Ok(done) => done,
+            Err(_) => (
+                None,
+                Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    "the request did not finish in time; try again",
+                )),
+            ),
+        },
     };
     let (status, body) = match result {
         Ok((status, body)) => (status, body),
@@ -507,13 +522,15 @@ async fn audit_view(
     };
     let bad = |detail: &str| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
     let to = match get("to") {
-        Some(t) => parse_time(t)
-            .ok_or_else(|| bad("to: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z)"))?,
+        Some(t) => parse_time(t).ok_or_else(|| {
+            bad("to: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z), at most year 9999")
+        })?,
         None => now_ms() + 1,
     };
     let from = match get("from") {
-        Some(t) => parse_time(t)
-            .ok_or_else(|| bad("from: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z)"))?,
+        Some(t) => parse_time(t).ok_or_else(|| {
+            bad("from: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z), at most year 9999")
+        })?,
         None => to.saturating_sub(30 * 86_400_000),
     };
     if from >= to {
@@ -597,6 +614,13 @@ fn percent_decode(s: &str) -> String {
 
 /// Unix milliseconds, or RFC 3339 in UTC (`2026-11-28T10:00:00Z`, optional fraction).
 pub fn parse_time(s: &str) -> Option<u64> {
+    parse_time_any(s).filter(|ms| *ms <= MAX_TIME_MS)
+}
+
+/// 9999-12-31T23:59:59.999Z: no audit record is dated later, and no range reaches past it.
+const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
+fn parse_time_any(s: &str) -> Option<u64> {
     if let Ok(ms) = s.parse::<u64>() {
         return Some(ms);
     }

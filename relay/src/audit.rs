@@ -116,7 +116,7 @@ pub fn month_of(ms: u64) -> u32 {
     let mp = (5 * doy + 2) / 153;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    ((year - 1970) * 12 + month - 1).max(0) as u32
+    ((year - 1970) * 12 + month - 1).clamp(0, i64::from(u32::MAX)) as u32
 }
 
 /// Position and hash of a chain's last record.
@@ -409,9 +409,8 @@ pub async fn query(
     cursor: Option<(u64, u8, u64)>,
 ) -> Result<Page, StoreError> {
     let mut rows: Vec<((u64, u8, u64), Event)> = Vec::new();
-    let last_month = month_of(to.saturating_sub(1));
-    let mut month = month_of(from);
-    while month <= last_month {
+    // An inclusive range cannot wrap, whatever the months are.
+    for month in month_of(from)..=month_of(to.saturating_sub(1)) {
         for r in store.audit_read(subject.to_string(), month).await? {
             let key = (r.ts, r.chain.node, r.n);
             if r.ts < from || r.ts >= to || cursor.is_some_and(|c| key <= c) {
@@ -425,7 +424,6 @@ pub async fn query(
             }
             rows.push((key, event));
         }
-        month += 1;
     }
     rows.sort_by_key(|(k, _)| *k);
     let more = rows.len() > limit;

@@ -1,8 +1,9 @@
 //! Wiring: resolve keys, open the store, bind the listeners, run, and drain on shutdown.
 //!
 //! Shutdown order: stop accepting, tell every session to close with 1012 (each first answers its
-//! in-flight sends), wait for sessions up to the grace period, then let the store finish queued
-//! writes and sync. Nothing the relay answered `accepted` is lost.
+//! in-flight sends), wait for sessions up to the grace period, send the queued pushes in what is
+//! left of it, then let the store finish queued writes and sync. Nothing the relay answered
+//! `accepted` is lost.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -441,6 +442,7 @@ impl Server {
     /// Drains and stops: see the module docs for the order.
     pub async fn shutdown(self) {
         let grace = self.app.config.shutdown_grace.0;
+        let started = tokio::time::Instant::now();
         tracing::info!(
             grace_s = grace.as_secs(),
             sessions = self.app.sessions.hub.online(),
@@ -464,8 +466,12 @@ impl Server {
         for task in self.background {
             task.abort();
         }
+        // Queued pushes (logout pushes among them) go out within what is left of the grace.
         if let Some(d) = &self.dispatcher {
-            d.close();
+            let left = d.drain(grace.saturating_sub(started.elapsed())).await;
+            if left > 0 {
+                tracing::warn!(left, "grace period over; queued pushes not sent");
+            }
         }
         // Sessions are gone: their last audit events are queued. Store them before the store
         // closes.

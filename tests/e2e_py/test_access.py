@@ -403,3 +403,19 @@ def test_audit_verify_reports_an_intact_trail(relay):
     assert "audit trail intact" in out.stdout
     records = int(out.stdout.split("intact: ")[1].split()[0])
     assert records >= 5  # connect, disconnect, admin request, lock, logout requested
+
+
+def test_an_audit_query_in_the_far_future_is_refused_at_once_and_the_relay_stays_responsive(relay):
+    """A time range in month 2^32-1 (year ~358 million) used to wrap the month counter and spin
+    one core for ever."""
+    import urllib.request
+
+    far = 11_294_673_064_761_600_000  # year 357,915,911, April: month number 2^32 - 1
+    started = time.monotonic()
+    status, body = relay.admin("GET", f"/v1/audit?user=drx&from={far}&to={far + 86_400_000}")
+    assert status == 400 and body["error"] == "bad_request" and "9999" in body["detail"], body
+    assert time.monotonic() - started < 2
+    status, body = relay.admin("GET", "/v1/audit?user=drx&from=9999-12-01T00:00:00Z&to=9999-12-31T23:59:59Z")
+    assert status == 200 and body["events"] == [], body
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/healthz", timeout=2) as r:
+        assert r.status == 200

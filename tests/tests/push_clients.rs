@@ -268,3 +268,34 @@ async fn bursts_respect_the_servers_concurrent_stream_limit() {
         r.fake.max_in_flight()
     );
 }
+
+#[tokio::test]
+async fn a_drain_sends_what_is_queued_logouts_included_then_counts_what_is_left() {
+    let r = rig(100, 1, true).await;
+    for n in 0..200u8 {
+        r.dispatcher
+            .enqueue(u32::from(n), apns_token(n), wake(false));
+    }
+    let logout = Push::Logout {
+        signal: Uuid::new_v4(),
+    };
+    r.dispatcher.enqueue(999, fcm_token(9), logout);
+    let left = r.dispatcher.drain(Duration::from_secs(10)).await;
+    assert_eq!(left, 0);
+    assert_eq!(requests(&r.fake, "apns", 200).await.len(), 200);
+    assert_eq!(requests(&r.fake, "fcm", 1).await.len(), 1);
+    // Closed: nothing more is taken.
+    assert_eq!(
+        r.dispatcher.enqueue(1, apns_token(1), wake(false)),
+        push::dispatch::Enqueued::Closed
+    );
+
+    // A grace too short for the queue: what is left is reported, not silently lost.
+    let r = rig(100, 1, false).await;
+    for n in 0..250u8 {
+        r.dispatcher
+            .enqueue(u32::from(n), apns_token(n), wake(false));
+    }
+    let left = r.dispatcher.drain(Duration::ZERO).await;
+    assert!(left > 0 && left <= 250, "{left}");
+}
