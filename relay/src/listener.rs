@@ -517,9 +517,9 @@ async fn public(
     r
 }
 
-/// Counts a failed login and answers it: `401` (or the code's status), or `429` once the
-/// source or the claimed account is over its failure limit. Audited per claimed account: each
-/// failure, then one `auth_throttled` per window.
+/// Counts a failed login and answers it: `401` with `code`, or `429` once the source or the
+/// claimed account is over its failure limit. Audited per claimed account: each failure, then
+/// one `auth_throttled` per window.
 fn failed_login(
     app: &App,
     ip: IpAddr,
