@@ -553,6 +553,10 @@ pub struct LimitsConfig {
     pub write_timeout: Dur,
     /// Protocol errors tolerated per minute before closing with 1008.
     pub max_errors_per_minute: u32,
+    /// Refused sends tolerated per minute before closing with 1008.
+    pub max_refused_per_minute: u32,
+    /// Bytes per second read from one connection; beyond, the relay reads slower.
+    pub inbound_bytes_per_s: usize,
 }
 
 /// Session liveness.
@@ -633,6 +637,8 @@ impl Default for LimitsConfig {
             handshake_timeout: Dur::secs(10),
             write_timeout: Dur::secs(10),
             max_errors_per_minute: 10,
+            max_refused_per_minute: 100,
+            inbound_bytes_per_s: 4 * 1024 * 1024,
         }
     }
 }
@@ -831,6 +837,7 @@ impl Config {
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.outbound_queue", l.outbound_queue),
             ("limits.max_pipelined_sends", l.max_pipelined_sends),
+            ("limits.inbound_bytes_per_s", l.inbound_bytes_per_s),
         ] {
             if v == 0 {
                 e.push(format!("{name} must be positive"));

@@ -30,12 +30,15 @@ const HANDSHAKE_OUTCOMES: &[&str] = &[
     "missing_token",
     "malformed_token",
     "token_expired",
+    "token_not_yet_valid",
     "bad_signature",
     "wrong_audience",
     "bad_claims",
     "forbidden_origin",
     "bad_request",
     "over_capacity",
+    "source_over_capacity",
+    "timeout",
     "draining",
     "tls_failed",
     "upgrade_failed",
@@ -59,12 +62,14 @@ const FRAME_REASONS: &[&str] = &[
     "bad_base64",
     "binary_not_supported",
     "too_big",
+    "invalid_utf8",
+    "protocol_error",
 ];
 const PATHS: &[&str] = &["live", "replay"];
 const PROVIDERS: &[&str] = &["apns", "fcm"];
 const PUSH_KINDS: &[&str] = &["wake", "urgent", "logout"];
 const PUSH_OUTCOMES: &[&str] = &["delivered", "token_removed", "retried", "failed", "gave_up"];
-const PUSH_DROPS: &[&str] = &["queue_full", "no_provider", "pager_backlog"];
+const PUSH_DROPS: &[&str] = &["queue_full", "no_provider", "pager_backlog", "shutdown"];
 const WAKEUP_RESULTS: &[&str] = &[
     "queued",
     "coalesced",
@@ -182,6 +187,12 @@ pub const CATALOGUE: &[Entry] = &[
         Kind::Counter,
         &[],
         "Sessions ended by the inactivity logoff.",
+    ),
+    (
+        "relay_inbound_paused_total",
+        Kind::Counter,
+        &[],
+        "Times the relay paused reading from a device that sent more than its byte budget.",
     ),
     (
         "relay_slow_consumer_disconnects_total",

@@ -166,6 +166,7 @@ where
     let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
     let replay_started = Instant::now();
     let mut replayed = 0u64;
+    let mut pause_until: Option<Instant> = None;
 
     loop {
         let deadline = tokio::time::Instant::from_std(state.next_deadline());
@@ -216,8 +217,14 @@ where
                         return Ended { code: Some(close::PROTOCOL_ERROR), reason: "websocket protocol error" };
                     }
                     Some(Err(_)) => return Ended { code: None, reason: "io error" },
-                    Some(Ok(Message::Text(text))) => state.handle_text(now, &text),
-                    Some(Ok(Message::Binary(_))) => state.handle_binary(now),
+                    Some(Ok(Message::Text(text))) => {
+                        pause_until = state.inbound(now, text.len());
+                        state.handle_text(now, &text)
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        pause_until = state.inbound(now, b.len());
+                        state.handle_binary(now)
+                    }
                     Some(Ok(Message::Close(_))) => {
                         // tungstenite queued the close reply; push it out.
                         let _ = tokio::time::timeout(ctx.write_timeout, ws.flush()).await;
@@ -225,6 +232,12 @@ where
                     }
                     Some(Ok(_)) => { state.heard(now); Action::None } // ping, pong
                 };
+                // Over its byte budget: stop reading for a moment (at most about one frame's
+                // worth of time); TCP slows the sender, and nobody else waits for it.
+                if let Some(until) = pause_until.take() {
+                    metrics::counter!("relay_inbound_paused_total").increment(1);
+                    tokio::time::sleep_until(until.into()).await;
+                }
                 match action {
                     Action::None => {}
                     Action::Append(msg) => {

@@ -24,6 +24,12 @@ pub struct Limits {
     pub send_burst: u32,
     /// Protocol errors tolerated per minute.
     pub max_errors_per_minute: u32,
+    /// Refused sends (too large, bad recipients, rate limited) tolerated per minute.
+    pub max_refused_per_minute: u32,
+    /// Sustained bytes per second read from the device; beyond, the relay reads slower.
+    pub inbound_bytes_per_s: f64,
+    /// Bytes the device may send at once above that rate.
+    pub inbound_burst_bytes: f64,
     /// Ping interval.
     pub ping_interval: Duration,
     /// Inactivity logoff.
@@ -75,6 +81,11 @@ pub struct State {
     refilled: Instant,
     errors: u32,
     errors_since: Instant,
+    refused: u32,
+    refused_since: Instant,
+    /// Inbound byte budget (a token bucket in bytes), and when it was last refilled.
+    bytes: f64,
+    bytes_refilled: Instant,
     delivered: Delivered,
     /// Sequences below this were accepted before this login (see [`State::start_at`]).
     login_floor: u64,
@@ -103,6 +114,7 @@ impl State {
             device,
             tokens: f64::from(limits.send_burst),
             next_ping: now + limits.ping_interval,
+            bytes: limits.inbound_burst_bytes,
             limits,
             last_activity: now,
             last_heard: now,
@@ -110,6 +122,9 @@ impl State {
             refilled: now,
             errors: 0,
             errors_since: now,
+            refused: 0,
+            refused_since: now,
+            bytes_refilled: now,
             delivered: Delivered::default(),
             login_floor: 0,
         }
@@ -251,6 +266,22 @@ impl State {
         }
     }
 
+    /// Reads `len` more bytes from the device at `now`: when it has sent more than its byte
+    /// budget, the instant until which the driver stops reading (TCP then slows the sender).
+    pub fn inbound(&mut self, now: Instant, len: usize) -> Option<Instant> {
+        let elapsed = now
+            .saturating_duration_since(self.bytes_refilled)
+            .as_secs_f64();
+        self.bytes_refilled = now;
+        self.bytes = (self.bytes + elapsed * self.limits.inbound_bytes_per_s)
+            .min(self.limits.inbound_burst_bytes)
+            - len as f64;
+        (self.bytes < 0.0)
+            .then(|| now + Duration::from_secs_f64(-self.bytes / self.limits.inbound_bytes_per_s))
+    }
+
+    /// Cheap checks first (size, recipients, rate), the base64 decode last: a refused send
+    /// costs its JSON parse and no more.
     fn send(
         &mut self,
         now: Instant,
@@ -260,21 +291,10 @@ impl State {
         urgent: bool,
     ) -> Action {
         if protocol::decoded_len(body) > self.limits.max_body_bytes {
-            return Action::Reject(id, RejectCode::TooLarge);
-        }
-        let Some(body) = protocol::decode_body(body) else {
-            return self.error(
-                now,
-                FrameError::BadBase64,
-                "body is not standard base64".into(),
-                Some(id),
-            );
-        };
-        if body.len() > self.limits.max_body_bytes {
-            return Action::Reject(id, RejectCode::TooLarge);
+            return self.refuse(now, id, RejectCode::TooLarge);
         }
         if to.is_empty() || to.len() > self.limits.max_recipients {
-            return Action::Reject(id, RejectCode::BadRecipients);
+            return self.refuse(now, id, RejectCode::BadRecipients);
         }
         if !to.iter().all(|u| protocol::valid_id(u)) {
             return self.error(
@@ -285,8 +305,16 @@ impl State {
             );
         }
         if !self.take_token(now) {
-            return Action::Reject(id, RejectCode::RateLimited);
+            return self.refuse(now, id, RejectCode::RateLimited);
         }
+        let Some(body) = protocol::decode_body(body) else {
+            return self.error(
+                now,
+                FrameError::BadBase64,
+                "body is not standard base64".into(),
+                Some(id),
+            );
+        };
         let mut to = to;
         to.sort_unstable();
         to.dedup();
@@ -310,6 +338,19 @@ impl State {
         } else {
             false
         }
+    }
+
+    /// A refused send; one that keeps sending what is refused is closed with 1008.
+    fn refuse(&mut self, now: Instant, id: Uuid, code: RejectCode) -> Action {
+        if now >= self.refused_since + Duration::from_secs(60) {
+            self.refused = 0;
+            self.refused_since = now;
+        }
+        self.refused += 1;
+        if self.refused > self.limits.max_refused_per_minute {
+            return Action::Close(close::POLICY, "too many refused sends");
+        }
+        Action::Reject(id, code)
     }
 
     fn error(
@@ -342,9 +383,63 @@ mod tests {
             send_rate_per_s: 1.0,
             send_burst: 2,
             max_errors_per_minute: 3,
+            max_refused_per_minute: 5,
+            inbound_bytes_per_s: 1000.0,
+            inbound_burst_bytes: 2000.0,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(7200),
         }
+    }
+
+    #[test]
+    fn a_device_that_keeps_sending_what_is_refused_is_closed() {
+        let now = Instant::now();
+        let mut s = state(now);
+        let too_big = protocol::encode_body(&[0u8; 17]);
+        for _ in 0..5 {
+            assert!(matches!(
+                s.handle_text(now, &send(r#""bob""#, &too_big)),
+                Action::Reject(_, RejectCode::TooLarge)
+            ));
+        }
+        assert_eq!(
+            s.handle_text(now, &send(r#""bob""#, &too_big)),
+            Action::Close(close::POLICY, "too many refused sends")
+        );
+        // A minute later the count starts again.
+        let later = now + Duration::from_secs(61);
+        assert!(matches!(
+            s.handle_text(later, &send(r#""bob""#, &too_big)),
+            Action::Reject(..)
+        ));
+    }
+
+    #[test]
+    fn a_rate_limited_send_is_refused_before_its_body_is_decoded() {
+        let now = Instant::now();
+        let mut s = state(now);
+        for _ in 0..2 {
+            assert!(matches!(
+                s.handle_text(now, &send(r#""bob""#, "aGk=")),
+                Action::Append(_)
+            ));
+        }
+        // Invalid base64 would be an `error` if it were decoded; the rate limit answers first.
+        assert!(matches!(
+            s.handle_text(now, &send(r#""bob""#, "!!!!")),
+            Action::Reject(_, RejectCode::RateLimited)
+        ));
+    }
+
+    #[test]
+    fn reading_pauses_when_the_byte_budget_is_spent() {
+        let now = Instant::now();
+        let mut s = state(now);
+        assert_eq!(s.inbound(now, 1500), None);
+        let until = s.inbound(now, 1000).expect("over budget");
+        assert_eq!(until, now + Duration::from_millis(500));
+        // Refilled by then.
+        assert_eq!(s.inbound(until + Duration::from_secs(1), 500), None);
     }
 
     fn state(now: Instant) -> State {
