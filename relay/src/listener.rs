@@ -34,6 +34,9 @@ use crate::config::Config;
 use crate::protocol;
 use crate::session::{SessionContext, driver};
 
+/// Largest request head read (request line and headers), bytes.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
 /// Path of the WebSocket endpoint.
 pub const WS_PATH: &str = "/v1/ws";
 
@@ -282,6 +285,9 @@ async fn serve_conn<IO>(
     };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        // An upgrade request is a few hundred bytes of headers and a token; a larger head is
+        // refused (431) instead of buffered, so a pending handshake holds at most this much.
+        .max_buf_size(MAX_REQUEST_HEAD)
         .header_read_timeout(app.config.limits.handshake_timeout.0)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -43,10 +43,12 @@ async def test_a_client_that_keeps_sending_what_is_refused_is_closed_with_1008(m
     except ConnectionClosed as e:
         code = e.rcvd.code if e.rcvd else None
     await sending
+    cpu = proc_cpu_seconds(relay.proc.pid) - cpu_before
+    print(f"refused sends: {rejected} rejected, then close {code}; relay CPU {cpu:.2f} s")
     assert code == 1008, (code, rejected)
     assert rejected == 100, rejected  # limits.max_refused_per_minute
     # The refusals cost the relay little, and the bystander never noticed.
-    assert proc_cpu_seconds(relay.proc.pid) - cpu_before < 5.0
+    assert cpu < 5.0, cpu
     started = time.monotonic()
     await bystander.send_ok(["drflood"], b"still fine")
     assert time.monotonic() - started < 1.0
@@ -68,3 +70,111 @@ async def test_a_client_over_its_byte_budget_is_read_slower_and_loses_nothing(ma
     assert "relay_inbound_paused_total 0\n" not in relay.metrics()
     nurse = await relay.connect("nurse", "web")
     assert [d["id"] for d in await nurse.handshake()] == ids
+
+
+def rss_bytes(pid) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def accept_latencies(dev, to, n):
+    """Seconds from each `send` to its `accepted`, one at a time."""
+    out = []
+    for _ in range(n):
+        started = time.monotonic()
+        await dev.send_ok([to], b"x" * 200)
+        out.append(time.monotonic() - started)
+    return sorted(out)
+
+
+def p99(xs):
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+
+@run
+async def test_an_ack_flood_from_one_session_neither_stalls_other_senders_nor_grows_memory(make_relay):
+    relay = make_relay()
+    abuser = await relay.online("drack", "p")
+    sender = await relay.online("nurse", "web")
+    await relay.register_offline("drbob", "p")
+    quiet = p99(await accept_latencies(sender, "drbob", 200))
+    rss_before = rss_bytes(relay.proc.pid)
+
+    stop = asyncio.Event()
+    frames = 0
+
+    async def flood():
+        nonlocal frames
+        seqs = json.dumps({"type": "ack", "seqs": list(range(10**15, 10**15 + 1024))})
+        while not stop.is_set():
+            await abuser.ws.send(seqs)
+            frames += 1
+
+    flooding = asyncio.create_task(flood())
+    await asyncio.sleep(0.5)
+    during = p99(await accept_latencies(sender, "drbob", 200))
+    stop.set()
+    await flooding
+    grown = rss_bytes(relay.proc.pid) - rss_before
+    print(f"ack flood: {frames} frames; accept p99 quiet {quiet * 1000:.1f} ms, during {during * 1000:.1f} ms; rss +{grown >> 20} MiB")
+    assert frames > 200, frames
+    # Within 2x of the quiet p99 (plus 10 ms for a shared two-core machine's noise).
+    assert during <= 2 * quiet + 0.010, (quiet, during)
+    assert grown < 64 * 1024 * 1024, grown
+    # The abuser's session is intact and its real acks still work.
+    acc = await sender.send_ok(["drack"], b"for the abuser")
+    got = await abuser.expect("deliver")
+    assert got["id"] == acc["id"]
+
+
+@run
+async def test_half_open_handshakes_hold_bounded_memory(make_relay):
+    """A thousand clients send part of a request head and stop. Heads up to 16 KiB wait for the
+    handshake timeout in bounded memory; a longer head is refused (431) instead of buffered."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    def open_partial(relay, pad, sources=("127.0.0.21", "127.0.0.22"), each=500):
+        head = b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * pad
+        socks = []
+        for source in sources:
+            for _ in range(each):
+                s = socket.create_connection(("127.0.0.1", relay.port), source_address=(source, 0))
+                s.setblocking(False)
+                try:
+                    s.send(head)
+                except BlockingIOError:
+                    pass
+                socks.append(s)
+        return socks
+
+    # Each on a fresh relay: freed memory is reused, so RSS measures only the first episode.
+    for pad in (0, 15_000, 65_536):
+        relay = make_relay({"RELAY_LIMITS__HANDSHAKE_TIMEOUT": "30s"}, name=f"pad{pad}")
+        rss_before = rss_bytes(relay.proc.pid)
+        socks = open_partial(relay, pad)
+        await asyncio.sleep(1.5)
+        per_handshake = (rss_bytes(relay.proc.pid) - rss_before) / len(socks)
+        print(f"half-open handshakes, {pad}-byte heads: {per_handshake:.0f} bytes of relay RSS each")
+        if pad < 65_536:
+            for s in socks:
+                s.close()
+            assert per_handshake < 48 * 1024, per_handshake
+    refused = 0
+    for s in socks[:50]:
+        s.setblocking(True)
+        s.settimeout(2)
+        try:
+            refused += s.recv(64).startswith(b"HTTP/1.1 431")
+        except (socket.timeout, ConnectionResetError):
+            pass
+    for s in socks:
+        s.close()
+    assert refused == 50
+    assert per_handshake < 8 * 1024, per_handshake
+    healthy = await relay.online("after", "p")
+    await healthy.close()

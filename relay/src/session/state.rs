@@ -102,6 +102,10 @@ pub struct State {
 struct Delivered {
     recent: BTreeSet<u64>,
     floor: u64,
+    /// Delivered in this session and not acknowledged yet (at most [`DEDUP_WINDOW`]): the only
+    /// sequences an `ack` can remove, so a device's acks cost the store no more than what it
+    /// was delivered, whatever it sends.
+    unacked: BTreeSet<u64>,
 }
 
 /// Sequences a session remembers having delivered.
@@ -150,6 +154,10 @@ impl State {
         let d = &mut self.delivered;
         if seq <= d.floor || !d.recent.insert(seq) {
             return false;
+        }
+        d.unacked.insert(seq);
+        if d.unacked.len() > DEDUP_WINDOW {
+            d.unacked.pop_first(); // stays in the inbox: delivered again next session
         }
         if d.recent.len() > DEDUP_WINDOW
             && let Some(oldest) = d.recent.pop_first()
@@ -231,7 +239,13 @@ impl State {
                         None,
                     );
                 }
-                Action::Ack(seqs)
+                let d = &mut self.delivered;
+                let seqs: Vec<u64> = seqs.into_iter().filter(|s| d.unacked.remove(s)).collect();
+                if seqs.is_empty() {
+                    Action::None
+                } else {
+                    Action::Ack(seqs)
+                }
             }
             Ok(ClientFrame::PushToken {
                 platform,
@@ -533,6 +547,37 @@ mod tests {
     }
 
     #[test]
+    fn only_what_was_delivered_and_not_yet_acked_is_acknowledged() {
+        let now = Instant::now();
+        let mut s = state(now);
+        for seq in [10, 11, 12] {
+            assert!(s.advance(seq));
+        }
+        assert_eq!(
+            s.handle_text(now, r#"{"type":"ack","seqs":[11,12,13,999999,11]}"#),
+            Action::Ack(vec![11, 12])
+        );
+        // Acked already, or never delivered here: nothing for the store to do.
+        assert_eq!(
+            s.handle_text(now, r#"{"type":"ack","seqs":[11,12,13]}"#),
+            Action::None
+        );
+        assert_eq!(
+            s.handle_text(now, r#"{"type":"ack","seqs":[10]}"#),
+            Action::Ack(vec![10])
+        );
+        // The set is bounded: the oldest unacked fall out (they replay next session).
+        for seq in 100..100 + DEDUP_WINDOW as u64 + 5 {
+            s.advance(seq);
+        }
+        assert_eq!(s.delivered.unacked.len(), DEDUP_WINDOW);
+        assert_eq!(
+            s.handle_text(now, r#"{"type":"ack","seqs":[100]}"#),
+            Action::None
+        );
+    }
+
+    #[test]
     fn idle_logoff_counts_user_activity_not_pings_or_acks() {
         let now = Instant::now();
         let mut s = state(now);
@@ -542,10 +587,10 @@ mod tests {
         while t < now + idle - Duration::from_secs(20) {
             t += Duration::from_secs(20);
             s.heard(t);
-            assert!(matches!(
+            assert_eq!(
                 s.handle_text(t, r#"{"type":"ack","seqs":[]}"#),
-                Action::Ack(_)
-            ));
+                Action::None
+            );
             let _ = s.poll_timeout(t);
         }
         assert_eq!(s.poll_timeout(now + idle), Timeout::IdleLogoff);
