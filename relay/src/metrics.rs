@@ -189,6 +189,12 @@ pub const CATALOGUE: &[Entry] = &[
         "Sessions ended by the inactivity logoff.",
     ),
     (
+        "relay_device_cache_users",
+        Kind::Gauge,
+        &[],
+        "Users whose device lists the store's writer holds in memory (bounded).",
+    ),
+    (
         "relay_inbound_paused_total",
         Kind::Counter,
         &[],

@@ -178,3 +178,36 @@ async def test_half_open_handshakes_hold_bounded_memory(make_relay):
     assert per_handshake < 8 * 1024, per_handshake
     healthy = await relay.online("after", "p")
     await healthy.close()
+
+
+def gauge(relay, name) -> float:
+    for line in relay.metrics().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+@run
+async def test_recipients_that_do_not_exist_cannot_grow_the_device_cache_without_bound(make_relay):
+    relay = make_relay()
+    real = await relay.online("dr-real", "phone")
+    sender = await relay.online("drspam", "p")
+    rss_before = rss_bytes(relay.proc.pid)
+    n, per = 1_100, 100  # 110,000 distinct recipient ids, none of them a user
+
+    async def replies():
+        for _ in range(n):
+            reply = await sender.recv(timeout=60)
+            assert reply["type"] == "accepted", reply
+
+    reading = asyncio.create_task(replies())
+    for i in range(n):
+        await sender.send([f"ghost-{i}-{j}" for j in range(per)], b"to nobody")
+    await reading
+    cached = gauge(relay, "relay_device_cache_users")
+    grown = rss_bytes(relay.proc.pid) - rss_before
+    print(f"unknown recipients: {n * per} ids; device cache {cached:.0f} users; relay RSS +{grown >> 20} MiB")
+    assert cached <= 100_000 + per, cached
+    # A real user is still reached after the cache started over.
+    acc = await sender.send_ok(["dr-real"], b"real")
+    assert (await real.expect("deliver"))["id"] == acc["id"]

@@ -577,12 +577,16 @@ impl Writer {
 
     fn devices_of(&mut self, user: &str) -> Result<&[DeviceRef], StoreError> {
         if !self.devices.contains_key(user) {
+            if self.devices.len() >= super::DEVICE_CACHE_USERS {
+                self.devices.clear();
+            }
             let mut list = Vec::new();
             for guard in self.t.devices.prefix(record::user_prefix(user)) {
                 let key = guard.key().map_err(unavailable)?;
                 list.extend(record::device_from_key(&key));
             }
             self.devices.insert(user.into(), list);
+            metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
         }
         Ok(self.devices.get(user).map_or(&[], Vec::as_slice))
     }

@@ -269,6 +269,10 @@ const TIME_SHIFT: u32 = NODE_BITS + COUNTER_BITS;
 /// Most relay nodes that can write to one store.
 pub const MAX_NODES: u8 = 1 << NODE_BITS;
 
+/// Users whose device lists a store's writer keeps in memory. Recipient ids come from clients
+/// and may name nobody, so past this the cache starts over instead of growing.
+pub const DEVICE_CACHE_USERS: usize = 100_000;
+
 /// Largest integer JSON clients in JavaScript read exactly.
 pub const MAX_SAFE_SEQ: u64 = (1 << 53) - 1;
 

@@ -1234,6 +1234,14 @@ impl Writer {
     }
 
     async fn devices_of(&mut self, users: &[String]) -> Result<(), StoreError> {
+        // Make room first: what this call loads must stay until the batch has used it.
+        if self.devices.len() + users.len() > super::DEVICE_CACHE_USERS {
+            self.devices
+                .retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
+            if self.devices.len() + users.len() > super::DEVICE_CACHE_USERS {
+                self.devices.clear();
+            }
+        }
         let stale: Vec<&str> = users
             .iter()
             .map(String::as_str)
@@ -1260,6 +1268,7 @@ impl Writer {
             }
             self.devices.insert(user.into(), (list, Instant::now()));
         }
+        metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
         Ok(())
     }
 
