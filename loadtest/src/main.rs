@@ -877,6 +877,7 @@ fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
                 iat: now,
                 exp: now + 86_400,
                 nbf: None,
+                urgent: args.urgent > 0.0,
                 sep: 0,
                 aud: args.audience.clone(),
             })?;

@@ -37,6 +37,9 @@ pub struct Claims {
     /// Session epoch: tokens minted before a revocation carry an older epoch.
     #[serde(default)]
     pub sep: u64,
+    /// The device may send urgent messages (pages); the account service grants it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub urgent: bool,
     /// Audience.
     pub aud: String,
 }
@@ -54,6 +57,8 @@ pub struct Identity {
     pub issued_at: u64,
     /// Session epoch of the token.
     pub epoch: u64,
+    /// Whether the device may send urgent messages (the token's `urgent` claim).
+    pub may_page: bool,
 }
 
 /// Why a token was refused. Codes are logged and counted, never the token.
@@ -240,6 +245,7 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
         expires_at: c.exp,
         issued_at: c.iat,
         epoch: c.sep,
+        may_page: c.urgent,
     })
 }
 
@@ -534,6 +540,7 @@ mod tests {
             iat: now() - 60,
             exp,
             nbf: None,
+            urgent: false,
             sep: 3,
             aud: aud.into(),
         }

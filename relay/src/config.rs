@@ -553,6 +553,8 @@ pub struct LimitsConfig {
     pub write_timeout: Dur,
     /// Protocol errors tolerated per minute before closing with 1008.
     pub max_errors_per_minute: u32,
+    /// Urgent messages per device per minute (tokens with the `urgent` claim only).
+    pub urgent_per_minute: u32,
     /// Refused sends tolerated per minute before closing with 1008.
     pub max_refused_per_minute: u32,
     /// Bytes per second read from one connection; beyond, the relay reads slower.
@@ -638,6 +640,7 @@ impl Default for LimitsConfig {
             write_timeout: Dur::secs(10),
             max_errors_per_minute: 10,
             max_refused_per_minute: 100,
+            urgent_per_minute: 10,
             inbound_bytes_per_s: 4 * 1024 * 1024,
         }
     }

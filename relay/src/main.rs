@@ -110,6 +110,9 @@ struct TokenArgs {
     /// Session epoch (`sep`).
     #[arg(long, default_value_t = 0)]
     epoch: u64,
+    /// Allow the device to send urgent messages (the `urgent` claim).
+    #[arg(long)]
+    urgent: bool,
     /// Audience; defaults to the configured `auth.audience`.
     #[arg(long)]
     audience: Option<String>,
@@ -391,6 +394,7 @@ fn token(config: &Config, args: TokenArgs) -> ExitCode {
         exp,
         sep: args.epoch,
         nbf: None,
+        urgent: args.urgent,
         aud: args
             .audience
             .unwrap_or_else(|| config.auth.audience.clone()),

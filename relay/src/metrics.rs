@@ -52,6 +52,7 @@ const REJECT_CODES: &[&str] = &[
     "too_large",
     "bad_recipients",
     "rate_limited",
+    "urgent_not_allowed",
     "unavailable",
     "shutting_down",
 ];

@@ -7,6 +7,9 @@
 //!   it after `push.urgent_ack_timeout`, pages again, up to `push.urgent_repeats` times, whether
 //!   or not the device looks connected: a phone in a pocket can hold a zombie socket. The inbox
 //!   is the source of truth for "not yet acknowledged", so this holds across nodes.
+//! - A device has at most one escalation: a further urgent message for a device already being
+//!   paged joins it (the escalation follows the newest message, and its count starts again)
+//!   instead of paging at once and starting another.
 //!
 //! **Invariant:** the store's writer thread only ever does a non-blocking channel send here;
 //! token lookups and provider calls happen on tasks behind the push dispatcher's bounded queue.
@@ -141,6 +144,8 @@ struct Shared {
     store: Arc<dyn MessageStore>,
     dispatcher: Arc<Dispatcher<DeviceRef>>,
     timing: Timing,
+    /// Devices being paged, with the newest urgent message (id, seq) the page is about.
+    escalating: std::sync::Mutex<HashMap<DeviceRef, (Uuid, u64)>>,
 }
 
 impl Shared {
@@ -173,25 +178,78 @@ impl Shared {
         }
     }
 
-    async fn escalate(self: Arc<Self>, device: DeviceRef, id: Uuid, seq: u64) {
-        let page = Push::Wake {
-            message: id,
-            badge: None,
-            urgent: true,
-        };
-        for step in 1..=self.timing.urgent_repeats {
+    fn escalations(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceRef, (Uuid, u64)>> {
+        self.escalating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Points `device`'s escalation at a newer urgent message; false when it has none (the
+    /// caller starts one).
+    fn join(&self, device: &DeviceRef, id: Uuid, seq: u64) -> bool {
+        let mut map = self.escalations();
+        match map.get_mut(device) {
+            Some(target) => {
+                if seq > target.1 {
+                    *target = (id, seq);
+                }
+                true
+            }
+            None => {
+                map.insert(device.clone(), (id, seq));
+                false
+            }
+        }
+    }
+
+    /// Ends `device`'s escalation unless a newer message joined it since `seq`.
+    fn finish(&self, device: &DeviceRef, seq: u64) -> bool {
+        let mut map = self.escalations();
+        if map.get(device).is_none_or(|t| t.1 == seq) {
+            map.remove(device);
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn escalate(self: Arc<Self>, device: DeviceRef) {
+        let mut current = None;
+        let mut step = 0;
+        loop {
             tokio::time::sleep(self.timing.urgent_ack_timeout).await;
+            let Some((id, seq)) = self.escalations().get(&device).copied() else {
+                return;
+            };
+            if current != Some(seq) {
+                current = Some(seq);
+                step = 0;
+            }
             if !self.pending(&device, seq).await {
-                metrics::counter!("relay_push_escalations_total", "result" => "acknowledged")
+                if self.finish(&device, seq) {
+                    metrics::counter!("relay_push_escalations_total", "result" => "acknowledged")
+                        .increment(1);
+                    tracing::info!(user = %device.user, device = %device.device, message = %id, step, "urgent message acknowledged; escalation stops");
+                    return;
+                }
+                continue; // a newer urgent message joined meanwhile
+            }
+            step += 1;
+            if step <= self.timing.urgent_repeats {
+                let page = Push::Wake {
+                    message: id,
+                    badge: None,
+                    urgent: true,
+                };
+                let result = self.push(&device, page).await;
+                metrics::counter!("relay_push_escalations_total", "result" => "repaged")
                     .increment(1);
-                tracing::info!(user = %device.user, device = %device.device, message = %id, step, "urgent message acknowledged; escalation stops");
+                tracing::info!(user = %device.user, device = %device.device, message = %id, step, result, "urgent message not acknowledged; paging again");
+            }
+            if step >= self.timing.urgent_repeats && self.finish(&device, seq) {
+                metrics::counter!("relay_push_escalations_total", "result" => "exhausted")
+                    .increment(1);
                 return;
             }
-            let result = self.push(&device, page).await;
-            metrics::counter!("relay_push_escalations_total", "result" => "repaged").increment(1);
-            tracing::info!(user = %device.user, device = %device.device, message = %id, step, result, "urgent message not acknowledged; paging again");
         }
-        metrics::counter!("relay_push_escalations_total", "result" => "exhausted").increment(1);
     }
 }
 
@@ -273,6 +331,7 @@ pub async fn run(
         store,
         dispatcher,
         timing,
+        escalating: Default::default(),
     });
     let mut last_wake: HashMap<DeviceRef, Instant> = HashMap::new();
     let mut pruned = Instant::now();
@@ -296,7 +355,8 @@ pub async fn run(
                     let recent = last_wake
                         .get(&device)
                         .is_some_and(|t| now.duration_since(*t) < timing.coalesce_window);
-                    if recent && !urgent {
+                    let paging = urgent && shared.escalations().contains_key(&device);
+                    if (recent && !urgent) || paging {
                         metrics::counter!("relay_push_wakeups_total", "result" => "coalesced")
                             .increment(1);
                         continue;
@@ -315,7 +375,9 @@ pub async fn run(
                     });
                 }
                 for device in all {
-                    tokio::spawn(shared.clone().escalate(device, id, seq));
+                    if !shared.join(&device, id, seq) {
+                        tokio::spawn(shared.clone().escalate(device));
+                    }
                 }
             }
         }

@@ -156,8 +156,10 @@ pub enum RejectCode {
     TooLarge,
     /// Too many recipients, or none.
     BadRecipients,
-    /// The device sends faster than its rate limit.
+    /// The device sends faster than its rate limit (urgent messages have one of their own).
     RateLimited,
+    /// The device's token does not allow urgent messages (`urgent` claim).
+    UrgentNotAllowed,
     /// The store could not durably accept the message; retry later.
     Unavailable,
     /// The relay is shutting down; reconnect and retry.
@@ -171,6 +173,7 @@ impl RejectCode {
             RejectCode::TooLarge => "too_large",
             RejectCode::BadRecipients => "bad_recipients",
             RejectCode::RateLimited => "rate_limited",
+            RejectCode::UrgentNotAllowed => "urgent_not_allowed",
             RejectCode::Unavailable => "unavailable",
             RejectCode::ShuttingDown => "shutting_down",
         }
@@ -405,6 +408,7 @@ mod tests {
             RejectCode::TooLarge,
             RejectCode::BadRecipients,
             RejectCode::RateLimited,
+            RejectCode::UrgentNotAllowed,
             RejectCode::Unavailable,
             RejectCode::ShuttingDown,
         ] {

@@ -318,6 +318,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
             send_burst: l.send_burst,
             max_errors_per_minute: l.max_errors_per_minute,
             max_refused_per_minute: l.max_refused_per_minute,
+            urgent_per_minute: l.urgent_per_minute,
             inbound_bytes_per_s: l.inbound_bytes_per_s as f64,
             // Room for the largest frame twice: one maximal send never waits.
             inbound_burst_bytes: (2 * config.max_frame_bytes()).max(l.inbound_bytes_per_s) as f64,

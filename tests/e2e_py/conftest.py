@@ -106,6 +106,7 @@ class Relay:
             RELAY_SHUTDOWN_GRACE="5s",
             RELAY_LIMITS__SEND_RATE_PER_S="10000",
             RELAY_LIMITS__SEND_BURST="10000",
+            RELAY_LIMITS__URGENT_PER_MINUTE="10000",
             RELAY_ADMIN__CREDENTIALS=admin_credentials_toml(),
         )
         if BACKEND == "cassandra":

@@ -114,7 +114,7 @@ async def test_unacked_urgent_message_is_paged_again_until_the_limit(make_relay,
     phone = await relay.online("drbob", "iphone")
     token = await register_push(phone)
     await phone.close()
-    alice = await relay.online("nurse-alice", "web")
+    alice = await relay.online("nurse-alice", "web", token=relay.token("nurse-alice", "web", "--urgent"))
     await alice.send_ok(["drbob"], CANARY, urgent=True)
 
     first = await wait_for(lambda: fake_push.requests("apns", token), 1)
@@ -137,7 +137,7 @@ async def test_urgent_paging_stops_when_the_device_acks(make_relay, fake_push):
     relay = make_relay(fake_push.relay_env(urgent_ack_timeout="1s", urgent_repeats=5))
     phone = await relay.online("drbob", "iphone")
     token = await register_push(phone)
-    alice = await relay.online("nurse-alice", "web")
+    alice = await relay.online("nurse-alice", "web", token=relay.token("nurse-alice", "web", "--urgent"))
     await alice.send_ok(["drbob"], b"page", urgent=True)
     # Connected (perhaps a zombie socket in a pocket): delivered live, not acked → paged again.
     delivered = await phone.expect("deliver")
@@ -240,3 +240,39 @@ def test_relay_refuses_to_start_with_unusable_push_credentials(tmp_path, fake_pu
     out = subprocess.run([str(RELAY_BIN)], env=r._env(), capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "push" in (out.stdout + out.stderr)
+
+
+@run
+async def test_urgent_sending_is_authorised_by_the_token_and_rate_limited(make_relay):
+    relay = make_relay({"RELAY_LIMITS__URGENT_PER_MINUTE": "3"})
+    plain = await relay.online("nurse-plain", "web")
+    await plain.send(["drbob"], b"page?", urgent=True)
+    reply = await plain.recv()
+    assert reply["type"] == "rejected" and reply["code"] == "urgent_not_allowed" and reply["retry"] is False, reply
+    await plain.send_ok(["drbob"], b"not urgent is fine")
+    pager = await relay.online("nurse-oncall", "web", token=relay.token("nurse-oncall", "web", "--urgent"))
+    for _ in range(3):
+        await pager.send_ok(["drbob"], b"page", urgent=True)
+    await pager.send(["drbob"], b"one too many", urgent=True)
+    reply = await pager.recv()
+    assert reply["type"] == "rejected" and reply["code"] == "rate_limited" and reply["retry"] is True, reply
+    await pager.send_ok(["drbob"], b"normal messages still go")
+
+
+@run
+async def test_many_urgent_messages_make_one_escalation_per_device(make_relay, fake_push):
+    relay = make_relay(fake_push.relay_env(urgent_ack_timeout="1s", urgent_repeats=1))
+    phone = await relay.online("drbob", "iphone")
+    token = await register_push(phone)
+    await phone.close()
+    alice = await relay.online("nurse-alice", "web", token=relay.token("nurse-alice", "web", "--urgent"))
+    for i in range(20):
+        await alice.send_ok(["drbob"], f"page {i}".encode(), urgent=True)
+    await wait_for(lambda: fake_push.requests("apns", token), 1)
+    await asyncio.sleep(0.5)
+    assert len(fake_push.requests("apns", token)) == 1, "one page at once, not one per message"
+    # One repage (urgent_repeats = 1) for the whole escalation, about the newest message.
+    await asyncio.sleep(2.0)
+    pages = fake_push.requests("apns", token)
+    assert len(pages) == 2, len(pages)
+    assert 'relay_push_escalations_total{result="exhausted"} 1' in relay.metrics()

@@ -27,7 +27,7 @@ async def closed_code(dev, timeout=5.0) -> int:
 @run
 async def test_two_devices_exchange_both_ways(relay):
     alice = await relay.connect("alice", "phone")
-    bob = await relay.connect("bob", "laptop")
+    bob = await relay.connect("bob", "laptop", token=relay.token("bob", "laptop", "--urgent"))
     assert await alice.handshake() == []
     assert await bob.handshake() == []
     assert alice.hello["v"] == 1 and alice.hello["user"] == "alice"

@@ -72,6 +72,9 @@ where
             .min(MAX_TOKEN_LEFT_S),
     );
     let mut state = State::new(device.clone(), ctx.limits.clone(), now, now + token_left);
+    if identity.may_page {
+        state.allow_urgent();
+    }
     let mut reg = ctx
         .hub
         .register(&device, ctx.outbound_queue, identity.issued_at);

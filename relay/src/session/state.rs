@@ -24,6 +24,8 @@ pub struct Limits {
     pub send_burst: u32,
     /// Protocol errors tolerated per minute.
     pub max_errors_per_minute: u32,
+    /// Urgent messages a device may send per minute (when its token allows them at all).
+    pub urgent_per_minute: u32,
     /// Refused sends (too large, bad recipients, rate limited) tolerated per minute.
     pub max_refused_per_minute: u32,
     /// Sustained bytes per second read from the device; beyond, the relay reads slower.
@@ -79,6 +81,10 @@ pub struct State {
     token_expiry: Instant,
     tokens: f64,
     refilled: Instant,
+    /// Whether the token allows urgent messages, and their own budget.
+    may_page: bool,
+    urgent_tokens: f64,
+    urgent_refilled: Instant,
     errors: u32,
     errors_since: Instant,
     refused: u32,
@@ -117,6 +123,9 @@ impl State {
         State {
             device,
             tokens: f64::from(limits.send_burst),
+            may_page: false,
+            urgent_tokens: f64::from(limits.urgent_per_minute),
+            urgent_refilled: now,
             next_ping: now + limits.ping_interval,
             bytes: limits.inbound_burst_bytes,
             limits,
@@ -165,6 +174,11 @@ impl State {
             d.floor = oldest;
         }
         true
+    }
+
+    /// Lets this session send urgent messages (its token's `urgent` claim).
+    pub fn allow_urgent(&mut self) {
+        self.may_page = true;
     }
 
     /// Starts this login afresh at `seq`: nothing accepted before it is delivered (a new
@@ -318,7 +332,10 @@ impl State {
                 Some(id),
             );
         }
-        if !self.take_token(now) {
+        if urgent && !self.may_page {
+            return self.refuse(now, id, RejectCode::UrgentNotAllowed);
+        }
+        if !self.take_token(now) || (urgent && !self.take_urgent_token(now)) {
             return self.refuse(now, id, RejectCode::RateLimited);
         }
         let Some(body) = protocol::decode_body(body) else {
@@ -339,6 +356,23 @@ impl State {
             body: Bytes::from(body),
             urgent,
         })
+    }
+
+    /// Urgent messages page clinicians: a budget of their own, per minute.
+    fn take_urgent_token(&mut self, now: Instant) -> bool {
+        let per_s = f64::from(self.limits.urgent_per_minute) / 60.0;
+        let elapsed = now
+            .saturating_duration_since(self.urgent_refilled)
+            .as_secs_f64();
+        self.urgent_refilled = now;
+        self.urgent_tokens =
+            (self.urgent_tokens + elapsed * per_s).min(f64::from(self.limits.urgent_per_minute));
+        if self.urgent_tokens >= 1.0 {
+            self.urgent_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     fn take_token(&mut self, now: Instant) -> bool {
@@ -397,12 +431,52 @@ mod tests {
             send_rate_per_s: 1.0,
             send_burst: 2,
             max_errors_per_minute: 3,
+            urgent_per_minute: 2,
             max_refused_per_minute: 5,
             inbound_bytes_per_s: 1000.0,
             inbound_burst_bytes: 2000.0,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(7200),
         }
+    }
+
+    #[test]
+    fn urgent_messages_need_the_claim_and_have_a_budget_of_their_own() {
+        let now = Instant::now();
+        let urgent = |s: &mut State, t| {
+            s.handle_text(
+                t,
+                &format!(
+                    r#"{{"type":"send","id":"{}","to":["bob"],"body":"aGk=","urgent":true}}"#,
+                    Uuid::new_v4()
+                ),
+            )
+        };
+        let mut s = state(now);
+        assert!(matches!(
+            urgent(&mut s, now),
+            Action::Reject(_, RejectCode::UrgentNotAllowed)
+        ));
+        let mut s = state(now);
+        s.limits.send_burst = 100;
+        s.tokens = 100.0;
+        s.allow_urgent();
+        assert!(matches!(urgent(&mut s, now), Action::Append(m) if m.urgent));
+        assert!(matches!(urgent(&mut s, now), Action::Append(_)));
+        assert!(matches!(
+            urgent(&mut s, now),
+            Action::Reject(_, RejectCode::RateLimited)
+        ));
+        // Normal messages are not held back by the urgent budget.
+        assert!(matches!(
+            s.handle_text(now, &send(r#""bob""#, "aGk=")),
+            Action::Append(m) if !m.urgent
+        ));
+        // Two a minute: one more after 30 s.
+        assert!(matches!(
+            urgent(&mut s, now + Duration::from_secs(31)),
+            Action::Append(_)
+        ));
     }
 
     #[test]
