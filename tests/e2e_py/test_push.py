@@ -108,13 +108,20 @@ async def test_a_burst_of_50_messages_coalesces_into_one_push(make_relay, fake_p
     assert len(await wait_for(lambda: fake_push.requests("apns", token), 2)) == 2
 
 
-@run
-async def test_unacked_urgent_message_is_paged_again_until_the_limit(make_relay, fake_push):
-    relay = make_relay(fake_push.relay_env(urgent_ack_timeout="1s", urgent_repeats=2))
+async def offline_iphone_and_a_pager(relay):
+    """drbob's iPhone, registered for push and offline; nurse-alice online, allowed to page.
+    Returns the iPhone's push token and nurse-alice."""
     phone = await relay.online("drbob", "iphone")
     token = await register_push(phone)
     await phone.close()
     alice = await relay.online("nurse-alice", "web", token=relay.token("nurse-alice", "web", "--urgent"))
+    return token, alice
+
+
+@run
+async def test_unacked_urgent_message_is_paged_again_until_the_limit(make_relay, fake_push):
+    relay = make_relay(fake_push.relay_env(urgent_ack_timeout="1s", urgent_repeats=2))
+    token, alice = await offline_iphone_and_a_pager(relay)
     await alice.send_ok(["drbob"], CANARY, urgent=True)
 
     first = await wait_for(lambda: fake_push.requests("apns", token), 1)
@@ -262,10 +269,7 @@ async def test_urgent_sending_is_authorised_by_the_token_and_rate_limited(make_r
 @run
 async def test_many_urgent_messages_make_one_escalation_per_device(make_relay, fake_push):
     relay = make_relay(fake_push.relay_env(urgent_ack_timeout="1s", urgent_repeats=1))
-    phone = await relay.online("drbob", "iphone")
-    token = await register_push(phone)
-    await phone.close()
-    alice = await relay.online("nurse-alice", "web", token=relay.token("nurse-alice", "web", "--urgent"))
+    token, alice = await offline_iphone_and_a_pager(relay)
     for i in range(20):
         await alice.send_ok(["drbob"], f"page {i}".encode(), urgent=True)
     await wait_for(lambda: fake_push.requests("apns", token), 1)

@@ -169,7 +169,6 @@ where
     let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
     let replay_started = Instant::now();
     let mut replayed = 0u64;
-    let mut pause_until: Option<Instant> = None;
 
     loop {
         let deadline = tokio::time::Instant::from_std(state.next_deadline());
@@ -205,6 +204,7 @@ where
             }
             incoming = ws.next(), if reading => {
                 let now = Instant::now();
+                let mut pause_until = None;
                 let action = match incoming {
                     None => return Ended { code: None, reason: "connection closed" },
                     Some(Err(WsError::Capacity(_))) => {
@@ -237,7 +237,7 @@ where
                 };
                 // Over its byte budget: stop reading for a moment (at most about one frame's
                 // worth of time); TCP slows the sender, and nobody else waits for it.
-                if let Some(until) = pause_until.take() {
+                if let Some(until) = pause_until {
                     metrics::counter!("relay_inbound_paused_total").increment(1);
                     tokio::time::sleep_until(until.into()).await;
                 }

@@ -79,22 +79,63 @@ pub struct State {
     last_heard: Instant,
     next_ping: Instant,
     token_expiry: Instant,
-    tokens: f64,
-    refilled: Instant,
+    /// Sends.
+    sends: Bucket,
     /// Whether the token allows urgent messages, and their own budget.
     may_page: bool,
-    urgent_tokens: f64,
-    urgent_refilled: Instant,
+    urgent: Bucket,
     errors: u32,
     errors_since: Instant,
     refused: u32,
     refused_since: Instant,
-    /// Inbound byte budget (a token bucket in bytes), and when it was last refilled.
-    bytes: f64,
-    bytes_refilled: Instant,
+    /// Bytes read from the device.
+    inbound: Bucket,
     delivered: Delivered,
     /// Sequences below this were accepted before this login (see [`State::start_at`]).
     login_floor: u64,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn full(rate: f64, burst: f64, now: Instant) -> Self {
+        Bucket {
+            level: burst,
+            at: now,
+            rate,
+            burst,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.level = (self.level + elapsed * self.rate).min(self.burst);
+    }
+
+    /// Takes one token, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        let ok = self.level >= 1.0;
+        if ok {
+            self.level -= 1.0;
+        }
+        ok
+    }
+
+    /// Spends `n`, into debt if need be; in debt, the instant it is paid off.
+    fn spend(&mut self, now: Instant, n: f64) -> Option<Instant> {
+        self.refill(now);
+        self.level -= n;
+        (self.level < 0.0).then(|| now + Duration::from_secs_f64(-self.level / self.rate))
+    }
 }
 
 /// Sequences delivered in this session, for deduplication.
@@ -122,22 +163,23 @@ impl State {
     pub fn new(device: DeviceRef, limits: Limits, now: Instant, token_expiry: Instant) -> Self {
         State {
             device,
-            tokens: f64::from(limits.send_burst),
+            sends: Bucket::full(limits.send_rate_per_s, f64::from(limits.send_burst), now),
             may_page: false,
-            urgent_tokens: f64::from(limits.urgent_per_minute),
-            urgent_refilled: now,
+            urgent: Bucket::full(
+                f64::from(limits.urgent_per_minute) / 60.0,
+                f64::from(limits.urgent_per_minute),
+                now,
+            ),
+            inbound: Bucket::full(limits.inbound_bytes_per_s, limits.inbound_burst_bytes, now),
             next_ping: now + limits.ping_interval,
-            bytes: limits.inbound_burst_bytes,
             limits,
             last_activity: now,
             last_heard: now,
             token_expiry,
-            refilled: now,
             errors: 0,
             errors_since: now,
             refused: 0,
             refused_since: now,
-            bytes_refilled: now,
             delivered: Delivered::default(),
             login_floor: 0,
         }
@@ -297,15 +339,7 @@ impl State {
     /// Reads `len` more bytes from the device at `now`: when it has sent more than its byte
     /// budget, the instant until which the driver stops reading (TCP then slows the sender).
     pub fn inbound(&mut self, now: Instant, len: usize) -> Option<Instant> {
-        let elapsed = now
-            .saturating_duration_since(self.bytes_refilled)
-            .as_secs_f64();
-        self.bytes_refilled = now;
-        self.bytes = (self.bytes + elapsed * self.limits.inbound_bytes_per_s)
-            .min(self.limits.inbound_burst_bytes)
-            - len as f64;
-        (self.bytes < 0.0)
-            .then(|| now + Duration::from_secs_f64(-self.bytes / self.limits.inbound_bytes_per_s))
+        self.inbound.spend(now, len as f64)
     }
 
     /// Cheap checks first (size, recipients, rate), the base64 decode last: a refused send
@@ -335,7 +369,7 @@ impl State {
         if urgent && !self.may_page {
             return self.refuse(now, id, RejectCode::UrgentNotAllowed);
         }
-        if !self.take_token(now) || (urgent && !self.take_urgent_token(now)) {
+        if !self.sends.take(now) || (urgent && !self.urgent.take(now)) {
             return self.refuse(now, id, RejectCode::RateLimited);
         }
         let Some(body) = protocol::decode_body(body) else {
@@ -356,36 +390,6 @@ impl State {
             body: Bytes::from(body),
             urgent,
         })
-    }
-
-    /// Urgent messages page clinicians: a budget of their own, per minute.
-    fn take_urgent_token(&mut self, now: Instant) -> bool {
-        let per_s = f64::from(self.limits.urgent_per_minute) / 60.0;
-        let elapsed = now
-            .saturating_duration_since(self.urgent_refilled)
-            .as_secs_f64();
-        self.urgent_refilled = now;
-        self.urgent_tokens =
-            (self.urgent_tokens + elapsed * per_s).min(f64::from(self.limits.urgent_per_minute));
-        if self.urgent_tokens >= 1.0 {
-            self.urgent_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn take_token(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        self.tokens = (self.tokens + elapsed * self.limits.send_rate_per_s)
-            .min(f64::from(self.limits.send_burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 
     /// A refused send; one that keeps sending what is refused is closed with 1008.
@@ -458,8 +462,7 @@ mod tests {
             Action::Reject(_, RejectCode::UrgentNotAllowed)
         ));
         let mut s = state(now);
-        s.limits.send_burst = 100;
-        s.tokens = 100.0;
+        s.sends = Bucket::full(1.0, 100.0, now);
         s.allow_urgent();
         assert!(matches!(urgent(&mut s, now), Action::Append(m) if m.urgent));
         assert!(matches!(urgent(&mut s, now), Action::Append(_)));
