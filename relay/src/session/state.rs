@@ -84,15 +84,36 @@ pub struct State {
     /// Whether the token allows urgent messages, and their own budget.
     may_page: bool,
     urgent: Bucket,
-    errors: u32,
-    errors_since: Instant,
-    refused: u32,
-    refused_since: Instant,
+    /// Protocol errors, and refused sends, in the current minute.
+    errors: PerMinute,
+    refused: PerMinute,
     /// Bytes read from the device.
     inbound: Bucket,
     delivered: Delivered,
     /// Sequences below this were accepted before this login (see [`State::start_at`]).
     login_floor: u64,
+}
+
+/// Events counted in fixed one-minute windows.
+#[derive(Debug)]
+struct PerMinute {
+    n: u32,
+    since: Instant,
+}
+
+impl PerMinute {
+    fn new(now: Instant) -> Self {
+        PerMinute { n: 0, since: now }
+    }
+
+    /// Counts one event at `now`; how many there were in this window, this one included.
+    fn count(&mut self, now: Instant) -> u32 {
+        if now >= self.since + Duration::from_secs(60) {
+            *self = PerMinute::new(now);
+        }
+        self.n = self.n.saturating_add(1);
+        self.n
+    }
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -176,10 +197,8 @@ impl State {
             last_activity: now,
             last_heard: now,
             token_expiry,
-            errors: 0,
-            errors_since: now,
-            refused: 0,
-            refused_since: now,
+            errors: PerMinute::new(now),
+            refused: PerMinute::new(now),
             delivered: Delivered::default(),
             login_floor: 0,
         }
@@ -394,12 +413,7 @@ impl State {
 
     /// A refused send; one that keeps sending what is refused is closed with 1008.
     fn refuse(&mut self, now: Instant, id: Uuid, code: RejectCode) -> Action {
-        if now >= self.refused_since + Duration::from_secs(60) {
-            self.refused = 0;
-            self.refused_since = now;
-        }
-        self.refused += 1;
-        if self.refused > self.limits.max_refused_per_minute {
+        if self.refused.count(now) > self.limits.max_refused_per_minute {
             return Action::Close(close::POLICY, "too many refused sends");
         }
         Action::Reject(id, code)
@@ -412,12 +426,7 @@ impl State {
         detail: String,
         id: Option<Uuid>,
     ) -> Action {
-        if now >= self.errors_since + Duration::from_secs(60) {
-            self.errors = 0;
-            self.errors_since = now;
-        }
-        self.errors += 1;
-        if self.errors > self.limits.max_errors_per_minute {
+        if self.errors.count(now) > self.limits.max_errors_per_minute {
             return Action::Close(close::POLICY, "too many protocol errors");
         }
         Action::Error(code, detail, id)
