@@ -559,6 +559,10 @@ pub struct LimitsConfig {
     pub max_refused_per_minute: u32,
     /// Bytes per second read from one connection; beyond, the relay reads slower.
     pub inbound_bytes_per_s: usize,
+    /// Memory all inbox replays of this node may hold at once (pages read, not yet written).
+    pub replay_memory: usize,
+    /// Message bytes one account may store per UTC day, counted on each node.
+    pub sender_bytes_per_day: u64,
 }
 
 /// Session liveness.
@@ -642,6 +646,8 @@ impl Default for LimitsConfig {
             max_refused_per_minute: 100,
             urgent_per_minute: 10,
             inbound_bytes_per_s: 4 * 1024 * 1024,
+            replay_memory: 64 * 1024 * 1024,
+            sender_bytes_per_day: 1024 * 1024 * 1024,
         }
     }
 }
@@ -828,6 +834,16 @@ impl Config {
         }
         if l.max_body_bytes == 0 || l.max_body_bytes > 16 * 1024 * 1024 {
             e.push("limits.max_body_bytes must be between 1 and 16 MiB".into());
+        }
+        // A replay page holds up to twice the largest body, base64-encoded.
+        if l.replay_memory < 4 * l.max_body_bytes || l.replay_memory > u32::MAX as usize {
+            e.push(
+                "limits.replay_memory must be at least 4 x limits.max_body_bytes and below 4 GiB"
+                    .into(),
+            );
+        }
+        if l.sender_bytes_per_day == 0 {
+            e.push("limits.sender_bytes_per_day must be positive".into());
         }
         if l.max_recipients == 0 || l.max_recipients > 10_000 {
             e.push("limits.max_recipients must be between 1 and 10000".into());

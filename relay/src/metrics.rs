@@ -53,6 +53,7 @@ const REJECT_CODES: &[&str] = &[
     "bad_recipients",
     "rate_limited",
     "urgent_not_allowed",
+    "quota_exceeded",
     "unavailable",
     "shutting_down",
 ];
@@ -188,6 +189,18 @@ pub const CATALOGUE: &[Entry] = &[
         Kind::Counter,
         &[],
         "Sessions ended by the inactivity logoff.",
+    ),
+    (
+        "relay_replay_memory_bytes",
+        Kind::Gauge,
+        &[],
+        "Memory inbox replays on this node hold now (bounded by limits.replay_memory).",
+    ),
+    (
+        "relay_sender_quota_untracked_total",
+        Kind::Counter,
+        &[],
+        "Sends not counted against a daily quota because the node tracked 200,000 accounts already.",
     ),
     (
         "relay_device_cache_users",

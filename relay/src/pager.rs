@@ -169,7 +169,7 @@ impl Shared {
     async fn pending(&self, device: &DeviceRef, seq: u64) -> bool {
         match self
             .store
-            .inbox_page(device.clone(), seq.saturating_sub(1), 1)
+            .inbox_page(device.clone(), seq.saturating_sub(1), 1, usize::MAX)
             .await
         {
             Ok(page) => page.first().is_some_and(|e| e.seq == seq),

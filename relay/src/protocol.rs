@@ -160,6 +160,8 @@ pub enum RejectCode {
     RateLimited,
     /// The device's token does not allow urgent messages (`urgent` claim).
     UrgentNotAllowed,
+    /// The sending account stored its `limits.sender_bytes_per_day` today (UTC).
+    QuotaExceeded,
     /// The store could not durably accept the message; retry later.
     Unavailable,
     /// The relay is shutting down; reconnect and retry.
@@ -174,6 +176,7 @@ impl RejectCode {
             RejectCode::BadRecipients => "bad_recipients",
             RejectCode::RateLimited => "rate_limited",
             RejectCode::UrgentNotAllowed => "urgent_not_allowed",
+            RejectCode::QuotaExceeded => "quota_exceeded",
             RejectCode::Unavailable => "unavailable",
             RejectCode::ShuttingDown => "shutting_down",
         }

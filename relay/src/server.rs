@@ -27,6 +27,7 @@ use crate::listener::{self, App, Side};
 use crate::pager::{self, Pager};
 use crate::protocol::close;
 use crate::seal::Keyring;
+use crate::session::budget::{ReplayMemory, SenderQuota};
 use crate::session::{SessionContext, state::Limits};
 use crate::store::DeliverySink;
 use crate::store::embedded::EmbeddedStore;
@@ -332,6 +333,8 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         pager: dispatcher.as_ref().map(|_| pager.clone()),
         cluster: cluster.clone(),
         access,
+        replay_memory: ReplayMemory::new(l.replay_memory),
+        quota: SenderQuota::new(l.sender_bytes_per_day),
     });
     // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
     // per connection would dominate memory. The buffer grows on demand for large frames.

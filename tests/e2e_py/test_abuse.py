@@ -10,7 +10,7 @@ import uuid
 
 from websockets.exceptions import ConnectionClosed
 
-from conftest import run
+from conftest import body_of, run
 
 
 def proc_cpu_seconds(pid) -> float:
@@ -211,3 +211,129 @@ async def test_recipients_that_do_not_exist_cannot_grow_the_device_cache_without
     # A real user is still reached after the cache started over.
     acc = await sender.send_ok(["dr-real"], b"real")
     assert (await real.expect("deliver"))["id"] == acc["id"]
+
+
+# --- Replay: what a reconnecting device makes the relay hold -------------------------------------
+
+
+def read_replay(raw, acks_after=None):
+    """Reads a raw session's `hello`, deliveries and `synced`, answering pings; acks the first
+    `acks_after` deliveries as soon as they arrive. Returns the deliveries, or raises on a close."""
+    from test_sign_in import ws_frame
+
+    delivered, hello = [], False
+    while True:
+        op, payload = raw.frame()
+        if op == 9:
+            raw.send(ws_frame(10, payload))
+            continue
+        assert op == 1, (op, payload[:2], len(delivered))
+        frame = json.loads(payload)
+        if frame["type"] == "hello":
+            hello = True
+        elif frame["type"] == "deliver":
+            delivered.append(frame)
+            if acks_after and len(delivered) == acks_after:
+                seqs = [d["seq"] for d in delivered]
+                raw.send(ws_frame(1, json.dumps({"type": "ack", "seqs": seqs}).encode()))
+        elif frame["type"] == "synced":
+            assert hello
+            return delivered
+
+
+async def fill_inbox(relay, sender, to, n, size):
+    """`n` messages of `size` random bytes to `to`, all accepted; returns their ids."""
+    ids = []
+    for _ in range(n):
+        ids.append((await sender.send_ok(to, os.urandom(size)))["id"])
+    return ids
+
+
+@run
+async def test_a_slow_reader_drains_its_inbox_and_acks_during_replay(make_relay):
+    """Replay writes a frame at a time, each within the write timeout, and reads the device's
+    acks between frames: a slow reader is never cut off, and what it acked mid-replay stays
+    acked. What a reader needs: the kernel buffers up to 4 MB per socket and wakes a blocked
+    writer only once a third of that drained, so a write may wait 1.4 MB / rate. At 256 KB/s
+    that is 5.5 s, within the default 10 s; this test keeps the ratio and runs 4x faster (a
+    reader at 1 MB/s, a 3 s write timeout) with an inbox (8.4 MB) the old whole-page write could
+    not get past."""
+    from test_sign_in import RawWs
+
+    relay = make_relay({"RELAY_LIMITS__WRITE_TIMEOUT": "3s"})
+    await relay.register_offline("drslow", "phone")
+    sender = await relay.online("nurse", "web")
+    ids = await fill_inbox(relay, sender, ["drslow"], 24, 256 * 1024)
+
+    def slow():
+        raw = RawWs(relay.port, relay.token("drslow", "phone"), rcvbuf=16384, rate=1_000_000)
+        assert raw.status == 101
+        started = time.monotonic()
+        try:
+            return read_replay(raw, acks_after=10), time.monotonic() - started
+        finally:
+            raw.close()
+
+    delivered, took = await asyncio.to_thread(slow)
+    print(f"slow reader (1 MB/s, 3 s write timeout): {len(delivered)} deliveries of ~350 KB in {took:.1f} s")
+    assert [d["id"] for d in delivered] == ids
+    # The first ten were acknowledged during the replay: only the others come again.
+    again = await relay.connect("drslow", "phone")
+    assert [d["id"] for d in await again.handshake()] == ids[10:]
+
+
+@run
+async def test_replays_hold_bounded_memory_within_the_node_budget(make_relay):
+    """Three devices with 12 MiB inboxes reconnect and do not read. The relay holds at most a
+    page of bounded size per replay, within `limits.replay_memory` for the whole node, and every
+    device drains its inbox once it reads."""
+    from test_sign_in import RawWs
+
+    relay = make_relay({"RELAY_LIMITS__REPLAY_MEMORY": "1048576"})
+    devices = ["dra", "drb", "drc"]
+    for user in devices:
+        await relay.register_offline(user, "phone")
+    sender = await relay.online("nurse", "web")
+    ids = await fill_inbox(relay, sender, devices, 48, 256 * 1024)
+    await asyncio.sleep(0.5)
+    rss_before = rss_bytes(relay.proc.pid)
+    raws = [RawWs(relay.port, relay.token(user, "phone"), rcvbuf=16384) for user in devices]
+    await asyncio.sleep(2.0)
+    grown = rss_bytes(relay.proc.pid) - rss_before
+    print(f"three stalled replays of 48 x 256 KiB: relay RSS +{grown / 2**20:.1f} MiB")
+    held = gauge(relay, "relay_replay_memory_bytes")
+    print(f"replay memory held: {held:.0f} bytes")
+    assert 0 < held <= 1048576, held
+    assert grown < 24 * 1024 * 1024, grown
+    results = await asyncio.gather(*(asyncio.to_thread(read_replay, raw) for raw in raws))
+    for raw, delivered in zip(raws, results):
+        raw.close()
+        assert [d["id"] for d in delivered] == ids
+    assert gauge(relay, "relay_replay_memory_bytes") == 0
+
+
+@run
+async def test_a_sender_over_its_daily_storage_quota_is_refused_with_quota_exceeded(make_relay):
+    """Every accepted message is archived for six years, whoever it names: each account may put
+    `limits.sender_bytes_per_day` of bodies into the store per UTC day, on all its devices."""
+    relay = make_relay({"RELAY_LIMITS__SENDER_BYTES_PER_DAY": "1048576", "RELAY_LIMITS__MAX_BODY_BYTES": "65536"})
+    await relay.register_offline("drspam", "laptop")
+    phone = await relay.online("drspam", "phone")
+    other = await relay.online("nurse", "web")
+    accepted = [await phone.send_ok([f"ghost-{i}"], os.urandom(65536)) for i in range(15)]
+    laptop = await relay.connect("drspam", "laptop")
+    assert len(await laptop.handshake()) == 15  # a sender's other devices get a copy
+    # A resend of an accepted message is a duplicate, not new storage: it costs no quota.
+    again = await laptop.send_ok(["ghost-0"], os.urandom(65536), msg_id=accepted[0]["id"])
+    assert again["duplicate"] is True
+    await phone.send_ok(["ghost-15"], os.urandom(65536))  # exactly 1 MiB now
+    await laptop.expect("deliver")
+    for dev, size in ((phone, 65536), (laptop, 1)):
+        msg_id = await dev.send(["nurse"], os.urandom(size))
+        reply = await dev.recv()
+        assert reply == {"type": "rejected", "id": msg_id, "code": "quota_exceeded", "retry": False}, reply
+    # Nothing of the refused sends was stored or delivered; other accounts send as before.
+    assert (await other.send_ok(["drspam"], b"hello"))["type"] == "accepted"
+    got = await phone.expect("deliver")
+    assert body_of(got) == b"hello"
+    assert 'relay_messages_rejected_total{code="quota_exceeded"} 2' in relay.metrics()

@@ -64,22 +64,35 @@ def ws_frame(opcode, payload: bytes, mask=True) -> bytes:
 class RawWs:
     """A WebSocket client that sends whatever it is told to, broken frames included."""
 
-    def __init__(self, port, token, source="127.0.0.1"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    def __init__(self, port, token, source="127.0.0.1", rcvbuf=None, rate=None):
+        """`rcvbuf` shrinks the socket's receive buffer; `rate` (bytes/s) paces reading."""
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
         self.sock.sendall(upgrade_request(port, token))
         self.buf = b""
+        self.rate, self.started, self.received = None, time.monotonic(), 0
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
             assert chunk, "closed during the upgrade"
             self.buf += chunk
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.status = int(head.split(b" ")[1])
+        self.rate, self.started = rate, time.monotonic()
 
     def _read(self, n):
         while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
+            if self.rate:
+                ahead = self.received / self.rate - (time.monotonic() - self.started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            chunk = self.sock.recv(16384 if self.rate else 65536)
             if not chunk:
                 raise EOFError
+            self.received += len(chunk)
             self.buf += chunk
         out, self.buf = self.buf[:n], self.buf[n:]
         return out

@@ -34,18 +34,30 @@ async fn setup(kind: Kind, retention: Retention) -> (Place, Arc<dyn MessageStore
     (place, store, sink)
 }
 
-async fn all_pages(store: &dyn MessageStore, d: &DeviceRef, page: usize) -> Vec<u64> {
+/// Every inbox entry, read a page at a time; pages of `max_bytes` end once their bodies reach it.
+async fn all_pages(
+    store: &dyn MessageStore,
+    d: &DeviceRef,
+    page: usize,
+    max_bytes: usize,
+) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut cursor = 0;
     loop {
         let got = store
-            .inbox_page(d.clone(), cursor, page)
+            .inbox_page(d.clone(), cursor, page, max_bytes)
             .await
             .expect("page");
         assert!(got.len() <= page);
+        let bytes: usize = got.iter().map(|e| e.body.len()).sum();
+        let last_body = got.last().map_or(0, |e| e.body.len());
+        assert!(
+            bytes - last_body < max_bytes,
+            "a page ends once it reaches its bytes"
+        );
         seqs.extend(got.iter().map(|e| e.seq));
         match got.last() {
-            Some(last) if got.len() == page => cursor = last.seq,
+            Some(last) if got.len() == page || bytes >= max_bytes => cursor = last.seq,
             _ => return seqs,
         }
     }
@@ -67,8 +79,23 @@ async fn ordering_and_paging(kind: Kind) {
         accepted.windows(2).all(|w| w[0] < w[1]),
         "call order is seq order"
     );
-    assert_eq!(all_pages(&*store, &bob, 128).await, accepted);
-    let page = store.inbox_page(bob.clone(), 0, 3).await.expect("page");
+    assert_eq!(all_pages(&*store, &bob, 128, usize::MAX).await, accepted);
+    // Pages sized by bytes: bodies are "m0".."m299", so 10 bytes are five entries.
+    assert_eq!(all_pages(&*store, &bob, 128, 10).await, accepted);
+    let page = store
+        .inbox_page(bob.clone(), 0, 128, 10)
+        .await
+        .expect("page");
+    assert_eq!(page.len(), 5);
+    let one = store
+        .inbox_page(bob.clone(), 0, 128, 1)
+        .await
+        .expect("page");
+    assert_eq!(one.len(), 1, "the first entry comes whatever its size");
+    let page = store
+        .inbox_page(bob.clone(), 0, 3, usize::MAX)
+        .await
+        .expect("page");
     let bodies: Vec<&[u8]> = page.iter().map(|e| &e.body[..]).collect();
     assert_eq!(bodies, vec![&b"m0"[..], b"m1", b"m2"]);
     assert_eq!(page[0].from, alice);
@@ -110,10 +137,18 @@ async fn fanout_targets(kind: Kind) {
         "recipient's devices and sender's other devices"
     );
     for d in &want {
-        assert_eq!(all_pages(&*store, d, 10).await, vec![a.seq]);
+        assert_eq!(all_pages(&*store, d, 10, usize::MAX).await, vec![a.seq]);
     }
-    assert!(all_pages(&*store, &devices[0], 10).await.is_empty());
-    assert!(all_pages(&*store, &devices[4], 10).await.is_empty());
+    assert!(
+        all_pages(&*store, &devices[0], 10, usize::MAX)
+            .await
+            .is_empty()
+    );
+    assert!(
+        all_pages(&*store, &devices[4], 10, usize::MAX)
+            .await
+            .is_empty()
+    );
     store.close().await.expect("close");
 }
 
@@ -134,7 +169,10 @@ async fn idempotency(kind: Kind) {
         .expect("accepted");
     assert!(!first.duplicate && second.duplicate && third.duplicate);
     assert_eq!((second.seq, third.seq), (first.seq, first.seq));
-    assert_eq!(all_pages(&*store, &bob, 10).await, vec![first.seq]);
+    assert_eq!(
+        all_pages(&*store, &bob, 10, usize::MAX).await,
+        vec![first.seq]
+    );
     assert_eq!(sink.0.lock().expect("lock").len(), 1, "delivered once");
     // The same id from another sender is another message.
     let other = NewMessage {
@@ -183,7 +221,10 @@ async fn ack_removes(kind: Kind) {
         .register_device(DeviceRef::new("z", "z"))
         .await
         .expect("barrier");
-    assert_eq!(all_pages(&*store, &bob, 10).await, vec![seqs[1], seqs[3]]);
+    assert_eq!(
+        all_pages(&*store, &bob, 10, usize::MAX).await,
+        vec![seqs[1], seqs[3]]
+    );
     // Acking twice, or acking an unknown seq, is harmless.
     store
         .ack(bob.clone(), vec![seqs[0], 12345])
@@ -193,7 +234,10 @@ async fn ack_removes(kind: Kind) {
         .register_device(DeviceRef::new("z", "y"))
         .await
         .expect("barrier");
-    assert_eq!(all_pages(&*store, &bob, 10).await, vec![seqs[1], seqs[3]]);
+    assert_eq!(
+        all_pages(&*store, &bob, 10, usize::MAX).await,
+        vec![seqs[1], seqs[3]]
+    );
     store.close().await.expect("close");
 }
 
@@ -220,12 +264,12 @@ async fn retention_expires(kind: Kind) {
         .expect("archived");
     assert_eq!(&archived.entry.body[..], b"short-lived");
     assert_eq!(archived.to, vec!["bob".to_string()]);
-    assert_eq!(all_pages(&*store, &bob, 10).await, vec![a.seq]);
+    assert_eq!(all_pages(&*store, &bob, 10, usize::MAX).await, vec![a.seq]);
 
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     let expired = store.expire(now_ms(), short).await.expect("expire");
     assert!(store.archived(a.seq, m.id).await.expect("read").is_none());
-    assert!(all_pages(&*store, &bob, 10).await.is_empty());
+    assert!(all_pages(&*store, &bob, 10, usize::MAX).await.is_empty());
     // Past the idempotency window the id is new again.
     let again = store.append(m).await.expect("reply").expect("accepted");
     assert!(!again.duplicate);
@@ -267,7 +311,10 @@ async fn key_rotation(kind: Kind) {
         .await
         .expect("reply")
         .expect("accepted");
-    let page = store.inbox_page(bob.clone(), 0, 10).await.expect("page");
+    let page = store
+        .inbox_page(bob.clone(), 0, 10, usize::MAX)
+        .await
+        .expect("page");
     let bodies: Vec<&[u8]> = page.iter().map(|e| &e.body[..]).collect();
     assert_eq!(bodies, vec![&b"sealed with k1"[..], b"sealed with k2"]);
     assert!(
@@ -284,7 +331,10 @@ async fn key_rotation(kind: Kind) {
     let store = place
         .open(keyring(&k2, "k2"), LONG, Arc::new(Recorder::default()))
         .await;
-    let page = store.inbox_page(bob.clone(), 0, 10).await.expect("page");
+    let page = store
+        .inbox_page(bob.clone(), 0, 10, usize::MAX)
+        .await
+        .expect("page");
     assert_eq!(
         page.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![a_new.seq]

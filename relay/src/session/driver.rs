@@ -4,8 +4,14 @@
 //! Replay protocol: the session registers with the hub *before* reading the inbox, so a message
 //! committed during replay is either read from the store or queued live (or both: the cursor
 //! drops the second copy). Live deliveries wait in the bounded queue until replay ends.
+//!
+//! Replay reads a page bounded in entries and bytes, paid for from the node's replay memory
+//! before it is read, and writes it a frame or so at a time, each write within the write timeout,
+//! reading the device's frames (its acks) in between: a slow reader is slow, never cut off.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::SessionContext;
+use super::budget::{Held, REPLAY_PAGE_BYTES, ReplayMemory};
 use super::state::{Action, State, Timeout};
 use crate::access::Start;
 use crate::auth::Identity;
@@ -27,9 +34,11 @@ use crate::fanout::{Registration, deliver_frame};
 use crate::protocol::{self, RejectCode, ServerFrame, close};
 use crate::store::{AppendTicket, StoreError};
 
-/// Inbox entries read per replay step.
+/// Most inbox entries read per replay step (pages end sooner at [`REPLAY_PAGE_BYTES`]).
 const REPLAY_PAGE: usize = 128;
-/// Live deliveries written per flush.
+/// Frames written per write, beyond the first: each write has the whole write timeout.
+const WRITE_CHUNK_BYTES: usize = 64 * 1024;
+/// Live deliveries taken from the queue at once.
 const LIVE_BATCH: usize = 64;
 /// Longest time a session trusts its token's `exp` for (ten years).
 const MAX_TOKEN_LEFT_S: u64 = 10 * 365 * 86_400;
@@ -51,6 +60,18 @@ enum Phase {
 }
 
 type Ws<S> = WebSocketStream<S>;
+
+/// A send awaiting durability: its id, the store's answer, when it came, and the quota it holds.
+struct Pending {
+    id: Uuid,
+    ticket: AppendTicket,
+    started: Instant,
+    bytes: u64,
+}
+
+/// Room in the node's replay memory being waited for; kept across loop turns so the session keeps
+/// its place in line while it reads frames.
+type Reserving<'a> = Option<Pin<Box<dyn Future<Output = Held> + Send + 'a>>>;
 
 /// Runs a session to its end. Never panics on network input; every exit path closes the socket.
 pub async fn run<S>(
@@ -166,9 +187,14 @@ where
     let mut replay_from = 0u64;
     // Sequences above this were delivered live (known once the first replay ends).
     let mut live_after: Option<u64> = None;
-    let mut pending: VecDeque<(Uuid, AppendTicket, Instant)> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     let replay_started = Instant::now();
     let mut replayed = 0u64;
+    // Replayed frames not written yet, and the replay memory they hold.
+    let mut out: VecDeque<Message> = VecDeque::new();
+    let mut page_held: Option<Held> = None;
+    let mut reserving: Reserving<'_> = None;
+    let page_estimate = REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes;
 
     loop {
         let deadline = tokio::time::Instant::from_std(state.next_deadline());
@@ -177,11 +203,11 @@ where
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                finish_pending(ws, &mut pending, ctx).await;
+                finish_pending(ws, &mut pending, ctx, state.device()).await;
                 return Ended { code: Some(close::RESTART), reason: "relay restarting" };
             }
             _ = reg.outbox.evict.cancelled() => {
-                finish_pending(ws, &mut pending, ctx).await;
+                finish_pending(ws, &mut pending, ctx, state.device()).await;
                 let code = reg.outbox.evict_code.load(Ordering::Relaxed);
                 let logout = reg.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let (close::LOGGED_OUT, Some((reason, signal))) = (code, logout) {
@@ -195,9 +221,9 @@ where
                 replay_from = (*reg.catch_up.borrow_and_update()).min(replay_from);
                 phase = Phase::Replaying;
             }
-            (id, result, started) = next_reply(&mut pending) => {
-                pending.pop_front();
-                let frame = reply_frame(id, result, started);
+            result = next_reply(&mut pending) => {
+                let Some(p) = pending.pop_front() else { continue };
+                let frame = reply(ctx, state.device(), p, result);
                 if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
                     return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
                 }
@@ -244,8 +270,17 @@ where
                 match action {
                     Action::None => {}
                     Action::Append(msg) => {
-                        let id = msg.id;
-                        pending.push_back((id, ctx.store.append(msg), now));
+                        let (id, bytes) = (msg.id, msg.body.len() as u64);
+                        if ctx.quota.reserve(&msg.from.user, bytes, crate::store::now_ms()) {
+                            pending.push_back(Pending { id, ticket: ctx.store.append(msg), started: now, bytes });
+                        } else {
+                            let code = RejectCode::QuotaExceeded;
+                            metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
+                            let frame = ServerFrame::Rejected { id, code, retry: code.retryable() }.to_json();
+                            if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
+                                return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                            }
+                        }
                     }
                     Action::Reject(id, code) => {
                         metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
@@ -306,25 +341,49 @@ where
                     Timeout::Close(code, reason) => return Ended { code: Some(code), reason },
                 }
             }
-            _ = std::future::ready(()), if replaying => {
-                let page = match ctx.store.inbox_page(state.device().clone(), replay_from, REPLAY_PAGE).await {
+            // Replayed and live frames, a frame or so per write, each write within the timeout.
+            _ = std::future::ready(()), if !out.is_empty() => {
+                let mut frames = Vec::new();
+                let mut bytes = 0;
+                while let Some(frame) = out.front() {
+                    if !frames.is_empty() && bytes + frame.len() > WRITE_CHUNK_BYTES {
+                        break;
+                    }
+                    bytes += frame.len();
+                    frames.extend(out.pop_front());
+                }
+                // Live deliveries dropped on a full queue are lost to this session: it must
+                // reconnect and replay them (during replay they are read from the store again).
+                if write(ws, frames, ctx.write_timeout).await.is_err()
+                    || (!replaying && reg.outbox.overflowed.load(Ordering::Relaxed))
+                {
+                    metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
+                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "slow consumer" };
+                }
+                if out.is_empty() {
+                    drop(page_held.take()); // the page is written: its memory goes back
+                }
+            }
+            mut held = reserve(&mut reserving, &ctx.replay_memory, page_estimate), if replaying && out.is_empty() => {
+                let page = match ctx.store.inbox_page(state.device().clone(), replay_from, REPLAY_PAGE, REPLAY_PAGE_BYTES).await {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(error = %e, "inbox replay failed");
                         return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
                     }
                 };
-                let full = page.len() == REPLAY_PAGE;
+                let bodies: usize = page.iter().map(|e| e.body.len()).sum();
+                let full = page.len() == REPLAY_PAGE || bodies >= REPLAY_PAGE_BYTES;
                 replay_from = page.last().map_or(replay_from, |e| e.seq);
-                let mut frames = Vec::with_capacity(page.len());
                 let mut before_login = Vec::new();
                 for entry in &page {
                     if state.before_login(entry.seq) {
                         before_login.push(entry.seq);
                     } else if state.advance(entry.seq) {
-                        frames.push(Message::Text(deliver_frame(entry)));
+                        out.push_back(Message::Text(deliver_frame(entry)));
                     }
                 }
+                drop(page);
                 // Not for this login: off the inbox (the archive keeps them), never delivered.
                 if !before_login.is_empty() && ctx.store.ack(state.device().clone(), before_login).await.is_err() {
                     return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
@@ -333,42 +392,38 @@ where
                     // Caught up with the store: whatever is queued live is newer or a duplicate.
                     for (seq, frame) in reg.outbox.take(usize::MAX) {
                         if state.advance(seq) {
-                            frames.push(Message::Text(frame));
+                            out.push_back(Message::Text(frame));
                         }
                     }
                 }
-                replayed += frames.len() as u64;
+                replayed += out.len() as u64;
+                metrics::counter!("relay_messages_delivered_total", "path" => "replay").increment(out.len() as u64);
                 // Deliveries dropped on a full queue during replay are in the store: read again.
                 let overflowed = !full && reg.outbox.overflowed.swap(false, Ordering::Relaxed);
                 if !full && !overflowed {
                     phase = Phase::Live;
                     if live_after.is_none() {
                         live_after = Some(state.cursor());
-                        frames.push(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
+                        out.push_back(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
                         metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
                         metrics::histogram!("relay_replay_messages").record(replayed as f64);
                     }
                 }
-                metrics::counter!("relay_messages_delivered_total", "path" => "replay").increment(frames.len() as u64);
-                if write(ws, frames, ctx.write_timeout).await.is_err() {
-                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                held.shrink(out.iter().map(Message::len).sum());
+                if !out.is_empty() {
+                    page_held.replace(held);
                 }
             }
-            _ = reg.outbox.ready.notified(), if !replaying => {
-                let frames: Vec<Message> = reg
-                    .outbox
-                    .take(LIVE_BATCH)
-                    .into_iter()
-                    .filter(|(seq, _)| state.advance(*seq))
-                    .map(|(_, frame)| Message::Text(frame))
-                    .collect();
-                metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
-                if write(ws, frames, ctx.write_timeout).await.is_err()
-                    || reg.outbox.overflowed.load(Ordering::Relaxed)
-                {
-                    metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
-                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "slow consumer" };
-                }
+            _ = reg.outbox.ready.notified(), if !replaying && out.is_empty() => {
+                let before = out.len();
+                out.extend(
+                    reg.outbox
+                        .take(LIVE_BATCH)
+                        .into_iter()
+                        .filter(|(seq, _)| state.advance(*seq))
+                        .map(|(_, frame)| Message::Text(frame)),
+                );
+                metrics::counter!("relay_messages_delivered_total", "path" => "live").increment((out.len() - before) as u64);
             }
         }
     }
@@ -469,7 +524,6 @@ where
     ended
 }
 
-/// Resolves with the oldest pending append's outcome; pending forever when there is none.
 /// Stores a push registration after the relay-side checks the state machine cannot make.
 async fn set_push_token(
     ctx: &SessionContext,
@@ -499,27 +553,38 @@ async fn set_push_token(
     }
 }
 
-async fn next_reply(
-    pending: &mut VecDeque<(Uuid, AppendTicket, Instant)>,
-) -> (Uuid, Result<crate::store::Accepted, StoreError>, Instant) {
+/// Resolves with the oldest pending append's outcome; pending forever when there is none.
+async fn next_reply(pending: &mut VecDeque<Pending>) -> Result<crate::store::Accepted, StoreError> {
     match pending.front_mut() {
-        Some((id, ticket, started)) => {
-            let result = ticket.await.unwrap_or(Err(StoreError::Closed));
-            (*id, result, *started)
-        }
+        Some(p) => (&mut p.ticket).await.unwrap_or(Err(StoreError::Closed)),
         None => std::future::pending().await,
     }
 }
 
-fn reply_frame(
-    id: Uuid,
+/// Waits for room in the node's replay memory for one page, keeping its place in line in `slot`.
+async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies: usize) -> Held {
+    let waiting = slot.get_or_insert_with(|| Box::pin(memory.reserve(bodies, REPLAY_PAGE)));
+    let held = waiting.as_mut().await;
+    *slot = None;
+    held
+}
+
+/// The frame that answers a send; a message that stored nothing new gives its quota back.
+fn reply(
+    ctx: &SessionContext,
+    device: &crate::store::DeviceRef,
+    p: Pending,
     result: Result<crate::store::Accepted, StoreError>,
-    started: Instant,
 ) -> String {
+    if !matches!(result, Ok(a) if !a.duplicate) {
+        ctx.quota
+            .refund(&device.user, p.bytes, crate::store::now_ms());
+    }
+    let id = p.id;
     match result {
         Ok(a) => {
             metrics::histogram!("relay_accept_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
+                .record(p.started.elapsed().as_secs_f64());
             if a.duplicate {
                 metrics::counter!("relay_messages_duplicate_total").increment(1);
             } else {
@@ -552,15 +617,16 @@ fn reply_frame(
 /// On shutdown: the store finishes every queued append; tell the device how each ended.
 async fn finish_pending<S>(
     ws: &mut Ws<S>,
-    pending: &mut VecDeque<(Uuid, AppendTicket, Instant)>,
+    pending: &mut VecDeque<Pending>,
     ctx: &SessionContext,
+    device: &crate::store::DeviceRef,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut frames = Vec::new();
-    while let Some((id, ticket, started)) = pending.pop_front() {
-        let result = ticket.await.unwrap_or(Err(StoreError::Closed));
-        frames.push(Message::Text(reply_frame(id, result, started).into()));
+    while let Some(mut p) = pending.pop_front() {
+        let result = (&mut p.ticket).await.unwrap_or(Err(StoreError::Closed));
+        frames.push(Message::Text(reply(ctx, device, p, result).into()));
     }
     let _ = write(ws, frames, ctx.write_timeout).await;
 }

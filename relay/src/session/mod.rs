@@ -1,6 +1,7 @@
 //! One device's WebSocket session: `state.rs` holds the protocol logic (no IO, no clocks),
 //! `driver.rs` owns the socket and feeds it.
 
+pub mod budget;
 pub mod driver;
 pub mod state;
 
@@ -32,4 +33,8 @@ pub struct SessionContext {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Remote logout (and, through it, the audit trail).
     pub access: Arc<crate::access::Access>,
+    /// Memory all replays on this node may hold.
+    pub replay_memory: budget::ReplayMemory,
+    /// What each account may store per day.
+    pub quota: budget::SenderQuota,
 }

@@ -124,19 +124,24 @@ impl EmbeddedStore {
         device: &DeviceRef,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<InboxEntry>, StoreError> {
         // A bounded range: an open end would walk past this device's rows over other devices'
         // ack tombstones until it found a live key.
         let start = record::inbox_key(device, after.saturating_add(1));
         let end = record::inbox_key(device, u64::MAX);
         let mut out = Vec::with_capacity(limit.min(256));
+        let mut bytes = 0usize;
         for guard in t.inbox.range(start..=end) {
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= max_bytes {
                 break;
             }
             let (key, value) = guard.into_inner().map_err(unavailable)?;
             match record::open_inbox(keyring, &key, &value) {
-                Ok(entry) => out.push(entry),
+                Ok(entry) => {
+                    bytes += entry.body.len();
+                    out.push(entry);
+                }
                 Err(e) => {
                     // Left in place for investigation; never delivered.
                     metrics::counter!("relay_store_corrupt_rows_total").increment(1);
@@ -288,12 +293,13 @@ impl MessageStore for EmbeddedStore {
         device: DeviceRef,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
         let t = self.tables.clone();
         let keyring = self.keyring.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                Self::read_page(&t, &keyring, &device, after, limit)
+                Self::read_page(&t, &keyring, &device, after, limit, max_bytes)
             })
             .await
             .map_err(unavailable)?

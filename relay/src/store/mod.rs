@@ -161,12 +161,14 @@ pub trait MessageStore: Send + Sync + 'static {
         token: Option<push::DeviceToken>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Up to `limit` inbox entries of `device` with `seq > after`, in order.
+    /// Inbox entries of `device` with `seq > after`, in order: up to `limit` entries, and no
+    /// more once their bodies reach `max_bytes` (the first entry is always included).
     fn inbox_page(
         &self,
         device: DeviceRef,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>>;
 
     /// Removes acknowledged entries from the device's inbox. Losing an ack to a crash only causes

@@ -86,6 +86,8 @@ const QUEUE_DEPTH: usize = 65_536;
 /// How long a node trusts its cached device list of a user (devices register on other nodes).
 const DEVICE_CACHE_TTL: Duration = Duration::from_secs(5);
 const WEEK_MS: u64 = 7 * 86_400_000;
+/// Inbox rows asked for first when reading a page; later requests are sized by what came back.
+const FIRST_INBOX_CHUNK: usize = 16;
 const HOUR_MS: u64 = 3_600_000;
 
 /// Parses a consistency level name (`local_quorum`, `QUORUM`, …).
@@ -664,6 +666,7 @@ impl ScyllaStore {
         device: &DeviceRef,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<InboxEntry>, StoreError> {
         let now = now_ms();
         let oldest = seq_floor(now.saturating_sub(s.retention.inbox_ms));
@@ -671,34 +674,58 @@ impl ScyllaStore {
         // One week ahead: another node's clock may run slightly ahead of ours.
         let to = week_of(seq_floor(now + WEEK_MS));
         let mut out = Vec::with_capacity(limit.min(256));
-        let mut cursor = after;
-        for week in from..=to {
-            let want = (limit - out.len()) as i32;
-            let rows = s
-                .session
-                .execute_unpaged(
-                    &s.st.select_inbox,
-                    (&*device.user, &*device.device, week, cursor as i64, want),
-                )
-                .await
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(unavailable)?;
-            for row in rows.rows::<(i64, Vec<u8>)>().map_err(unavailable)? {
-                let (seq, sealed) = row.map_err(unavailable)?;
-                let key = record::inbox_key(device, seq as u64);
-                match record::open_inbox(&s.keyring, &key, &sealed) {
-                    Ok(entry) => out.push(entry),
-                    Err(e) => {
-                        metrics::counter!("relay_store_corrupt_rows_total").increment(1);
-                        tracing::error!(user = %device.user, device = %device.device, error = %e,
-                            "inbox row failed authentication; skipped");
+        let (mut cursor, mut bytes) = (after, 0usize);
+        // A response holds every row it asks for: ask for few until the rows' size is known
+        // (what a page holds beyond `max_bytes` is at most one such response, briefly).
+        let mut chunk = FIRST_INBOX_CHUNK.min(limit);
+        'weeks: for week in from..=to {
+            loop {
+                if out.len() >= limit || bytes >= max_bytes {
+                    break 'weeks;
+                }
+                let want = (limit - out.len()).min(chunk);
+                let rows = s
+                    .session
+                    .execute_unpaged(
+                        &s.st.select_inbox,
+                        (
+                            &*device.user,
+                            &*device.device,
+                            week,
+                            cursor as i64,
+                            want as i32,
+                        ),
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    .into_rows_result()
+                    .map_err(unavailable)?;
+                let mut n = 0;
+                for row in rows.rows::<(i64, Vec<u8>)>().map_err(unavailable)? {
+                    if bytes >= max_bytes {
+                        break 'weeks; // the rest of this response is read again next page
+                    }
+                    let (seq, sealed) = row.map_err(unavailable)?;
+                    n += 1;
+                    cursor = cursor.max(seq as u64);
+                    let key = record::inbox_key(device, seq as u64);
+                    match record::open_inbox(&s.keyring, &key, &sealed) {
+                        Ok(entry) => {
+                            bytes += entry.body.len();
+                            out.push(entry);
+                        }
+                        Err(e) => {
+                            metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+                            tracing::error!(user = %device.user, device = %device.device, error = %e,
+                                "inbox row failed authentication; skipped");
+                        }
                     }
                 }
-                cursor = cursor.max(seq as u64);
-            }
-            if out.len() >= limit {
-                break;
+                if n < want {
+                    continue 'weeks; // this week has no more
+                }
+                let average = (bytes / out.len().max(1)).max(1);
+                chunk = (max_bytes.saturating_sub(bytes) / average).clamp(1, limit);
             }
         }
         Ok(out)
@@ -800,8 +827,9 @@ impl MessageStore for ScyllaStore {
         device: DeviceRef,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
-        async move { Self::read_page(&self.shared, &device, after, limit).await }.boxed()
+        async move { Self::read_page(&self.shared, &device, after, limit, max_bytes).await }.boxed()
     }
 
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
