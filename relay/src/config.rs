@@ -1114,6 +1114,14 @@ mod tests {
         );
         assert!(load(&[("RELAY_LIMITS__MAX_BODY_BYTES", "lots")], None).is_err());
         assert!(load(&[("RELAY_SESSION__PING_INTERVAL", "soon")], None).is_err());
+        // Replay memory must hold a page of the largest messages; a zero quota is a typo.
+        let small = load(&[("RELAY_LIMITS__REPLAY_MEMORY", "1000000")], None)
+            .expect_err("below 4 x max_body_bytes");
+        assert!(
+            small.to_string().contains("limits.replay_memory"),
+            "{small}"
+        );
+        assert!(load(&[("RELAY_LIMITS__SENDER_BYTES_PER_DAY", "0")], None).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -32,7 +33,7 @@ use crate::access::Start;
 use crate::auth::Identity;
 use crate::fanout::{Registration, deliver_frame};
 use crate::protocol::{self, RejectCode, ServerFrame, close};
-use crate::store::{AppendTicket, StoreError};
+use crate::store::{AppendTicket, DeviceRef, MessageStore, StoreError};
 
 /// Most inbox entries read per replay step (pages end sooner at [`REPLAY_PAGE_BYTES`]).
 const REPLAY_PAGE: usize = 128;
@@ -194,6 +195,7 @@ where
     let mut out: VecDeque<Message> = VecDeque::new();
     let mut page_held: Option<Held> = None;
     let mut reserving: Reserving<'_> = None;
+    let mut acks = Acks::new(&ctx.store, state.device().clone());
     let page_estimate = REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes;
 
     loop {
@@ -220,6 +222,11 @@ where
                 // Deliveries from other nodes may have been lost on the bus: re-read the inbox.
                 replay_from = (*reg.catch_up.borrow_and_update()).min(replay_from);
                 phase = Phase::Replaying;
+            }
+            result = acks.applied() => {
+                if result.is_err() {
+                    return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
+                }
             }
             result = next_reply(&mut pending) => {
                 let Some(p) = pending.pop_front() else { continue };
@@ -301,9 +308,7 @@ where
                                     .record((now - accepted) as f64 / 1000.0);
                             }
                         }
-                        if ctx.store.ack(state.device().clone(), seqs).await.is_err() {
-                            return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
-                        }
+                        acks.add(seqs);
                     }
                     Action::SetPushToken(token) => {
                         let frame = match set_push_token(ctx, state.device(), token).await {
@@ -385,9 +390,7 @@ where
                 }
                 drop(page);
                 // Not for this login: off the inbox (the archive keeps them), never delivered.
-                if !before_login.is_empty() && ctx.store.ack(state.device().clone(), before_login).await.is_err() {
-                    return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
-                }
+                acks.add(before_login);
                 if !full {
                     // Caught up with the store: whatever is queued live is newer or a duplicate.
                     for (seq, frame) in reg.outbox.take(usize::MAX) {
@@ -549,6 +552,67 @@ async fn set_push_token(
                 protocol::FrameError::Unavailable,
                 "push token not saved; send it again".into(),
             ))
+        }
+    }
+}
+
+/// A session's acknowledgements: one request in flight on the store's ack lane, the rest
+/// gathered meanwhile and sent together when it is applied.
+struct Acks<'a> {
+    store: &'a Arc<dyn MessageStore>,
+    device: DeviceRef,
+    waiting: Vec<u64>,
+    in_flight: Option<BoxFuture<'a, Result<(), StoreError>>>,
+}
+
+impl<'a> Acks<'a> {
+    fn new(store: &'a Arc<dyn MessageStore>, device: DeviceRef) -> Self {
+        Acks {
+            store,
+            device,
+            waiting: Vec::new(),
+            in_flight: None,
+        }
+    }
+
+    fn add(&mut self, seqs: Vec<u64>) {
+        self.waiting.extend(seqs);
+        if self.in_flight.is_none() {
+            self.send_next();
+        }
+    }
+
+    fn send_next(&mut self) {
+        if !self.waiting.is_empty() {
+            let n = self.waiting.len().min(protocol::MAX_ACKS_PER_FRAME);
+            let seqs = self.waiting.drain(..n).collect();
+            self.in_flight = Some(self.store.ack(self.device.clone(), seqs));
+        }
+    }
+
+    /// Resolves when the request in flight is applied (and sends the next); pending while none is.
+    async fn applied(&mut self) -> Result<(), StoreError> {
+        let Some(in_flight) = &mut self.in_flight else {
+            return std::future::pending().await;
+        };
+        let result = in_flight.await;
+        self.in_flight = None;
+        if result.is_ok() {
+            self.send_next();
+        }
+        result
+    }
+}
+
+impl Drop for Acks<'_> {
+    /// A session that ends leaves its gathered acks to a task (a lost ack is only a redelivery).
+    fn drop(&mut self) {
+        if !self.waiting.is_empty() {
+            let (store, device) = (self.store.clone(), self.device.clone());
+            let seqs = std::mem::take(&mut self.waiting);
+            tokio::spawn(async move {
+                let _ = store.ack(device, seqs).await;
+            });
         }
     }
 }

@@ -19,7 +19,7 @@ use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
-use super::queue::{self, Batches, Op, WriterQueue};
+use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
@@ -96,6 +96,8 @@ impl EmbeddedStore {
             None => 0,
         };
         let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
+        // The writer thread waits on its queues through the runtime that opened the store.
+        let runtime = tokio::runtime::Handle::try_current().map_err(unavailable)?;
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             t: tables.clone(),
@@ -107,7 +109,7 @@ impl EmbeddedStore {
         };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &runtime))
             .map_err(unavailable)?;
         Ok(EmbeddedStore {
             tables,
@@ -572,9 +574,9 @@ struct Done {
 }
 
 impl Writer {
-    fn run(mut self, mut batches: Batches) {
-        while let Some(mut ops) = batches.next_blocking() {
-            if self.commit(&mut ops) {
+    fn run(mut self, mut batches: Batches, runtime: &tokio::runtime::Handle) {
+        while let Some(batch) = batches.next_blocking(runtime) {
+            if self.commit(batch) {
                 break;
             }
         }
@@ -598,7 +600,7 @@ impl Writer {
     }
 
     /// Commits one batch of requests. Returns true when asked to close.
-    fn commit(&mut self, ops: &mut Vec<Op>) -> bool {
+    fn commit(&mut self, Batch { ops, acks }: Batch) -> bool {
         let started = Instant::now();
         let mut batch = self.t.db.batch();
         let mut done: Vec<Done> = Vec::new();
@@ -609,7 +611,12 @@ impl Writer {
         let now = now_ms();
         let mut failed: Option<StoreError> = None;
 
-        for op in ops.drain(..) {
+        for ack in &acks {
+            for &seq in &ack.seqs {
+                batch.remove(&self.t.inbox, record::inbox_key(&ack.device, seq));
+            }
+        }
+        for op in ops {
             match op {
                 Op::Append(msg, reply) => {
                     match self.stage_append(&mut batch, &mut in_batch, msg, now) {
@@ -648,11 +655,6 @@ impl Writer {
                         }
                     }
                 }
-                Op::Ack(device, seqs) => {
-                    for seq in seqs {
-                        batch.remove(&self.t.inbox, record::inbox_key(&device, seq));
-                    }
-                }
                 Op::Seen(_) => {} // one node: every device list is current
                 Op::Close(reply) => {
                     close = Some(reply);
@@ -688,6 +690,9 @@ impl Writer {
                 for (_, reply) in registered {
                     let _ = reply.send(Ok(()));
                 }
+                for ack in acks {
+                    let _ = ack.done.send(Ok(()));
+                }
             }
             Some(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
@@ -702,6 +707,11 @@ impl Writer {
                 }
                 for (_, reply) in registered {
                     let _ = reply.send(Err(StoreError::Unavailable("commit failed".into())));
+                }
+                for ack in acks {
+                    let _ = ack
+                        .done
+                        .send(Err(StoreError::Unavailable("commit failed".into())));
                 }
             }
         }

@@ -38,7 +38,7 @@ use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::queue::{self, Batches, Op, WriterQueue};
+use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
@@ -1176,9 +1176,9 @@ struct Pending {
 
 impl Writer {
     async fn run(mut self, mut batches: Batches) {
-        while let Some(ops) = batches.next().await {
+        while let Some(batch) = batches.next().await {
             let started = Instant::now();
-            let close = self.commit(ops).await;
+            let close = self.commit(batch).await;
             metrics::histogram!("relay_store_commit_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             if let Some(reply) = close {
@@ -1195,16 +1195,17 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, ops: Vec<Op>) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+    async fn commit(
+        &mut self,
+        Batch { ops, acks }: Batch,
+    ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
         let mut appends = Vec::new();
         let mut registers = Vec::new();
-        let mut acks = Vec::new();
         let mut close = None;
         for op in ops {
             match op {
                 Op::Append(m, r) => appends.push((m, r)),
                 Op::Register(d, r) => registers.push((d, r)),
-                Op::Ack(d, seqs) => acks.push((d, seqs)),
                 Op::Seen(d) => {
                     // A device registered on another node: re-read the user's devices.
                     if self
@@ -1218,10 +1219,11 @@ impl Writer {
                 Op::Close(r) => close = Some(r),
             }
         }
-        // Acks first: a later answer in this batch then implies they are applied.
+        // Acks first: a later answer in this batch then implies they are applied. The ack lane
+        // bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never wait behind a flood.
         let deletes: Vec<_> = acks
             .iter()
-            .flat_map(|(d, seqs)| seqs.iter().map(move |&seq| (d, seq)))
+            .flat_map(|a| a.seqs.iter().map(move |&seq| (&a.device, seq)))
             .map(|(d, seq)| {
                 self.s.session.execute_unpaged(
                     &self.s.st.delete_inbox,
@@ -1235,6 +1237,9 @@ impl Writer {
                 metrics::counter!("relay_store_errors_total", "op" => "ack").increment(1);
                 tracing::warn!(error = %e, "ack delete failed");
             }
+        }
+        for ack in acks {
+            let _ = ack.done.send(Ok(()));
         }
         // Registrations before appends, so appends in the same batch reach the new devices.
         let now = now_ms() as i64;
