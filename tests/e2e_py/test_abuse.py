@@ -300,7 +300,12 @@ async def test_replays_hold_bounded_memory_within_the_node_budget(make_relay):
     quiet = p99(await accept_latencies(sender, "drbob", 100))
     rss_before = rss_bytes(relay.proc.pid)
     raws = [RawWs(relay.port, relay.token(user, "phone"), rcvbuf=16384) for user in devices]
-    await asyncio.sleep(1.0)
+    # Until the replays stall: socket buffers full, nothing more delivered.
+    replayed = lambda: gauge(relay, 'relay_messages_delivered_total{path="replay"}')
+    last, deadline = -1.0, time.monotonic() + 30
+    while replayed() != last and time.monotonic() < deadline:
+        last = replayed()
+        await asyncio.sleep(1.0)
     during = p99(await accept_latencies(sender, "drbob", 100))
     grown = rss_bytes(relay.proc.pid) - rss_before
     print(f"three stalled replays of 48 x 256 KiB: relay RSS +{grown / 2**20:.1f} MiB; "

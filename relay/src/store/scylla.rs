@@ -87,7 +87,9 @@ const QUEUE_DEPTH: usize = 65_536;
 const DEVICE_CACHE_TTL: Duration = Duration::from_secs(5);
 const WEEK_MS: u64 = 7 * 86_400_000;
 /// Inbox rows asked for first when reading a page; later requests are sized by what came back.
-const FIRST_INBOX_CHUNK: usize = 16;
+/// One: a page of large messages then reads nothing it does not use (a page of small ones costs
+/// a second round trip).
+const FIRST_INBOX_CHUNK: usize = 1;
 const HOUR_MS: u64 = 3_600_000;
 
 /// Parses a consistency level name (`local_quorum`, `QUORUM`, …).
@@ -675,8 +677,7 @@ impl ScyllaStore {
         let to = week_of(seq_floor(now + WEEK_MS));
         let mut out = Vec::with_capacity(limit.min(256));
         let (mut cursor, mut bytes) = (after, 0usize);
-        // A response holds every row it asks for: ask for few until the rows' size is known
-        // (what a page holds beyond `max_bytes` is at most one such response, briefly).
+        // A response holds every row it asks for: ask for one until the rows' size is known.
         let mut chunk = FIRST_INBOX_CHUNK.min(limit);
         'weeks: for week in from..=to {
             loop {
