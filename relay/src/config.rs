@@ -430,8 +430,29 @@ pub enum Backend {
 pub struct StorageConfig {
     /// `embedded` or `scylla`.
     pub backend: Backend,
+    /// Embedded store settings, used when `backend = "embedded"`.
+    pub embedded: EmbeddedConfig,
     /// ScyllaDB settings, used when `backend = "scylla"`.
     pub scylla: ScyllaConfig,
+}
+
+/// The embedded store's memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// Block cache for reads, shared by every table.
+    pub cache_bytes: u64,
+    /// Write buffer (memtable) of each of the nine tables; fixed when a table is created.
+    pub memtable_bytes: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            cache_bytes: 32 << 20,
+            memtable_bytes: 8 << 20,
+        }
+    }
 }
 
 /// ScyllaDB / Cassandra connection.
@@ -465,6 +486,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             backend: Backend::Embedded,
+            embedded: EmbeddedConfig::default(),
             scylla: ScyllaConfig::default(),
         }
     }
@@ -842,6 +864,10 @@ impl Config {
                     .into(),
             );
         }
+        let m = &self.storage.embedded;
+        if m.memtable_bytes < 1 << 20 || m.cache_bytes < 1 << 20 {
+            e.push("storage.embedded.memtable_bytes and storage.embedded.cache_bytes must be at least 1 MiB".into());
+        }
         if l.sender_bytes_per_day == 0 {
             e.push("limits.sender_bytes_per_day must be positive".into());
         }
@@ -1122,6 +1148,14 @@ mod tests {
             "{small}"
         );
         assert!(load(&[("RELAY_LIMITS__SENDER_BYTES_PER_DAY", "0")], None).is_err());
+        let c = load(
+            &[("RELAY_STORAGE__EMBEDDED__MEMTABLE_BYTES", "2097152")],
+            None,
+        )
+        .expect("embedded store memory");
+        assert_eq!(c.storage.embedded.memtable_bytes, 2 << 20);
+        assert_eq!(c.storage.embedded.cache_bytes, 32 << 20);
+        assert!(load(&[("RELAY_STORAGE__EMBEDDED__CACHE_BYTES", "1000")], None).is_err());
     }
 
     #[test]

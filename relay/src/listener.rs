@@ -343,6 +343,7 @@ async fn admin(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
+            crate::metrics::sample_process();
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

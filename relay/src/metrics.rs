@@ -191,6 +191,30 @@ pub const CATALOGUE: &[Entry] = &[
         "Sessions ended by the inactivity logoff.",
     ),
     (
+        "relay_process_resident_bytes",
+        Kind::Gauge,
+        &[],
+        "Resident memory of the relay process (VmRSS), sampled at each scrape.",
+    ),
+    (
+        "relay_process_memory_limit_bytes",
+        Kind::Gauge,
+        &[],
+        "Memory the process may use: the cgroup limit, or the machine's memory when there is none.",
+    ),
+    (
+        "relay_process_open_fds",
+        Kind::Gauge,
+        &[],
+        "Open file descriptors of the relay process (sockets included), sampled at each scrape.",
+    ),
+    (
+        "relay_store_write_buffer_bytes",
+        Kind::Gauge,
+        &[],
+        "Embedded store: bytes its tables hold in memory before writing them to disk.",
+    ),
+    (
         "relay_replay_memory_bytes",
         Kind::Gauge,
         &[],
@@ -527,6 +551,34 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     register();
     Ok(handle)
+}
+
+/// Samples the process's memory, its limit and its open files (Linux `/proc`, cgroup v2) for
+/// the scrape about to be rendered. What cannot be read is left as it was.
+pub fn sample_process() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = kb_field(&status, "VmRSS:") {
+        metrics::gauge!("relay_process_resident_bytes").set((kb * 1024) as f64);
+    }
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| kb_field(&m, "MemTotal:"))
+        .map(|kb| kb * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok()); // "max": no limit
+    if let Some(limit) = [machine, cgroup].into_iter().flatten().min() {
+        metrics::gauge!("relay_process_memory_limit_bytes").set(limit as f64);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("relay_process_open_fds").set(fds.count() as f64);
+    }
+}
+
+/// The number after `name` on its line of a `/proc` file ("VmRSS:   1234 kB").
+fn kb_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    line[name.len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// Every combination of the known label values.

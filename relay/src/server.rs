@@ -141,6 +141,14 @@ impl DeliverySink for NoDelivery {
     fn deliver(&self, _: &[DeviceRef], _: &crate::store::InboxEntry) {}
 }
 
+fn embedded_memory(config: &Config) -> crate::store::embedded::Memory {
+    let e = &config.storage.embedded;
+    crate::store::embedded::Memory {
+        cache_bytes: e.cache_bytes,
+        memtable_bytes: e.memtable_bytes,
+    }
+}
+
 /// Opens the configured store for a tool (`relay audit verify`). The embedded store cannot be
 /// opened while a relay runs on the same data directory.
 pub async fn open_store_for_tool(config: &Config) -> Result<Arc<dyn MessageStore>, StartError> {
@@ -149,6 +157,7 @@ pub async fn open_store_for_tool(config: &Config) -> Result<Arc<dyn MessageStore
     Ok(match config.storage.backend {
         Backend::Embedded => Arc::new(EmbeddedStore::open(
             &config.data_dir.join("store"),
+            embedded_memory(config),
             keyring,
             Arc::new(NoDelivery),
         )?),
@@ -231,6 +240,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         Backend::Embedded => (
             Arc::new(EmbeddedStore::open(
                 &config.data_dir.join("store"),
+                embedded_memory(&config),
                 keyring,
                 sink,
             )?),

@@ -98,7 +98,16 @@ impl Place {
     ) -> Arc<dyn MessageStore> {
         match self.kind {
             Kind::Embedded => Arc::new(
-                EmbeddedStore::open(&self.dir.path().join("store"), keyring, sink).expect("open"),
+                EmbeddedStore::open(
+                    &self.dir.path().join("store"),
+                    relay::store::embedded::Memory {
+                        cache_bytes: 32 << 20,
+                        memtable_bytes: 8 << 20,
+                    },
+                    keyring,
+                    sink,
+                )
+                .expect("open"),
             ),
             Kind::Cassandra => Arc::new(self.open_scylla(Some(0), keyring, retention, sink).await),
         }

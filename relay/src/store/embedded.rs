@@ -64,17 +64,34 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// The memory the storage engine may use, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// Block cache shared by every table (reads).
+    pub cache_bytes: u64,
+    /// Largest in-memory write buffer (memtable) of each of the store's nine tables before it is
+    /// written to disk. Applies to tables created with it: a store keeps the size it was created
+    /// with.
+    pub memtable_bytes: u64,
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store under `path` and starts its writer thread.
     pub fn open(
         path: &Path,
+        memory: Memory,
         keyring: Arc<Keyring>,
         sink: Arc<dyn DeliverySink>,
     ) -> Result<Self, StoreError> {
-        let db = Database::builder(path).open().map_err(unavailable)?;
+        let db = Database::builder(path)
+            .cache_size(memory.cache_bytes)
+            .open()
+            .map_err(unavailable)?;
         let ks = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(unavailable)
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(memory.memtable_bytes)
+            })
+            .map_err(unavailable)
         };
         let tables = Tables {
             inbox: ks("inbox")?,
@@ -579,6 +596,8 @@ impl Writer {
             if self.commit(batch) {
                 break;
             }
+            metrics::gauge!("relay_store_write_buffer_bytes")
+                .set(self.t.db.write_buffer_size() as f64);
         }
         // Dropping the receiver fails any later request with `Closed`.
     }
