@@ -156,18 +156,8 @@ impl EmbeddedStore {
                 break;
             }
             let (key, value) = guard.into_inner().map_err(unavailable)?;
-            match record::open_inbox(keyring, &key, &value) {
-                Ok(entry) => {
-                    bytes += entry.body.len();
-                    out.push(entry);
-                }
-                Err(e) => {
-                    // Left in place for investigation; never delivered.
-                    metrics::counter!("relay_store_corrupt_rows_total").increment(1);
-                    tracing::error!(user = %device.user, device = %device.device, error = %e,
-                        "inbox row failed authentication; skipped");
-                }
-            }
+            let opened = record::open_inbox(keyring, &key, &value);
+            bytes += super::keep_inbox_row(&mut out, device, opened);
         }
         Ok(out)
     }

@@ -249,6 +249,28 @@ pub trait MessageStore: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
+/// Adds an opened inbox row to a page and returns its body's size; a row that failed
+/// authentication is counted and logged, left in place for investigation, never delivered.
+pub(crate) fn keep_inbox_row(
+    page: &mut Vec<InboxEntry>,
+    device: &DeviceRef,
+    opened: Result<InboxEntry, crate::seal::SealError>,
+) -> usize {
+    match opened {
+        Ok(entry) => {
+            let bytes = entry.body.len();
+            page.push(entry);
+            bytes
+        }
+        Err(e) => {
+            metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+            tracing::error!(user = %device.user, device = %device.device, error = %e,
+                "inbox row failed authentication; skipped");
+            0
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -710,17 +710,8 @@ impl ScyllaStore {
                     n += 1;
                     cursor = cursor.max(seq as u64);
                     let key = record::inbox_key(device, seq as u64);
-                    match record::open_inbox(&s.keyring, &key, &sealed) {
-                        Ok(entry) => {
-                            bytes += entry.body.len();
-                            out.push(entry);
-                        }
-                        Err(e) => {
-                            metrics::counter!("relay_store_corrupt_rows_total").increment(1);
-                            tracing::error!(user = %device.user, device = %device.device, error = %e,
-                                "inbox row failed authentication; skipped");
-                        }
-                    }
+                    let opened = record::open_inbox(&s.keyring, &key, &sealed);
+                    bytes += super::keep_inbox_row(&mut out, device, opened);
                 }
                 if n < want {
                     continue 'weeks; // this week has no more
