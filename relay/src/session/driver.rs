@@ -274,20 +274,18 @@ where
                     metrics::counter!("relay_inbound_paused_total").increment(1);
                     tokio::time::sleep_until(until.into()).await;
                 }
+                // The account's daily storage quota is shared by its sessions: checked here.
+                let action = match action {
+                    Action::Append(msg) if !ctx.quota.reserve(&msg.from.user, msg.body.len() as u64, crate::store::now_ms()) => {
+                        Action::Reject(msg.id, RejectCode::QuotaExceeded)
+                    }
+                    action => action,
+                };
                 match action {
                     Action::None => {}
                     Action::Append(msg) => {
                         let (id, bytes) = (msg.id, msg.body.len() as u64);
-                        if ctx.quota.reserve(&msg.from.user, bytes, crate::store::now_ms()) {
-                            pending.push_back(Pending { id, ticket: ctx.store.append(msg), started: now, bytes });
-                        } else {
-                            let code = RejectCode::QuotaExceeded;
-                            metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
-                            let frame = ServerFrame::Rejected { id, code, retry: code.retryable() }.to_json();
-                            if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
-                                return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
-                            }
-                        }
+                        pending.push_back(Pending { id, ticket: ctx.store.append(msg), started: now, bytes });
                     }
                     Action::Reject(id, code) => {
                         metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
