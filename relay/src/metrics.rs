@@ -618,5 +618,6 @@ fn register() {
     metrics::gauge!("relay_connections").set(0.0);
     metrics::gauge!("relay_devices_online").set(0.0);
     metrics::gauge!("relay_store_ready").set(1.0);
+    metrics::gauge!("relay_store_write_buffer_bytes").set(0.0); // stays 0 on ScyllaDB
     metrics::gauge!(push::metric::QUEUE_DEPTH).set(0.0);
 }
