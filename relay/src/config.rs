@@ -40,7 +40,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "m" => secs(60),
         "h" => secs(3600),
         "d" => secs(86_400),
-        "y" => secs(365 * 86_400),
+        "y" => secs(YEAR_S),
         _ => None,
     }
 }
@@ -130,6 +130,38 @@ pub struct Config {
     pub access: AccessConfig,
     /// Admin API credentials.
     pub admin: AdminConfig,
+    /// The audit trail's keys and checkpoints.
+    pub audit: AuditConfig,
+}
+
+/// The audit trail: the keys that make it evidence, and where its checkpoints go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `kid:base64key` entries, comma-separated (HMAC-SHA256 keys, 32 bytes, held outside the
+    /// database and apart from the at-rest keys).
+    pub keys: Option<String>,
+    /// The same, from a file.
+    pub keys_file: Option<PathBuf>,
+    /// Key id that keys new records and checkpoints.
+    pub active: Option<String>,
+    /// How often a checkpoint of the chain heads is written.
+    pub checkpoint_interval: Dur,
+    /// Append-only file the checkpoints go to (besides the log); default
+    /// `<data_dir>/audit-checkpoints.jsonl`.
+    pub checkpoint_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            keys: None,
+            keys_file: None,
+            active: None,
+            checkpoint_interval: Dur::secs(300),
+            checkpoint_file: None,
+        }
+    }
 }
 
 /// Remote logout and failed-login protection.
@@ -607,6 +639,8 @@ pub struct RetentionConfig {
     pub inbox: Dur,
     /// Message-id deduplication window.
     pub idempotency: Dur,
+    /// The access audit trail (HIPAA: six years; production mode refuses less).
+    pub audit: Dur,
     /// How often expiry runs.
     pub sweep_interval: Dur,
 }
@@ -634,6 +668,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             access: AccessConfig::default(),
             admin: AdminConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -683,12 +718,18 @@ impl Default for SessionConfig {
     }
 }
 
+/// A year in durations (`6y`): 365.25 days, so six of them cover the leap days.
+pub const YEAR_S: u64 = 31_557_600;
+/// The shortest audit retention production mode accepts: six years.
+pub const AUDIT_RETENTION_MIN_S: u64 = 6 * YEAR_S;
+
 impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
-            archive: Dur::secs(6 * 365 * 86_400),
+            archive: Dur::secs(6 * YEAR_S),
             inbox: Dur::secs(30 * 86_400),
             idempotency: Dur::secs(7 * 86_400),
+            audit: Dur::secs(AUDIT_RETENTION_MIN_S),
             sweep_interval: Dur::secs(3600),
         }
     }
@@ -847,6 +888,15 @@ impl Config {
             if self.at_rest.active.is_none() {
                 e.push("production mode needs at_rest.active".into());
             }
+            if self.audit.keys.is_none() && self.audit.keys_file.is_none() {
+                e.push("production mode needs audit.keys or audit.keys_file".into());
+            }
+            if self.audit.active.is_none() {
+                e.push("production mode needs audit.active".into());
+            }
+            if self.retention.audit.0 < Duration::from_secs(AUDIT_RETENTION_MIN_S) {
+                e.push("production mode keeps the audit trail at least six years (retention.audit >= 6y)".into());
+            }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             e.push("tls.cert_file and tls.key_file go together".into());
@@ -895,10 +945,20 @@ impl Config {
             ("limits.write_timeout", l.write_timeout),
             ("auth.max_token_lifetime", self.auth.max_token_lifetime),
             ("retention.sweep_interval", self.retention.sweep_interval),
+            ("audit.checkpoint_interval", self.audit.checkpoint_interval),
         ] {
             if d.0.is_zero() {
                 e.push(format!("{name} must be positive"));
             }
+        }
+        // The archive holds every accepted message, so it is where a restarted embedded store
+        // finds the highest sequence number issued; nothing that names one may outlive it.
+        let r = &self.retention;
+        if r.archive.0 < r.inbox.0 || r.archive.0 < r.idempotency.0 {
+            e.push(
+                "retention.archive must be at least retention.inbox and retention.idempotency"
+                    .into(),
+            );
         }
         let a = &self.access;
         for (name, d) in [
@@ -1027,6 +1087,14 @@ impl Config {
         }
     }
 
+    /// Where audit checkpoints are appended.
+    pub fn checkpoint_file(&self) -> PathBuf {
+        self.audit
+            .checkpoint_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-checkpoints.jsonl"))
+    }
+
     /// Retention periods in the store's terms.
     pub fn retention(&self) -> crate::store::Retention {
         let r = &self.retention;
@@ -1034,6 +1102,7 @@ impl Config {
             archive_ms: r.archive.0.as_millis() as u64,
             inbox_ms: r.inbox.0.as_millis() as u64,
             idempotency_ms: r.idempotency.0.as_millis() as u64,
+            audit_ms: r.audit.0.as_millis() as u64,
         }
     }
 
@@ -1179,13 +1248,44 @@ mod tests {
     }
 
     #[test]
+    fn nothing_that_names_a_sequence_number_outlives_the_archive() {
+        let err = load(&[("RELAY_RETENTION__ARCHIVE", "7d")], None).expect_err("archive < inbox");
+        assert!(err.to_string().contains("retention.archive"), "{err}");
+        load(
+            &[
+                ("RELAY_RETENTION__ARCHIVE", "6d"),
+                ("RELAY_RETENTION__INBOX", "6d"),
+            ],
+            None,
+        )
+        .expect_err("archive < idempotency");
+        load(&[("RELAY_RETENTION__ARCHIVE", "400d")], None).expect("archive ≥ both");
+    }
+
+    #[test]
+    fn production_keeps_the_audit_trail_six_years_whatever_the_archive() {
+        let c = load(&[("RELAY_RETENTION__ARCHIVE", "400d")], None).expect("dev");
+        assert_eq!(c.retention().audit_ms, 6 * YEAR_S * 1000);
+        let prod = |audit| {
+            load(
+                &[
+                    ("RELAY_MODE", "production"),
+                    ("RELAY_RETENTION__AUDIT", audit),
+                ],
+                None,
+            )
+            .expect_err("incomplete production config")
+            .to_string()
+        };
+        assert!(prod("2191d").contains("retention.audit"));
+        assert!(!prod("6y").contains("retention.audit"));
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(
-            parse_duration("6y"),
-            Some(Duration::from_secs(6 * 365 * 86400))
-        );
+        assert_eq!(parse_duration("6y"), Some(Duration::from_secs(6 * YEAR_S)));
         assert_eq!(parse_duration("2 weeks"), None);
     }
 

@@ -414,7 +414,7 @@ async fn public(
         Ok(ok) => ok,
         Err(e) => {
             tracing::info!(peer = %ip, reason = e.code(), "authentication failed");
-            return failed_login(&app, ip, claimed, e.code());
+            return failed_login(&app, ip, claimed, e.code(), false).await;
         }
     };
     let (identity, source) = identity;
@@ -471,7 +471,7 @@ async fn public(
                 Some(identity.device.user.to_string()),
                 Some(identity.device.device.to_string()),
             );
-            return failed_login(&app, ip, claimed, "revoked");
+            return failed_login(&app, ip, claimed, "revoked", true).await;
         }
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
         Verdict::LoggedOut { revocation, .. } => Some(revocation),
@@ -525,23 +525,42 @@ async fn public(
 }
 
 /// Counts a failed login and answers it: `401` with `code`, or `429` once the source or the
-/// claimed account is over its failure limit. Audited per claimed account: each failure, then
-/// one `auth_throttled` per window.
-fn failed_login(
+/// claimed account is over its failure limit. Audited per claimed account (each failure, then
+/// one `auth_throttled` per window) when the token was genuine or names a user the relay knows;
+/// a forged token naming nobody is audited with the anonymous failures, its claim kept aside,
+/// so made-up names cannot create audit chains at will.
+async fn failed_login(
     app: &App,
     ip: IpAddr,
     (user, device): (Option<String>, Option<String>),
     code: &'static str,
+    verified: bool,
 ) -> Response<Body> {
+    let throttled = app.failures.failed(ip, user.as_deref());
+    let known = match &user {
+        Some(u) if !verified && throttled.as_ref().is_none_or(|t| t.first) => app
+            .sessions
+            .store
+            .devices(u.clone())
+            .await
+            .is_ok_and(|d| !d.is_empty()),
+        _ => verified,
+    };
+    let (user, device, claimed) = match known {
+        true => (user, device, None),
+        false => (None, None, user.map(|u| (u, device))),
+    };
     let event = |kind: &str, reason: &str| Event {
         ip: Some(ip.to_string()),
         user: user.clone(),
         device: device.clone(),
+        claimed_user: claimed.as_ref().map(|c| c.0.clone()),
+        claimed_device: claimed.as_ref().and_then(|c| c.1.clone()),
         reason: Some(reason.into()),
         ..Event::new(kind)
     };
     let audit = &app.sessions.access.audit;
-    if let Some(t) = app.failures.failed(ip, user.as_deref()) {
+    if let Some(t) = throttled {
         metrics::counter!("relay_handshakes_total", "outcome" => "throttled").increment(1);
         metrics::counter!("relay_auth_throttled_total", "scope" => t.scope.name()).increment(1);
         if t.first {

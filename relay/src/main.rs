@@ -81,12 +81,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute every hash chain: exit 0 if intact, 1 if a record was edited or deleted.
-    /// Embedded backend: run it on a stopped node (the store is locked while a relay runs).
+    /// Recompute every keyed chain and hold it against the checkpoints: exit 0 if intact, 1 if a
+    /// record was edited, inserted, reordered or deleted (the newest ones, a month or a node's
+    /// chain included, as far as the checkpoints reach). Embedded backend: run it on a stopped
+    /// node (the store is locked while a relay runs).
     Verify {
         /// Only this user's partitions.
         #[arg(long)]
         user: Option<String>,
+        /// Checkpoint files (JSON lines, as the relay writes them; log lines holding a
+        /// checkpoint work too). Default: this node's `audit.checkpoint_file`, if it exists.
+        #[arg(long = "checkpoints")]
+        checkpoints: Vec<std::path::PathBuf>,
     },
 }
 
@@ -181,7 +187,9 @@ fn main() -> ExitCode {
         Command::Token(args) => token(&config, args),
         Command::Keygen { .. } => ExitCode::SUCCESS, // handled above: needs no configuration
         Command::Migrate => migrate(&config),
-        Command::Audit(AuditCommand::Verify { user }) => audit_verify(&config, user.as_deref()),
+        Command::Audit(AuditCommand::Verify { user, checkpoints }) => {
+            audit_verify(&config, user.as_deref(), checkpoints)
+        }
         Command::AdminCredential { name, role, org } => admin_credential(&name, &role, org),
         // The serving relay only warns of unknown variables; the check is where to find them.
         Command::Check if !config.warnings.is_empty() => ExitCode::from(EXIT_CONFIG),
@@ -257,7 +265,57 @@ async fn wait_for_signal() {
     }
 }
 
-fn audit_verify(config: &Config, user: Option<&str>) -> ExitCode {
+/// Every checkpoint in `files`: one per line, bare (the checkpoint file) or in the `checkpoint`
+/// field of a JSON log line (other log lines are skipped). Anything else is an error: a
+/// checkpoint that cannot be read must not pass for one that is missing.
+fn read_checkpoints(files: &[std::path::PathBuf]) -> Result<Vec<relay::audit::Checkpoint>, String> {
+    let mut out = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let bad = || format!("{}:{}: not a checkpoint", path.display(), i + 1);
+            if let Ok(c) = serde_json::from_str::<relay::audit::Checkpoint>(line) {
+                out.push(c);
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad())?;
+            let Some(fields) = v.get("fields") else {
+                return Err(bad());
+            };
+            if let Some(c) = fields.get("checkpoint") {
+                out.push(serde_json::from_str(c.as_str().ok_or_else(bad)?).map_err(|_| bad())?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn audit_verify(
+    config: &Config,
+    user: Option<&str>,
+    mut checkpoint_files: Vec<std::path::PathBuf>,
+) -> ExitCode {
+    if checkpoint_files.is_empty() && config.checkpoint_file().exists() {
+        checkpoint_files.push(config.checkpoint_file());
+    }
+    let checkpoints = match read_checkpoints(&checkpoint_files) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let keys = match server::resolve_audit_keys(config) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("relay audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -276,14 +334,24 @@ fn audit_verify(config: &Config, user: Option<&str>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let result = relay::audit::verify(&*store, user, config.retention().archive_ms).await;
+        let result = relay::audit::verify(
+            &*store,
+            user,
+            config.retention().audit_ms,
+            &keys,
+            &checkpoints,
+        )
+        .await;
         let _ = store.close().await;
         match result {
             Ok(v) if v.findings.is_empty() => {
                 println!(
-                    "audit trail intact: {} records in {} partitions",
-                    v.records, v.partitions
+                    "audit trail intact: {} records in {} partitions, {} checkpoints",
+                    v.records, v.partitions, v.checkpoints
                 );
+                if v.checkpoints == 0 {
+                    println!("no checkpoints given: deleted newest records, months or node chains cannot be seen");
+                }
                 ExitCode::SUCCESS
             }
             Ok(v) => {
@@ -435,6 +503,10 @@ fn keygen(out_dir: &std::path::Path) -> ExitCode {
     );
     println!(
         "at-rest key (for at_rest.keys as `kid:key`): {}",
+        Keyring::generate_key_b64()
+    );
+    println!(
+        "audit key (for audit.keys as `kid:key`; keep it apart from the database): {}",
         Keyring::generate_key_b64()
     );
     ExitCode::SUCCESS

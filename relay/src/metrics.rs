@@ -483,6 +483,24 @@ pub const CATALOGUE: &[Entry] = &[
         "Failed audit writes (retried until they succeed).",
     ),
     (
+        "relay_audit_checkpoints_total",
+        Kind::Counter,
+        &[],
+        "Audit checkpoints written (MAC'd chain heads, to the checkpoint file and the log).",
+    ),
+    (
+        "relay_audit_checkpoint_errors_total",
+        Kind::Counter,
+        &[],
+        "Checkpoints the checkpoint file did not take (the log has them; the heads go into the next one).",
+    ),
+    (
+        "relay_audit_last_checkpoint_timestamp_seconds",
+        Kind::Gauge,
+        &[],
+        "When this node last wrote an audit checkpoint (0 until its first).",
+    ),
+    (
         "relay_admin_requests_total",
         Kind::Counter,
         &[("status", &["2xx", "401", "403", "4xx", "5xx"])],

@@ -63,31 +63,37 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// Parses `kid:base64key` entries separated by commas (the form of key lists in config files and
+/// environment variables) into 32-byte keys.
+pub fn parse_keys(spec: &str) -> Result<HashMap<String, [u8; 32]>, SealError> {
+    let mut keys = HashMap::new();
+    for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (kid, b64) = entry
+            .split_once(':')
+            .ok_or_else(|| SealError::Config("entries must be `kid:base64key`".into()))?;
+        if kid.is_empty() || kid.len() > 32 || !kid.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(SealError::Config(
+                "key ids are 1-32 printable characters".into(),
+            ));
+        }
+        let raw = B64
+            .decode(b64.trim())
+            .map_err(|_| SealError::Config(format!("key `{kid}` is not base64")))?;
+        let key: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| SealError::Config(format!("key `{kid}` is not 32 bytes")))?;
+        if keys.insert(kid.to_string(), key).is_some() {
+            return Err(SealError::Config(format!("key id `{kid}` appears twice")));
+        }
+    }
+    Ok(keys)
+}
+
 impl Keyring {
     /// Builds a keyring from `kid:base64` entries separated by commas (the form used in config and
     /// environment variables) and the id of the key that seals new data.
     pub fn parse(spec: &str, active_id: &str) -> Result<Self, SealError> {
-        let mut keys = HashMap::new();
-        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (kid, b64) = entry
-                .split_once(':')
-                .ok_or_else(|| SealError::Config("entries must be `kid:base64key`".into()))?;
-            if kid.is_empty() || kid.len() > 32 || !kid.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(SealError::Config(
-                    "key ids are 1-32 printable characters".into(),
-                ));
-            }
-            let raw = B64
-                .decode(b64.trim())
-                .map_err(|_| SealError::Config(format!("key `{kid}` is not base64")))?;
-            let key: [u8; 32] = raw
-                .try_into()
-                .map_err(|_| SealError::Config(format!("key `{kid}` is not 32 bytes")))?;
-            if keys.insert(kid.to_string(), key).is_some() {
-                return Err(SealError::Config(format!("key id `{kid}` appears twice")));
-            }
-        }
-        Self::new(keys, active_id)
+        Self::new(parse_keys(spec)?, active_id)
     }
 
     /// Builds a keyring from raw keys.

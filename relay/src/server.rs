@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Access;
-use crate::audit::Auditor;
+use crate::audit::{AuditKeys, Auditor, Checkpoints};
 use crate::auth::{self, FailureLimits, Verifier};
 use crate::cluster::Cluster;
 use crate::config::{Backend, Config, Mode, NodeId};
@@ -132,6 +132,26 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
     let keyring =
         Keyring::parse(spec.trim(), &active).map_err(|e| StartError::Keys(e.to_string()))?;
     Ok((verifier, keyring))
+}
+
+/// The audit keys from configuration (dev mode generates one beside the other dev keys).
+pub fn resolve_audit_keys(config: &Config) -> Result<AuditKeys, StartError> {
+    let a = &config.audit;
+    let (spec, active) = match (&a.keys, &a.keys_file) {
+        (Some(spec), _) => (spec.clone(), a.active.clone()),
+        (None, Some(path)) => (read(path)?, a.active.clone()),
+        (None, None) if config.mode == Mode::Dev => {
+            let path = dev_secrets_dir(&config.data_dir).join("audit.keys");
+            if !path.exists() {
+                write_secret(&path, &format!("dev1:{}\n", Keyring::generate_key_b64()))?;
+                tracing::warn!(path = %path.display(), "DEV MODE: generated an audit key; not for production");
+            }
+            (read(&path)?, a.active.clone().or(Some("dev1".into())))
+        }
+        (None, None) => return Err(StartError::Keys("no audit keys configured".into())),
+    };
+    let active = active.ok_or_else(|| StartError::Keys("audit.active is not set".into()))?;
+    AuditKeys::parse(spec.trim(), &active).map_err(|e| StartError::Keys(e.to_string()))
 }
 
 /// Receives nothing: for tools that open the store without serving devices.
@@ -294,7 +314,17 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         dispatcher
     });
 
-    let (auditor, audit_task) = Auditor::start(store.clone(), node_id);
+    let audit_keys = Arc::new(resolve_audit_keys(&config)?);
+    tracing::info!(active_key = audit_keys.active_id(), checkpoint_file = %config.checkpoint_file().display(), "audit keys loaded");
+    let (auditor, audit_task) = Auditor::start(
+        store.clone(),
+        node_id,
+        audit_keys,
+        Checkpoints {
+            interval: config.audit.checkpoint_interval.0,
+            file: Some(config.checkpoint_file()),
+        },
+    );
     let presence: Arc<dyn Presence> = match &cluster {
         Some(c) => c.clone(),
         None => hub.clone(),
@@ -492,12 +522,12 @@ impl Server {
             }
         }
         // Sessions are gone: their last audit events are queued. Store them before the store
-        // closes.
+        // closes, and checkpoint them so that the newest records are covered too.
         self.app
             .sessions
             .access
             .audit
-            .flush(Duration::from_secs(5))
+            .checkpoint(Duration::from_secs(5))
             .await;
         self.audit_task.abort();
         match self.store.close().await {

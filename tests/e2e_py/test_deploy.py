@@ -19,13 +19,16 @@ def fly_env(tmp_path) -> dict:
     """The machine's environment: [env] plus the secrets DEPLOY.md says to set (test values)."""
     keys = tmp_path / "keys"
     out = subprocess.run([str(RELAY_BIN), "keygen", "--out-dir", str(keys)], check=True, capture_output=True, text=True)
-    at_rest = out.stdout.strip().rsplit(" ", 1)[-1]
+    key = {line.split(" ", 1)[0]: line.rsplit(" ", 1)[-1] for line in out.stdout.splitlines()}
+    at_rest, audit = key["at-rest"], key["audit"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update(FLY["env"])
     env.update(
         RELAY_AUTH__PUBLIC_KEYS=(keys / "token-signing-key.pub.pem").read_text(),
         RELAY_AT_REST__KEYS=f"k1:{at_rest}",
         RELAY_AT_REST__ACTIVE="k1",
+        RELAY_AUDIT__KEYS=f"a1:{audit}",
+        RELAY_AUDIT__ACTIVE="a1",
         RELAY_STORAGE__SCYLLA__NODES='["scylla-1.internal:9042", "scylla-2.internal:9042"]',
         RELAY_STORAGE__SCYLLA__USERNAME="relay",
         RELAY_STORAGE__SCYLLA__PASSWORD="test-only",

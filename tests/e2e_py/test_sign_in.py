@@ -262,6 +262,7 @@ async def test_forged_and_stale_tokens_in_a_users_name_never_block_their_valid_t
     subprocess.run([str(RELAY_BIN), "keygen", "--out-dir", str(keys)], check=True, capture_output=True)
     forged = relay.token("dr.victim", "phone", "--key", str(keys / "token-signing-key.pem"))
     expired = relay.token("dr.victim", "old-ipad", "--expires-at", str(int(time.time()) - 3600))
+    await relay.register_offline("dr.victim", "phone")
 
     async def status_from(source, token):
         def attempt():

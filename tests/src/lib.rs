@@ -64,6 +64,25 @@ pub fn key_entry(kid: &str) -> String {
     format!("{kid}:{}", Keyring::generate_key_b64())
 }
 
+/// Audit keys for tests (one random key, `t1`).
+pub fn audit_keys() -> Arc<relay::audit::AuditKeys> {
+    Arc::new(relay::audit::AuditKeys::parse(&key_entry("t1"), "t1").expect("audit keys"))
+}
+
+/// Starts an audit writer for `node` with test keys; its checkpoints go to `file`, if given.
+pub fn auditor(
+    store: Arc<dyn relay::store::MessageStore>,
+    node: u8,
+    keys: Arc<relay::audit::AuditKeys>,
+    file: Option<std::path::PathBuf>,
+) -> (Arc<relay::audit::Auditor>, tokio::task::JoinHandle<()>) {
+    let checkpoints = relay::audit::Checkpoints {
+        interval: std::time::Duration::from_secs(3600),
+        file,
+    };
+    relay::audit::Auditor::start(store, node, keys, checkpoints)
+}
+
 impl Place {
     /// A new empty place for `kind`.
     pub async fn new(kind: Kind) -> Place {

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
-use relay_tests::{Kind, Place, Recorder, key_entry, keyring};
+use relay_tests::{Kind, Place, Recorder, audit_keys, auditor, key_entry, keyring};
 use uuid::Uuid;
 
 const LONG: Retention = Retention {
     archive_ms: 6 * 365 * 86_400_000,
     inbox_ms: 30 * 86_400_000,
     idempotency_ms: 7 * 86_400_000,
+    audit_ms: 6 * 31_557_600_000,
 };
 
 fn msg(from: &DeviceRef, to: &[&str], body: &str) -> NewMessage {
@@ -246,8 +247,13 @@ async fn retention_expires(kind: Kind) {
         archive_ms: 2_000,
         inbox_ms: 2_000,
         idempotency_ms: 2_000,
+        audit_ms: LONG.audit_ms,
     };
     let (_p, store, _sink) = setup(kind, short).await;
+    let keys = audit_keys();
+    let (audit, _task) = auditor(store.clone(), 0, keys.clone(), None);
+    audit.record(relay::audit::Event::new("connect").device(&DeviceRef::new("bob", "phone")));
+    audit.flush(Duration::from_secs(10)).await;
     let alice = DeviceRef::new("alice", "phone");
     let bob = DeviceRef::new("bob", "phone");
     store.register_device(bob.clone()).await.expect("register");
@@ -275,10 +281,20 @@ async fn retention_expires(kind: Kind) {
     assert!(!again.duplicate);
     if let Kind::Embedded = kind {
         assert_eq!(
-            (expired.archive, expired.inbox, expired.idempotency),
-            (1, 1, 1)
+            (
+                expired.archive,
+                expired.inbox,
+                expired.idempotency,
+                expired.audit
+            ),
+            (1, 1, 1, 0)
         );
     }
+    // A short archive never shortens the audit trail: it keeps its own retention.
+    let v = relay::audit::verify(&*store, Some("bob"), short.audit_ms, &keys, &[])
+        .await
+        .expect("verify");
+    assert_eq!((v.records, v.findings.len()), (1, 0));
     store.close().await.expect("close");
 }
 
@@ -513,9 +529,12 @@ async fn access_state(kind: Kind) {
 }
 
 async fn audit_chain(kind: Kind) {
-    use relay::audit::{self, Auditor, Event};
+    use relay::audit::{self, Checkpoint, Event};
     let (_p, store, _) = setup(kind, LONG).await;
-    let (auditor, task) = Auditor::start(store.clone(), 3);
+    let keys = audit_keys();
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("checkpoints.jsonl");
+    let (auditor, task) = auditor(store.clone(), 3, keys.clone(), Some(file.clone()));
     let phone = DeviceRef::new("erin", "phone");
     let t0 = now_ms();
     for i in 0..20 {
@@ -525,12 +544,29 @@ async fn audit_chain(kind: Kind) {
         });
     }
     auditor.record(Event::new("auth_failed").reason("bad_signature"));
-    auditor.flush(Duration::from_secs(10)).await;
-    let v = audit::verify(&*store, None, LONG.archive_ms)
+    auditor.checkpoint(Duration::from_secs(10)).await;
+    let checkpoints = |file: &std::path::Path| -> Vec<Checkpoint> {
+        std::fs::read_to_string(file)
+            .expect("checkpoint file")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("checkpoint line"))
+            .collect()
+    };
+    let cps = checkpoints(&file);
+    assert_eq!(cps.len(), 1);
+    assert_eq!(
+        cps[0]
+            .heads
+            .iter()
+            .map(|h| (h.subject.as_str(), h.n))
+            .collect::<Vec<_>>(),
+        vec![("#anon", 0), ("erin", 19)]
+    );
+    let v = audit::verify(&*store, None, LONG.audit_ms, &keys, &cps)
         .await
         .expect("verify");
     assert!(v.findings.is_empty(), "{:?}", v.findings);
-    assert_eq!((v.records, v.partitions), (21, 2));
+    assert_eq!((v.records, v.partitions, v.checkpoints), (21, 2, 1));
 
     // Paged query by device and time range returns exactly the events, in order.
     let first = audit::query(&*store, "erin", Some("phone"), t0, now_ms() + 1, 15, None)
@@ -563,14 +599,15 @@ async fn audit_chain(kind: Kind) {
 
     // A restarted writer continues the chain from the store.
     task.abort();
-    let (auditor, _task) = Auditor::start(store.clone(), 3);
+    let (auditor, _task) = relay_tests::auditor(store.clone(), 3, keys.clone(), Some(file.clone()));
     auditor.record(Event::new("disconnect").device(&phone));
-    auditor.flush(Duration::from_secs(10)).await;
-    let v = audit::verify(&*store, Some("erin"), LONG.archive_ms)
+    auditor.checkpoint(Duration::from_secs(10)).await;
+    let cps = checkpoints(&file);
+    let v = audit::verify(&*store, Some("erin"), LONG.audit_ms, &keys, &cps)
         .await
         .expect("verify");
     assert!(v.findings.is_empty(), "{:?}", v.findings);
-    assert_eq!(v.records, 21);
+    assert_eq!((v.records, v.checkpoints), (21, 2));
 
     // Edit one stored record in place: verification names it.
     let month = audit::month_of(t0);
@@ -579,7 +616,7 @@ async fn audit_chain(kind: Kind) {
     let mut edited = records[7].clone();
     edited.entry = edited.entry.replace("127.0.0.7", "10.9.9.9");
     store.audit_append(vec![edited]).await.expect("overwrite");
-    let v = audit::verify(&*store, None, LONG.archive_ms)
+    let v = audit::verify(&*store, None, LONG.audit_ms, &keys, &cps)
         .await
         .expect("verify");
     assert_eq!(v.findings.len(), 1, "{:?}", v.findings);
@@ -587,6 +624,86 @@ async fn audit_chain(kind: Kind) {
         (v.findings[0].chain.subject.as_str(), v.findings[0].n),
         ("erin", 7)
     );
+
+    // Someone who can write the database rebuilds the chain from there on, as a plain SHA-256
+    // chain (what it was before audit keys): every rebuilt record is a finding.
+    let mut prev = records[6].hash;
+    let rebuilt: Vec<_> = records[7..]
+        .iter()
+        .map(|r| {
+            use sha2::Digest as _;
+            let entry = r.entry.replace("127.0.0.", "10.9.9.");
+            let hash: [u8; 32] = sha2::Sha256::new()
+                .chain_update(prev)
+                .chain_update(&entry)
+                .finalize()
+                .into();
+            let out = audit::Record {
+                entry,
+                prev,
+                hash,
+                key_id: String::new(),
+                ..r.clone()
+            };
+            prev = hash;
+            out
+        })
+        .collect();
+    store.audit_append(rebuilt).await.expect("rebuild");
+    let v = audit::verify(&*store, Some("erin"), LONG.audit_ms, &keys, &cps)
+        .await
+        .expect("verify");
+    assert_eq!(v.findings.len(), 14 + 1, "{:?}", v.findings); // 14 rebuilt records + the head
+    store.close().await.expect("close");
+
+    // A database that lost the trail (a month, a node's chains): the checkpoints name it.
+    let (_p2, empty, _) = setup(kind, LONG).await;
+    let v = audit::verify(&*empty, None, LONG.audit_ms, &keys, &cps)
+        .await
+        .expect("verify");
+    assert_eq!(
+        v.findings
+            .iter()
+            .map(|f| (f.chain.subject.as_str(), f.chain.node))
+            .collect::<Vec<_>>(),
+        vec![("#anon", 3), ("erin", 3)]
+    );
+    empty.close().await.expect("close");
+}
+
+/// The writer keeps few chain heads in memory and forgets them when full; forgetting them while
+/// a batch is queued must not re-read a stale head and overwrite a queued record.
+async fn audit_heads_forgotten_mid_batch(kind: Kind) {
+    use relay::audit::{self, Auditor, Checkpoints, Event};
+    let (_p, store, _) = setup(kind, LONG).await;
+    let keys = audit_keys();
+    let none = Checkpoints {
+        interval: Duration::from_secs(3600),
+        file: None,
+    };
+    let (auditor, _task) = Auditor::start_with_heads(store.clone(), 2, keys.clone(), none, 2);
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    let t0 = now_ms();
+    for round in 0..40 {
+        for u in users {
+            auditor.record(Event {
+                ip: Some(format!("127.0.0.{round}")),
+                ..Event::new("connect").device(&DeviceRef::new(u, "phone"))
+            });
+        }
+    }
+    auditor.flush(Duration::from_secs(20)).await;
+    for u in users {
+        let page = audit::query(&*store, u, None, t0, now_ms() + 1, 100, None)
+            .await
+            .expect("q");
+        assert_eq!(page.events.len(), 40, "{u}: records overwritten");
+    }
+    let v = audit::verify(&*store, None, LONG.audit_ms, &keys, &[])
+        .await
+        .expect("verify");
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert_eq!(v.records, 200);
     store.close().await.expect("close");
 }
 
@@ -613,6 +730,7 @@ conformance!(
     push_tokens,
     access_state,
     audit_chain,
+    audit_heads_forgotten_mid_batch,
 );
 
 /// ScyllaDB only (the embedded store is one node): nodes sharing a database lease distinct

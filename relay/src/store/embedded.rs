@@ -175,7 +175,7 @@ impl EmbeddedStore {
         expired.inbox = delete_where(t, &t.inbox, t.inbox.iter(), |k, _| {
             record::inbox_key_seq(k).is_some_and(|s| s < inbox_floor)
         })?;
-        let audit_floor = now.saturating_sub(r.archive_ms);
+        let audit_floor = now.saturating_sub(r.audit_ms);
         expired.audit = delete_where(t, &t.audit, t.audit.iter(), |_, v| {
             v.first_chunk::<8>()
                 .is_some_and(|ts| u64::from_be_bytes(*ts) < audit_floor)

@@ -114,6 +114,8 @@ pub struct Retention {
     pub inbox_ms: u64,
     /// How long a message id stays deduplicated.
     pub idempotency_ms: u64,
+    /// The access audit trail, on its own clock: shortening the archive never shortens it.
+    pub audit_ms: u64,
 }
 
 /// Store failures. None of them carries payload data.
@@ -305,6 +307,11 @@ pub fn seq_floor(ms: u64) -> u64 {
     ms.saturating_sub(SEQ_EPOCH_MS) << TIME_SHIFT
 }
 
+/// How far sequence numbers advance in `ms` milliseconds.
+pub fn seq_span(ms: u64) -> u64 {
+    ms << TIME_SHIFT
+}
+
 /// Accept time encoded in a sequence number.
 pub fn seq_time_ms(seq: u64) -> u64 {
     (seq >> TIME_SHIFT) + SEQ_EPOCH_MS
@@ -341,6 +348,14 @@ impl SeqClock {
         self.last = ms << TIME_SHIFT | self.node << COUNTER_BITS | ctr;
         self.last
     }
+
+    /// A bound above every sequence number `n` more calls of [`next`](Self::next) at `now_ms`
+    /// (or earlier) can return: what a store must have reserved before issuing them.
+    pub fn bound_after(&self, now_ms: u64, n: usize) -> u64 {
+        let now = now_ms.saturating_sub(SEQ_EPOCH_MS);
+        let ms = now.max(self.last >> TIME_SHIFT) + (n as u64 >> COUNTER_BITS) + 1;
+        (ms + 1) << TIME_SHIFT
+    }
 }
 
 #[cfg(test)]
@@ -371,5 +386,19 @@ mod tests {
         }
         // Time never runs backwards even if the wall clock does.
         assert!(a.next(now - 10_000) > last);
+    }
+
+    #[test]
+    fn a_bound_covers_every_sequence_a_burst_can_issue() {
+        let now = 1_767_225_600_000;
+        for (start, n) in [(0, 1), (0, 1000), (seq_floor(now + 5_000), 300), (0, 128)] {
+            let mut c = SeqClock::new(3, start);
+            let bound = c.bound_after(now, n);
+            let last = (0..n).map(|_| c.next(now)).max().expect("n > 0");
+            assert!(last < bound, "{n} from {start}: {last} >= {bound}");
+        }
+        // A clock restarted at a reservation issues only above it.
+        let reserved = seq_floor(now + 10_000);
+        assert!(SeqClock::new(3, reserved).next(now) > reserved);
     }
 }

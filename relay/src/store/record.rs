@@ -270,13 +270,16 @@ pub fn audit_key(c: &crate::audit::Chain, n: u64) -> Vec<u8> {
     k
 }
 
-/// `ts | prev | hash | entry`.
+/// `ts | prev | hash | entry | 0 | key id`. JSON never holds a raw zero byte, so rows written
+/// before audit keys (`ts | prev | hash | entry`) read back with an empty key id.
 pub fn audit_value(r: &crate::audit::Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(72 + r.entry.len());
+    let mut v = Vec::with_capacity(73 + r.entry.len() + r.key_id.len());
     v.extend_from_slice(&r.ts.to_be_bytes());
     v.extend_from_slice(&r.prev);
     v.extend_from_slice(&r.hash);
     v.extend_from_slice(r.entry.as_bytes());
+    v.push(0);
+    v.extend_from_slice(r.key_id.as_bytes());
     v
 }
 
@@ -291,6 +294,10 @@ pub fn audit_record(key: &[u8], value: &[u8]) -> Option<crate::audit::Record> {
     let ts = take_u64(&mut v)?;
     let (prev, v) = v.split_first_chunk::<32>()?;
     let (hash, v) = v.split_first_chunk::<32>()?;
+    let (entry, key_id) = match v.iter().position(|&b| b == 0) {
+        Some(at) => (&v[..at], &v[at + 1..]),
+        None => (v, &[][..]),
+    };
     Some(crate::audit::Record {
         chain: crate::audit::Chain {
             subject,
@@ -299,9 +306,10 @@ pub fn audit_record(key: &[u8], value: &[u8]) -> Option<crate::audit::Record> {
         },
         n,
         ts,
-        entry: String::from_utf8(v.to_vec()).ok()?,
+        entry: String::from_utf8(entry.to_vec()).ok()?,
         prev: *prev,
         hash: *hash,
+        key_id: String::from_utf8(key_id.to_vec()).ok()?,
     })
 }
 

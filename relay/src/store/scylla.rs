@@ -42,7 +42,7 @@ use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
-    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_time_ms,
+    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_span, seq_time_ms,
 };
 use crate::access::{AccessRow, Change, Confirmation, Lock, Revocation};
 use crate::audit;
@@ -50,7 +50,7 @@ use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -79,6 +79,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fresh_login",
         include_str!("../../../schema/0005_fresh_login.cql"),
     ),
+    (
+        6,
+        "sequence_reservations",
+        include_str!("../../../schema/0006_sequence_reservations.cql"),
+    ),
+    (
+        7,
+        "audit_keys",
+        include_str!("../../../schema/0007_audit_keys.cql"),
+    ),
 ];
 
 const MAX_BATCH: usize = 512;
@@ -91,6 +101,11 @@ const WEEK_MS: u64 = 7 * 86_400_000;
 /// a second round trip).
 const FIRST_INBOX_CHUNK: usize = 1;
 const HOUR_MS: u64 = 3_600_000;
+/// How far ahead of what it issues a node reserves sequence numbers, and the headroom left when
+/// it reserves again. A restart resumes above the reservation, so a crash loop runs the clock
+/// ahead by at most this much per restart.
+const RESERVE_AHEAD_MS: u64 = 10_000;
+const RESERVE_HEADROOM_MS: u64 = 5_000;
 
 /// Parses a consistency level name (`local_quorum`, `QUORUM`, …).
 pub fn parse_consistency(s: &str) -> Option<Consistency> {
@@ -391,6 +406,8 @@ struct Statements {
     select_audit_tail: PreparedStatement,
     select_audit: PreparedStatement,
     select_audit_partitions: PreparedStatement,
+    select_reserved: PreparedStatement,
+    reserve: PreparedStatement,
 }
 
 impl Statements {
@@ -429,10 +446,12 @@ impl Statements {
             insert_pending: p("INSERT INTO {ks}.pending_logouts (bucket, user_id, device_id, requested_at) VALUES (0, ?, ?, ?)").await?,
             delete_pending: p("DELETE FROM {ks}.pending_logouts WHERE bucket = 0 AND user_id = ? AND device_id = ?").await?,
             select_pending: p("SELECT user_id, device_id, requested_at FROM {ks}.pending_logouts WHERE bucket = 0").await?,
-            insert_audit: p("INSERT INTO {ks}.audit (subject, month, node, n, ts, entry, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?").await?,
+            insert_audit: p("INSERT INTO {ks}.audit (subject, month, node, n, ts, entry, prev, hash, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?").await?,
             select_audit_tail: p("SELECT n, hash FROM {ks}.audit WHERE subject = ? AND month = ? AND node = ? ORDER BY node DESC, n DESC LIMIT 1").await?,
-            select_audit: p("SELECT node, n, ts, entry, prev, hash FROM {ks}.audit WHERE subject = ? AND month = ?").await?,
+            select_audit: p("SELECT node, n, ts, entry, prev, hash, key_id FROM {ks}.audit WHERE subject = ? AND month = ?").await?,
             select_audit_partitions: p("SELECT DISTINCT subject, month FROM {ks}.audit").await?,
+            select_reserved: p("SELECT reserved FROM {ks}.node_seq WHERE node_id = ?").await?,
+            reserve: p("UPDATE {ks}.node_seq USING TIMESTAMP ? SET reserved = ? WHERE node_id = ?").await?,
         })
     }
 }
@@ -508,6 +527,21 @@ async fn claim_id(session: &Session, id: u8, holder: &str) -> Result<bool, Store
         (i32::from(id), holder),
     )
     .await
+}
+
+/// Where the sequence numbers of node id `id` may resume: above everything it issued.
+async fn read_reservation(s: &Shared, id: u8) -> Result<u64, StoreError> {
+    let rows = s
+        .session
+        .execute_unpaged(&s.st.select_reserved, (i32::from(id),))
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    let row = rows
+        .maybe_first_row::<(Option<i64>,)>()
+        .map_err(unavailable)?;
+    Ok(row.and_then(|(r,)| r).map_or(0, |r| r.max(0) as u64))
 }
 
 /// Claims the lowest node id no live node holds.
@@ -614,13 +648,16 @@ impl ScyllaStore {
                 u64::MAX
             }),
         });
+        // Sequence numbers carry the node id, so nodes never collide; a restarted node (or the
+        // next holder of a leased id) continues above everything issued under that id before.
+        let reserved = read_reservation(&shared, node_id).await?;
         let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
         let writer = Writer {
             s: shared.clone(),
             sink,
-            // Sequence numbers carry the node id, so nodes never collide; a restarted node
-            // continues from the wall clock.
-            clock: SeqClock::new(node_id, seq_floor(now_ms())),
+            clock: SeqClock::new(node_id, reserved.max(seq_floor(now_ms()))),
+            node_id,
+            reserved,
             devices: HashMap::new(),
         };
         tokio::spawn(writer.run(rx));
@@ -1013,7 +1050,7 @@ impl MessageStore for ScyllaStore {
     fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let s = &self.shared;
-            let ttl = ttl_secs(s.retention.archive_ms);
+            let ttl = ttl_secs(s.retention.audit_ms);
             let writes = records.iter().map(|r| {
                 s.session.execute_unpaged(
                     &s.st.insert_audit,
@@ -1026,6 +1063,7 @@ impl MessageStore for ScyllaStore {
                         &r.entry,
                         r.prev.as_slice(),
                         r.hash.as_slice(),
+                        &r.key_id,
                         ttl,
                     ),
                 )
@@ -1074,10 +1112,10 @@ impl MessageStore for ScyllaStore {
                 .execute_iter(s.st.select_audit.clone(), (&subject, month as i32))
                 .await
                 .map_err(unavailable)?
-                .rows_stream::<(i32, i64, i64, String, Vec<u8>, Vec<u8>)>()
+                .rows_stream::<(i32, i64, i64, String, Vec<u8>, Vec<u8>, Option<String>)>()
                 .map_err(unavailable)?;
             let mut out = Vec::new();
-            while let Some((node, n, ts, entry, prev, hash)) =
+            while let Some((node, n, ts, entry, prev, hash, key_id)) =
                 rows.try_next().await.map_err(unavailable)?
             {
                 // A mangled hash column is itself tampering: verification reports it.
@@ -1093,6 +1131,7 @@ impl MessageStore for ScyllaStore {
                     entry,
                     prev: digest(prev),
                     hash: digest(hash),
+                    key_id: key_id.unwrap_or_default(),
                 });
             }
             Ok(out)
@@ -1147,6 +1186,9 @@ struct Writer {
     s: Arc<Shared>,
     sink: Arc<dyn DeliverySink>,
     clock: SeqClock,
+    node_id: u8,
+    /// Above every sequence number this node id has issued, and durable (`node_seq`).
+    reserved: u64,
     devices: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
 }
 
@@ -1297,6 +1339,25 @@ impl Writer {
         Ok(())
     }
 
+    /// Makes sure `n` new sequence numbers at `now` stay below a durable reservation.
+    async fn reserve_for(&mut self, now: u64, n: usize) -> Result<(), StoreError> {
+        let bound = self.clock.bound_after(now, n);
+        if bound.saturating_add(seq_span(RESERVE_HEADROOM_MS)) <= self.reserved {
+            return Ok(());
+        }
+        let reserved = bound + seq_span(RESERVE_AHEAD_MS);
+        let s = &self.s;
+        s.session
+            .execute_unpaged(
+                &s.st.reserve,
+                (reserved as i64, reserved as i64, i32::from(self.node_id)),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.reserved = reserved;
+        Ok(())
+    }
+
     async fn appends(
         &mut self,
         batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
@@ -1339,7 +1400,15 @@ impl Writer {
         }))
         .await;
         let now = now_ms();
+        if let Err(e) = self.reserve_for(now, firsts.len()).await {
+            for i in firsts.iter().copied() {
+                p[i].failed = Some(StoreError::Unavailable(e.to_string()));
+            }
+        }
         for (&i, read) in firsts.iter().zip(reads) {
+            if p[i].failed.is_some() {
+                continue;
+            }
             let known = read
                 .map_err(unavailable)
                 .and_then(|r| r.into_rows_result().map_err(unavailable))

@@ -77,6 +77,8 @@ class Cluster:
                     RELAY_AUTH__PUBLIC_KEYS_FILE=str(secrets / "token-signing-key.pub.pem"),
                     RELAY_AT_REST__KEYS_FILE=str(secrets / "at-rest.keys"),
                     RELAY_AT_REST__ACTIVE="dev1",
+                    RELAY_AUDIT__KEYS_FILE=str(secrets / "audit.keys"),
+                    RELAY_AUDIT__ACTIVE="dev1",
                     RELAY_STORAGE__SCYLLA__KEYSPACE=first.keyspace,
                 )
             node = Relay(tmp_path / f"node{i}", env)

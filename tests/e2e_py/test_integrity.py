@@ -1,0 +1,151 @@
+"""What is stored stays true (issue 14): seen by devices and by someone reading the store's files."""
+
+import asyncio
+import glob
+import math
+import subprocess
+import time
+import uuid
+
+from conftest import RELAY_BIN, run
+from test_access import audit_events, upgrade_status
+
+# libfaketime (Debian's `faketime`, installed by scripts/test): steps the relay's wall clock back.
+FAKETIME = (glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + [None])[0]
+
+
+async def stream(dev, to, n, seconds):
+    """Sends n messages spread over `seconds`, pipelined; returns (ids in order, id -> seq)."""
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+
+    async def replies():
+        seqs = {}
+        while len(seqs) < n:
+            frame = await dev.recv(15)
+            assert frame["type"] == "accepted", frame
+            seqs[frame["id"]] = frame["seq"]
+        return seqs
+
+    reader = asyncio.create_task(replies())
+    start = time.monotonic()
+    for i, msg_id in enumerate(ids):
+        await dev.send([to], f"m{i}".encode(), msg_id=msg_id)
+        if i % 10 == 9:
+            await asyncio.sleep(max(0.0, start + seconds * (i + 1) / n - time.monotonic()))
+    return ids, await reader
+
+
+@run
+async def test_a_restart_with_the_clock_stepped_back_never_reuses_a_sequence_number(make_relay):
+    assert FAKETIME, "libfaketime missing: apt-get install faketime (scripts/test does)"
+    relay = make_relay()
+    await relay.register_offline("bob", "phone")
+    alice = await relay.online("alice", "phone")
+    started = time.time()
+    first_ids, first = await stream(alice, "bob", 1500, 1.5)
+    await alice.close()
+    relay.stop()
+
+    # The next run's wall clock reads `started` again just as it starts sending: every
+    # millisecond the first run used comes round a second time.
+    back = math.ceil(time.time() - started) + 8
+    relay.env.update(LD_PRELOAD=FAKETIME, FAKETIME=f"-{back}s", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    relay.start()
+    alice = await relay.online("alice", "phone")
+    await asyncio.sleep(max(0.0, started + back - time.time()))
+    second_ids, second = await stream(alice, "bob", 1500, 1.5)
+
+    reused = set(first.values()) & set(second.values())
+    assert not reused, f"{len(reused)} sequence numbers issued twice"
+    assert min(second.values()) > max(first.values()), "sequence numbers went back after the restart"
+
+    # Every accepted message reaches bob once, in order, and acks delete only what they name:
+    # bob acks the first run's messages as they come (as an app does, stored then acked).
+    bob = await relay.connect("bob", "phone")
+    await bob.expect("hello")
+    delivered, acking, first_seqs = [], [], set(first.values())
+    while (frame := await bob.recv())["type"] != "synced":
+        assert frame["type"] == "deliver", frame
+        delivered.append(frame["id"])
+        if frame["seq"] in first_seqs:
+            acking.append(frame["seq"])
+        if len(acking) == 100:
+            await bob.ack(acking)
+            acking = []
+    await bob.ack(acking)
+    assert delivered == first_ids + second_ids
+    await asyncio.sleep(0.5)
+    await bob.close()
+    bob = await relay.connect("bob", "phone")
+    assert [d["id"] for d in await bob.handshake()] == second_ids
+
+
+@run
+async def test_forged_logins_naming_made_up_users_create_no_audit_chains(make_relay, tmp_path):
+    relay = make_relay({"RELAY_ACCESS__FAILED_AUTH_PER_IP": "1000", "RELAY_ACCESS__FAILED_AUTH_PER_ACCOUNT": "1000"})
+    await relay.register_offline("dr.real", "phone")
+    keys = tmp_path / "attacker"
+    subprocess.run([str(RELAY_BIN), "keygen", "--out-dir", str(keys)], check=True, capture_output=True)
+    forge = lambda user: relay.token(user, "phone", "--key", str(keys / "token-signing-key.pem"))  # noqa: E731
+    for i in range(30):
+        assert await upgrade_status(relay, forge(f"made-up-{i}")) == 401
+    assert await upgrade_status(relay, forge("dr.real")) == 401
+
+    # A real user's failures stay on their trail; made-up names land with the anonymous ones
+    # (asking the admin API about a made-up user would itself be audited under that name).
+    anon = [e for e in audit_events(relay, "%23anon") if e["event"] == "auth_failed"]
+    assert sorted(e["claimed_user"] for e in anon) == sorted(f"made-up-{i}" for i in range(30))
+    assert all("user" not in e and e["reason"] == "bad_signature" for e in anon)
+    real = [e for e in audit_events(relay, "dr.real") if e["event"] == "auth_failed"]
+    assert [(e["user"], e["device"], e["reason"]) for e in real] == [("dr.real", "phone", "bad_signature")]
+
+    relay.stop()  # the embedded store is locked while the relay runs
+    out = subprocess.run([str(RELAY_BIN), "audit", "verify"], env=relay._env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "in 2 partitions" in out.stdout, out.stdout  # dr.real's month and the anonymous one
+
+
+def audit_key_env() -> dict:
+    import base64
+    import os
+    return {"RELAY_AUDIT__KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(), "RELAY_AUDIT__ACTIVE": "k1"}
+
+
+def verify(relay, *args):
+    return subprocess.run([str(RELAY_BIN), "audit", "verify", *args], env=relay._env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@run
+async def test_checkpoints_outside_the_database_reveal_a_trail_that_lost_its_records(make_relay):
+    keys = audit_key_env()
+    relay = make_relay({**keys, "RELAY_LOG_FORMAT": "json"})
+    dev = await relay.online("dr.audit", "phone")
+    await dev.close()
+    relay.admin("POST", "/v1/users/dr.audit/lock", {"reason": "test"}, as_="account-service")
+    relay.stop()  # the last records are checkpointed on the way out
+
+    checkpoint_file = relay.data_dir / "audit-checkpoints.jsonl"
+    lines = checkpoint_file.read_text().splitlines()
+    assert lines and all('"kind":"relay-audit-checkpoint/1"' in line for line in lines)
+    out = verify(relay)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "audit trail intact" in out.stdout and f"{len(lines)} checkpoints" in out.stdout, out.stdout
+
+    # The same checkpoints, read back from the JSON log stream instead of the file.
+    out = verify(relay, "--checkpoints", str(relay.log_path))
+    assert out.returncode == 0 and f"{len(lines)} checkpoints" in out.stdout, out.stdout + out.stderr
+
+    # A database without those records (wiped, or an older backup put back): the trail it holds
+    # links, but the checkpoints name chains it no longer has.
+    other = make_relay(keys, name="other")
+    other.stop()
+    out = verify(other, "--checkpoints", str(checkpoint_file))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "subject=dr.audit" in out.stdout and "chain deleted" in out.stdout, out.stdout
+
+    # A checkpoint edited to match is itself caught.
+    forged = checkpoint_file.read_text().replace('"n":', '"n":1', 1)
+    (relay.data_dir.parent / "forged.jsonl").write_text(forged)
+    out = verify(relay, "--checkpoints", str(relay.data_dir.parent / "forged.jsonl"))
+    assert out.returncode == 1 and "checkpoint forged or altered" in out.stdout, out.stdout
