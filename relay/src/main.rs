@@ -14,6 +14,13 @@ use relay::server;
 /// Exit code for bad configuration (EX_USAGE): nothing was bound.
 const EXIT_CONFIG: u8 = 64;
 
+/// jemalloc, not the system allocator: under connection churn glibc's per-thread arenas kept
+/// growing (fragmentation) where jemalloc levels off, and it was faster too (BENCHMARKS.md).
+/// Its background thread returns freed pages to the system while the relay is idle
+/// (`background_thread:true`, set at build time in `.cargo/config.toml`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use futures_util::FutureExt as _;
@@ -49,6 +49,25 @@ struct Tables {
     pending_logouts: Keyspace,
     audit: Keyspace,
 }
+
+impl Tables {
+    fn all(&self) -> [&Keyspace; 9] {
+        [
+            &self.inbox,
+            &self.archive,
+            &self.idempotency,
+            &self.devices,
+            &self.push_tokens,
+            &self.access,
+            &self.org_users,
+            &self.pending_logouts,
+            &self.audit,
+        ]
+    }
+}
+
+/// How long the writer waits without work before it flushes the write buffers.
+const IDLE_FLUSH: Duration = Duration::from_secs(30);
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
@@ -582,14 +601,35 @@ struct Done {
 
 impl Writer {
     fn run(mut self, mut batches: Batches, runtime: &tokio::runtime::Handle) {
-        while let Some(batch) = batches.next_blocking(runtime) {
-            if self.commit(batch) {
-                break;
+        loop {
+            let next =
+                runtime.block_on(async { tokio::time::timeout(IDLE_FLUSH, batches.next()).await });
+            match next {
+                Ok(Some(batch)) => {
+                    if self.commit(batch) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(_idle) => self.flush_write_buffers(),
             }
             metrics::gauge!("relay_store_write_buffer_bytes")
                 .set(self.t.db.write_buffer_size() as f64);
         }
         // Dropping the receiver fails any later request with `Closed`.
+    }
+
+    /// A quiet store writes its buffers out (in the background) instead of holding up to
+    /// `memtable_bytes` per table in memory until the next burst fills them.
+    fn flush_write_buffers(&self) {
+        if self.t.db.write_buffer_size() == 0 {
+            return;
+        }
+        for table in self.t.all() {
+            if let Err(e) = table.rotate_memtable() {
+                tracing::warn!(error = %e, "idle write-buffer flush failed");
+            }
+        }
     }
 
     fn devices_of(&mut self, user: &str) -> Result<&[DeviceRef], StoreError> {

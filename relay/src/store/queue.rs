@@ -160,11 +160,6 @@ impl Batches {
             Some(ack) = self.acks.recv() => Some(self.fill(None, Some(ack))),
         }
     }
-
-    /// The same, for a writer on its own thread.
-    pub(crate) fn next_blocking(&mut self, runtime: &tokio::runtime::Handle) -> Option<Batch> {
-        runtime.block_on(self.next())
-    }
 }
 
 #[cfg(test)]
