@@ -620,7 +620,8 @@ impl Writer {
     }
 
     /// A quiet store writes its buffers out (in the background) instead of holding up to
-    /// `memtable_bytes` per table in memory until the next burst fills them.
+    /// `memtable_bytes` per table in memory until the next burst fills them. (`rotate_memtable`
+    /// is what fjall's own size-triggered flush calls; fjall keeps it out of its docs.)
     fn flush_write_buffers(&self) {
         if self.t.db.write_buffer_size() == 0 {
             return;
