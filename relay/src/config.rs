@@ -476,6 +476,9 @@ pub struct EmbeddedConfig {
     pub cache_bytes: u64,
     /// Write buffer (memtable) of each of the nine tables; fixed when a table is created.
     pub memtable_bytes: u64,
+    /// Time without writes after which the write buffers are written out, and once more after
+    /// which their memory is released.
+    pub idle_flush: Dur,
 }
 
 impl Default for EmbeddedConfig {
@@ -483,6 +486,7 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             cache_bytes: 32 << 20,
             memtable_bytes: 8 << 20,
+            idle_flush: Dur::secs(30),
         }
     }
 }
@@ -946,6 +950,7 @@ impl Config {
             ("auth.max_token_lifetime", self.auth.max_token_lifetime),
             ("retention.sweep_interval", self.retention.sweep_interval),
             ("audit.checkpoint_interval", self.audit.checkpoint_interval),
+            ("storage.embedded.idle_flush", m.idle_flush),
         ] {
             if d.0.is_zero() {
                 e.push(format!("{name} must be positive"));
@@ -1225,6 +1230,8 @@ mod tests {
         assert_eq!(c.storage.embedded.memtable_bytes, 2 << 20);
         assert_eq!(c.storage.embedded.cache_bytes, 32 << 20);
         assert!(load(&[("RELAY_STORAGE__EMBEDDED__CACHE_BYTES", "1000")], None).is_err());
+        assert_eq!(c.storage.embedded.idle_flush.0, Duration::from_secs(30));
+        assert!(load(&[("RELAY_STORAGE__EMBEDDED__IDLE_FLUSH", "0s")], None).is_err());
     }
 
     #[test]

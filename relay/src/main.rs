@@ -225,6 +225,7 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    relay::metrics::report_jemalloc();
     runtime.block_on(async move {
         let metrics = match relay::metrics::install() {
             Ok(h) => h,

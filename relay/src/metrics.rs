@@ -6,6 +6,8 @@
 //! and dashboards never point at a series that does not exist yet. No label ever carries a user
 //! or device id.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Kind of a catalogued metric.
@@ -197,6 +199,19 @@ pub const CATALOGUE: &[Entry] = &[
         "Resident memory of the relay process (VmRSS), sampled at each scrape.",
     ),
     (
+        "relay_allocator_allocated_bytes",
+        Kind::Gauge,
+        &[],
+        "Bytes the relay's live objects hold (jemalloc stats.allocated), sampled at each scrape.",
+    ),
+    (
+        "relay_allocator_resident_bytes",
+        Kind::Gauge,
+        &[],
+        "Bytes of memory the allocator holds resident (jemalloc stats.resident): live objects, \
+         free pages not yet returned, and its metadata.",
+    ),
+    (
         "relay_process_memory_limit_bytes",
         Kind::Gauge,
         &[],
@@ -213,6 +228,12 @@ pub const CATALOGUE: &[Entry] = &[
         Kind::Gauge,
         &[],
         "Embedded store: bytes its tables hold in memory before writing them to disk.",
+    ),
+    (
+        "relay_store_cache_bytes",
+        Kind::Gauge,
+        &[],
+        "Embedded store: bytes in its block cache (at most storage.embedded.cache_bytes).",
     ),
     (
         "relay_replay_memory_bytes",
@@ -571,9 +592,30 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
+/// Set by the binary, which links jemalloc as its global allocator: only then do jemalloc's
+/// statistics describe the process (a test binary using the system allocator has none).
+static JEMALLOC_IS_GLOBAL: AtomicBool = AtomicBool::new(false);
+
+/// Declares that jemalloc is the process's global allocator, so scrapes report its statistics.
+pub fn report_jemalloc() {
+    JEMALLOC_IS_GLOBAL.store(true, Ordering::Relaxed);
+}
+
 /// Samples the process's memory, its limit and its open files (Linux `/proc`, cgroup v2) for
 /// the scrape about to be rendered. What cannot be read is left as it was.
 pub fn sample_process() {
+    if JEMALLOC_IS_GLOBAL.load(Ordering::Relaxed) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        // The statistics are a snapshot taken when the epoch advances.
+        if epoch::advance().is_ok() {
+            if let Ok(b) = stats::allocated::read() {
+                metrics::gauge!("relay_allocator_allocated_bytes").set(b as f64);
+            }
+            if let Ok(b) = stats::resident::read() {
+                metrics::gauge!("relay_allocator_resident_bytes").set(b as f64);
+            }
+        }
+    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     if let Some(kb) = kb_field(&status, "VmRSS:") {
         metrics::gauge!("relay_process_resident_bytes").set((kb * 1024) as f64);
@@ -637,5 +679,6 @@ fn register() {
     metrics::gauge!("relay_devices_online").set(0.0);
     metrics::gauge!("relay_store_ready").set(1.0);
     metrics::gauge!("relay_store_write_buffer_bytes").set(0.0); // stays 0 on ScyllaDB
+    metrics::gauge!("relay_store_cache_bytes").set(0.0);
     metrics::gauge!(push::metric::QUEUE_DEPTH).set(0.0);
 }

@@ -166,6 +166,7 @@ fn embedded_memory(config: &Config) -> crate::store::embedded::Memory {
     crate::store::embedded::Memory {
         cache_bytes: e.cache_bytes,
         memtable_bytes: e.memtable_bytes,
+        idle_flush: e.idle_flush.0,
     }
 }
 

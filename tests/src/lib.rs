@@ -122,6 +122,7 @@ impl Place {
                     relay::store::embedded::Memory {
                         cache_bytes: 32 << 20,
                         memtable_bytes: 8 << 20,
+                        idle_flush: std::time::Duration::from_secs(30),
                     },
                     keyring,
                     sink,

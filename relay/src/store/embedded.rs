@@ -48,6 +48,8 @@ struct Tables {
     org_users: Keyspace,
     pending_logouts: Keyspace,
     audit: Keyspace,
+    /// One key, rewritten when the store goes quiet (see `Writer::release_flushed_buffers`).
+    housekeeping: Keyspace,
 }
 
 impl Tables {
@@ -65,9 +67,6 @@ impl Tables {
         ]
     }
 }
-
-/// How long the writer waits without work before it flushes the write buffers.
-const IDLE_FLUSH: Duration = Duration::from_secs(30);
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
@@ -92,6 +91,8 @@ pub struct Memory {
     /// written to disk. Applies to tables created with it: a store keeps the size it was created
     /// with.
     pub memtable_bytes: u64,
+    /// Time without writes after which the write buffers are written out.
+    pub idle_flush: Duration,
 }
 
 impl EmbeddedStore {
@@ -122,6 +123,7 @@ impl EmbeddedStore {
             org_users: ks("org_users")?,
             pending_logouts: ks("pending_logouts")?,
             audit: ks("audit")?,
+            housekeeping: ks("housekeeping")?,
             db: db.clone(),
         };
         let last_seq = match tables.archive.last_key_value() {
@@ -142,6 +144,7 @@ impl EmbeddedStore {
             clock: SeqClock::new(0, last_seq),
             devices: HashMap::new(),
             healthy: healthy.clone(),
+            idle_flush: memory.idle_flush,
         };
         std::thread::Builder::new()
             .name("store-writer".into())
@@ -587,6 +590,7 @@ struct Writer {
     /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
     devices: HashMap<Arc<str>, Vec<DeviceRef>>,
     healthy: Arc<AtomicBool>,
+    idle_flush: Duration,
 }
 
 /// The devices an appended message goes to, and the message.
@@ -601,36 +605,64 @@ struct Done {
 
 impl Writer {
     fn run(mut self, mut batches: Batches, runtime: &tokio::runtime::Handle) {
+        // Write buffers written out by the last idle flush whose memory is not released yet.
+        let mut unreleased = false;
         loop {
-            let next =
-                runtime.block_on(async { tokio::time::timeout(IDLE_FLUSH, batches.next()).await });
+            let next = runtime
+                .block_on(async { tokio::time::timeout(self.idle_flush, batches.next()).await });
             match next {
                 Ok(Some(batch)) => {
+                    unreleased = false;
                     if self.commit(batch) {
                         break;
                     }
                 }
                 Ok(None) => break,
-                Err(_idle) => self.flush_write_buffers(),
+                Err(_idle) if unreleased => unreleased = !self.release_flushed_buffers(),
+                Err(_idle) => unreleased = self.flush_write_buffers(),
             }
             metrics::gauge!("relay_store_write_buffer_bytes")
                 .set(self.t.db.write_buffer_size() as f64);
+            metrics::gauge!("relay_store_cache_bytes").set(self.t.db.cache_size() as f64);
         }
         // Dropping the receiver fails any later request with `Closed`.
     }
 
     /// A quiet store writes its buffers out (in the background) instead of holding up to
     /// `memtable_bytes` per table in memory until the next burst fills them. (`rotate_memtable`
-    /// is what fjall's own size-triggered flush calls; fjall keeps it out of its docs.)
-    fn flush_write_buffers(&self) {
+    /// is what fjall's own size-triggered flush calls; fjall keeps it out of its docs.) Returns
+    /// whether anything was written out.
+    fn flush_write_buffers(&self) -> bool {
         if self.t.db.write_buffer_size() == 0 {
-            return;
+            return false;
         }
         for table in self.t.all() {
             if let Err(e) = table.rotate_memtable() {
                 tracing::warn!(error = %e, "idle write-buffer flush failed");
             }
         }
+        true
+    }
+
+    /// Frees the buffers the last idle flush wrote out. fjall keeps each table's version from
+    /// before a flush, and with it the written buffer, until its next rotation collects old
+    /// versions, which a quiet store never has. Rotating a one-key table does that for every
+    /// table, at the cost of one tiny table file per quiet period. Returns false while the
+    /// flush is still running (it is tried again at the next idle tick).
+    fn release_flushed_buffers(&self) -> bool {
+        if self.t.all().iter().any(|t| t.sealed_memtable_count() > 0) {
+            return false;
+        }
+        let stamp = super::now_ms().to_be_bytes();
+        let rotated = self
+            .t
+            .housekeeping
+            .insert("idle", stamp)
+            .and_then(|()| self.t.housekeeping.rotate_memtable());
+        if let Err(e) = rotated {
+            tracing::warn!(error = %e, "releasing flushed write buffers failed");
+        }
+        true
     }
 
     fn devices_of(&mut self, user: &str) -> Result<&[DeviceRef], StoreError> {
