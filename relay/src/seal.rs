@@ -63,11 +63,15 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-/// Parses `kid:base64key` entries separated by commas (the form of key lists in config files and
-/// environment variables) into 32-byte keys.
+/// Parses `kid:base64key` entries separated by commas or newlines (the form of key lists in
+/// config files, environment variables and keys files) into 32-byte keys.
 pub fn parse_keys(spec: &str) -> Result<HashMap<String, [u8; 32]>, SealError> {
     let mut keys = HashMap::new();
-    for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for entry in spec
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
         let (kid, b64) = entry
             .split_once(':')
             .ok_or_else(|| SealError::Config("entries must be `kid:base64key`".into()))?;
@@ -126,6 +130,18 @@ impl Keyring {
     /// Id of the key that seals new data.
     pub fn active_id(&self) -> &str {
         &self.active_id
+    }
+
+    /// Ids of every key this keyring can open, sorted.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        let mut ids: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids.into_iter()
+    }
+
+    /// Whether this keyring can open data sealed with key `id`.
+    pub fn holds(&self, id: &str) -> bool {
+        self.keys.contains_key(id)
     }
 
     /// Seals `plaintext`, binding it to `aad` (which is not stored).
@@ -227,6 +243,16 @@ mod tests {
             Err(SealError::Tampered)
         ));
         assert!(r.open(b"msg-1|dev-a", &sealed[..10]).is_err());
+    }
+
+    #[test]
+    fn a_keys_file_lists_one_key_per_line_or_separates_them_with_commas() {
+        let (a, b) = (Keyring::generate_key_b64(), Keyring::generate_key_b64());
+        let r = ring(&format!("k1:{a}\nk2:{b}\n"), "k2");
+        assert_eq!(r.key_ids().collect::<Vec<_>>(), ["k1", "k2"]);
+        assert!(r.holds("k1") && !r.holds("k3"));
+        let r = ring(&format!("k1:{a}, k2:{b}"), "k1");
+        assert_eq!(r.active_id(), "k1");
     }
 
     #[test]

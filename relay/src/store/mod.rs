@@ -130,6 +130,9 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
+    /// The store will not open as configured; an operator must act (the message says how).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// A pending durable append; resolves when the message is durable (or failed).

@@ -50,7 +50,7 @@ use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         7,
         "audit_keys",
         include_str!("../../../schema/0007_audit_keys.cql"),
+    ),
+    (
+        8,
+        "node_keys",
+        include_str!("../../../schema/0008_node_keys.cql"),
     ),
 ];
 
@@ -492,6 +497,8 @@ pub struct ScyllaStore {
     pinger: tokio::task::JoinHandle<()>,
     /// The lease renewal task and this node's holder id, when the node id is leased.
     lease: Option<(tokio::task::JoinHandle<()>, String)>,
+    /// The task renewing this node's row of `node_keys`, and the row's holder id.
+    announcement: (tokio::task::JoinHandle<()>, String),
     node_id: u8,
 }
 
@@ -592,6 +599,74 @@ async fn keep_lease(s: Arc<Shared>, id: u8, holder: String) {
     }
 }
 
+/// Refuses a keyring that would break a live node: sealing with a key some live node cannot
+/// open, or lacking the key some live node seals with. Either means an at-rest key rotation was
+/// done in one rolling deploy instead of two (DEPLOY.md, "Rotating the at-rest key").
+async fn check_keys_against_live_nodes(
+    session: &Session,
+    keyring: &Keyring,
+) -> Result<(), StoreError> {
+    let rows = session
+        .query_unpaged("SELECT key_ids, active FROM node_keys", ())
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    let active = keyring.active_id();
+    let (mut lacking, mut unknown) = (0, std::collections::BTreeSet::new());
+    for row in rows
+        .rows::<(Option<Vec<String>>, Option<String>)>()
+        .map_err(unavailable)?
+    {
+        let (held, theirs) = row.map_err(unavailable)?;
+        if !held.unwrap_or_default().iter().any(|k| k == active) {
+            lacking += 1;
+        }
+        if let Some(theirs) = theirs.filter(|k| !keyring.holds(k)) {
+            unknown.insert(theirs);
+        }
+    }
+    if lacking > 0 {
+        return Err(StoreError::Refused(format!(
+            "at-rest key `{active}` is not held by {lacking} live node(s) yet: give every node \
+             the key while it still seals with the old one, then activate it"
+        )));
+    }
+    if !unknown.is_empty() {
+        return Err(StoreError::Refused(format!(
+            "live nodes seal with at-rest key(s) {unknown:?} that this node does not hold"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes this node's row of `node_keys`: the at-rest key ids it can open and the one it seals
+/// with. It expires unless renewed, so a node that died stops counting after 30 s.
+async fn announce_keys(
+    session: &Session,
+    holder: &str,
+    keyring: &Keyring,
+) -> Result<(), StoreError> {
+    let ids: Vec<&str> = keyring.key_ids().collect();
+    session
+        .query_unpaged(
+            "INSERT INTO node_keys (holder, key_ids, active) VALUES (?, ?, ?) USING TTL 30",
+            (holder, ids, keyring.active_id()),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+async fn keep_announcing(s: Arc<Shared>, holder: String) {
+    loop {
+        tokio::time::sleep(LEASE_RENEW).await;
+        if let Err(e) = announce_keys(&s.session, &holder, &s.keyring).await {
+            tracing::warn!(error = %e, "announcing the at-rest keys failed; retrying");
+        }
+    }
+}
+
 impl ScyllaStore {
     /// Connects, checks the schema version, prepares statements and starts the writer task.
     pub async fn open(
@@ -627,6 +702,8 @@ impl ScyllaStore {
         }
         let st = Statements::prepare(&session, &cfg.keyspace).await?;
         let holder = format!("{:016x}", fastrand::u64(..));
+        check_keys_against_live_nodes(&session, &keyring).await?;
+        announce_keys(&session, &holder, &keyring).await?;
         let (node_id, leased) = match node_id {
             Some(id) => (id, false),
             None => {
@@ -664,13 +741,15 @@ impl ScyllaStore {
         let pinger = tokio::spawn(ping(shared.clone()));
         let lease = leased.then(|| {
             let task = tokio::spawn(keep_lease(shared.clone(), node_id, holder.clone()));
-            (task, holder)
+            (task, holder.clone())
         });
+        let announcer = tokio::spawn(keep_announcing(shared.clone(), holder.clone()));
         Ok(ScyllaStore {
             shared,
             ops: tx,
             pinger,
             lease,
+            announcement: (announcer, holder),
             node_id,
         })
     }
@@ -764,6 +843,7 @@ impl ScyllaStore {
 impl Drop for ScyllaStore {
     fn drop(&mut self) {
         self.pinger.abort();
+        self.announcement.0.abort();
         if let Some((task, _)) = &self.lease {
             task.abort();
         }
@@ -1166,6 +1246,13 @@ impl MessageStore for ScyllaStore {
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let closed = self.ops.close().await;
+            let (announcer, holder) = &self.announcement;
+            announcer.abort();
+            let _ = self
+                .shared
+                .session
+                .query_unpaged("DELETE FROM node_keys WHERE holder = ?", (holder,))
+                .await;
             if let Some((lease, holder)) = &self.lease {
                 // Free the node id for the next node at once instead of after the TTL.
                 lease.abort();

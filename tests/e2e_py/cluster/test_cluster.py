@@ -7,7 +7,9 @@ total-queue check: every message answered `accepted` delivered, none stored twic
 """
 
 import asyncio
+import base64
 import json
+import os
 import re
 import shutil
 import socket
@@ -436,3 +438,47 @@ async def test_a_replayed_logout_on_the_bus_cannot_end_a_newer_login(cluster, na
     await asyncio.sleep(1.0)
     assert again.ws.close_code is None, "the replayed logout ended a newer login"
     spy.close()
+
+
+def test_an_at_rest_key_rotates_in_two_phases_under_load_and_loses_nothing(cluster, tmp_path):
+    """DEPLOY.md's rotation: first every node gets the new key (still sealing with the old one),
+    then every node activates it. A node that would activate a key some live node cannot open yet
+    is refused at start, before it seals anything; done in order, the rotation under load loses
+    nothing."""
+    old = (cluster[0].data_dir / "dev-secrets" / "at-rest.keys").read_text().strip()
+    both = tmp_path / "at-rest-both.keys"
+    both.write_text(f"{old}\nk2:{base64.b64encode(os.urandom(32)).decode()}\n")
+
+    def keys(active):
+        return {"RELAY_AT_REST__KEYS_FILE": str(both), "RELAY_AT_REST__ACTIVE": active}
+
+    # Activating k2 on one node while the others cannot open it: refused, with what to do.
+    cluster[1].stop()
+    cluster[1].env.update(keys("k2"))
+    with pytest.raises(RuntimeError) as refused:
+        cluster[1].start()
+    assert "k2" in str(refused.value) and "not held by" in str(refused.value), str(refused.value)[-2000:]
+    cluster[1].env.update(keys("dev1"))
+    cluster[1].start()
+
+    def rotate(proc):
+        time.sleep(3)
+        for active in ("dev1", "k2"):  # phase 1: distribute; phase 2: activate
+            for node in cluster.nodes:
+                assert node.stop() == 0, node.logs()[-2000:]
+                node.env.update(keys(active))
+                node.start()
+                time.sleep(1)
+
+    report, err = loadtest(cluster, *LOAD, "--duration", "30", "--prefix", "rotate", during=rotate)
+    check_total_queue(report, err)
+    for node in cluster.nodes:
+        assert metric(node, "relay_store_corrupt_rows_total") == 0
+        assert metric(node, "relay_bus_rejected_total") == 0
+    # And a node left behind, without the key the others now seal with, is refused too.
+    cluster[2].stop()
+    cluster[2].env.update(RELAY_AT_REST__KEYS_FILE=str(cluster[0].data_dir / "dev-secrets" / "at-rest.keys"),
+                          RELAY_AT_REST__ACTIVE="dev1")
+    with pytest.raises(RuntimeError) as refused:
+        cluster[2].start()
+    assert "k2" in str(refused.value) and "does not hold" in str(refused.value), str(refused.value)[-2000:]
