@@ -497,8 +497,8 @@ pub struct ScyllaStore {
     pinger: tokio::task::JoinHandle<()>,
     /// The lease renewal task and this node's holder id, when the node id is leased.
     lease: Option<(tokio::task::JoinHandle<()>, String)>,
-    /// The task renewing this node's row of `node_keys`, and the row's holder id.
-    announcement: (tokio::task::JoinHandle<()>, String),
+    /// The task renewing this node's row of `node_keys`.
+    announcer: tokio::task::JoinHandle<()>,
     node_id: u8,
 }
 
@@ -605,9 +605,10 @@ async fn keep_lease(s: Arc<Shared>, id: u8, holder: String) {
 async fn check_keys_against_live_nodes(
     session: &Session,
     keyring: &Keyring,
+    node_id: u8,
 ) -> Result<(), StoreError> {
     let rows = session
-        .query_unpaged("SELECT key_ids, active FROM node_keys", ())
+        .query_unpaged("SELECT node_id, key_ids, active FROM node_keys", ())
         .await
         .map_err(unavailable)?
         .into_rows_result()
@@ -615,10 +616,13 @@ async fn check_keys_against_live_nodes(
     let active = keyring.active_id();
     let (mut lacking, mut unknown) = (0, std::collections::BTreeSet::new());
     for row in rows
-        .rows::<(Option<Vec<String>>, Option<String>)>()
+        .rows::<(i32, Option<Vec<String>>, Option<String>)>()
         .map_err(unavailable)?
     {
-        let (held, theirs) = row.map_err(unavailable)?;
+        let (id, held, theirs) = row.map_err(unavailable)?;
+        if id == i32::from(node_id) {
+            continue; // this node's previous run, replaced below
+        }
         if !held.unwrap_or_default().iter().any(|k| k == active) {
             lacking += 1;
         }
@@ -629,7 +633,8 @@ async fn check_keys_against_live_nodes(
     if lacking > 0 {
         return Err(StoreError::Refused(format!(
             "at-rest key `{active}` is not held by {lacking} live node(s) yet: give every node \
-             the key while it still seals with the old one, then activate it"
+             the key while it still seals with the old one, then activate it (another node \
+             that stopped without a clean shutdown counts as live for 30 s)"
         )));
     }
     if !unknown.is_empty() {
@@ -644,24 +649,24 @@ async fn check_keys_against_live_nodes(
 /// with. It expires unless renewed, so a node that died stops counting after 30 s.
 async fn announce_keys(
     session: &Session,
-    holder: &str,
+    node_id: u8,
     keyring: &Keyring,
 ) -> Result<(), StoreError> {
     let ids: Vec<&str> = keyring.key_ids().collect();
     session
         .query_unpaged(
-            "INSERT INTO node_keys (holder, key_ids, active) VALUES (?, ?, ?) USING TTL 30",
-            (holder, ids, keyring.active_id()),
+            "INSERT INTO node_keys (node_id, key_ids, active) VALUES (?, ?, ?) USING TTL 30",
+            (i32::from(node_id), ids, keyring.active_id()),
         )
         .await
         .map_err(unavailable)?;
     Ok(())
 }
 
-async fn keep_announcing(s: Arc<Shared>, holder: String) {
+async fn keep_announcing(s: Arc<Shared>, node_id: u8) {
     loop {
         tokio::time::sleep(LEASE_RENEW).await;
-        if let Err(e) = announce_keys(&s.session, &holder, &s.keyring).await {
+        if let Err(e) = announce_keys(&s.session, node_id, &s.keyring).await {
             tracing::warn!(error = %e, "announcing the at-rest keys failed; retrying");
         }
     }
@@ -702,8 +707,6 @@ impl ScyllaStore {
         }
         let st = Statements::prepare(&session, &cfg.keyspace).await?;
         let holder = format!("{:016x}", fastrand::u64(..));
-        check_keys_against_live_nodes(&session, &keyring).await?;
-        announce_keys(&session, &holder, &keyring).await?;
         let (node_id, leased) = match node_id {
             Some(id) => (id, false),
             None => {
@@ -712,6 +715,8 @@ impl ScyllaStore {
                 (id, true)
             }
         };
+        check_keys_against_live_nodes(&session, &keyring, node_id).await?;
+        announce_keys(&session, node_id, &keyring).await?;
         let shared = Arc::new(Shared {
             session,
             st,
@@ -741,15 +746,15 @@ impl ScyllaStore {
         let pinger = tokio::spawn(ping(shared.clone()));
         let lease = leased.then(|| {
             let task = tokio::spawn(keep_lease(shared.clone(), node_id, holder.clone()));
-            (task, holder.clone())
+            (task, holder)
         });
-        let announcer = tokio::spawn(keep_announcing(shared.clone(), holder.clone()));
+        let announcer = tokio::spawn(keep_announcing(shared.clone(), node_id));
         Ok(ScyllaStore {
             shared,
             ops: tx,
             pinger,
             lease,
-            announcement: (announcer, holder),
+            announcer,
             node_id,
         })
     }
@@ -843,7 +848,7 @@ impl ScyllaStore {
 impl Drop for ScyllaStore {
     fn drop(&mut self) {
         self.pinger.abort();
-        self.announcement.0.abort();
+        self.announcer.abort();
         if let Some((task, _)) = &self.lease {
             task.abort();
         }
@@ -1246,12 +1251,14 @@ impl MessageStore for ScyllaStore {
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let closed = self.ops.close().await;
-            let (announcer, holder) = &self.announcement;
-            announcer.abort();
+            self.announcer.abort();
             let _ = self
                 .shared
                 .session
-                .query_unpaged("DELETE FROM node_keys WHERE holder = ?", (holder,))
+                .query_unpaged(
+                    "DELETE FROM node_keys WHERE node_id = ?",
+                    (i32::from(self.node_id),),
+                )
                 .await;
             if let Some((lease, holder)) = &self.lease {
                 // Free the node id for the next node at once instead of after the TTL.
