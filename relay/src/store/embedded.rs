@@ -607,9 +607,11 @@ impl Writer {
     fn run(mut self, mut batches: Batches, runtime: &tokio::runtime::Handle) {
         // Write buffers written out by the last idle flush whose memory is not released yet.
         let mut unreleased = false;
+        let mut gauges_at = Instant::now();
         loop {
             let next = runtime
                 .block_on(async { tokio::time::timeout(self.idle_flush, batches.next()).await });
+            let idle = next.is_err();
             match next {
                 Ok(Some(batch)) => {
                     unreleased = false;
@@ -621,9 +623,13 @@ impl Writer {
                 Err(_idle) if unreleased => unreleased = !self.release_flushed_buffers(),
                 Err(_idle) => unreleased = self.flush_write_buffers(),
             }
-            metrics::gauge!("relay_store_write_buffer_bytes")
-                .set(self.t.db.write_buffer_size() as f64);
-            metrics::gauge!("relay_store_cache_bytes").set(self.t.db.cache_size() as f64);
+            // Once a second at most: reading the cache's size locks each of its shards.
+            if idle || gauges_at.elapsed() >= Duration::from_secs(1) {
+                gauges_at = Instant::now();
+                metrics::gauge!("relay_store_write_buffer_bytes")
+                    .set(self.t.db.write_buffer_size() as f64);
+                metrics::gauge!("relay_store_cache_bytes").set(self.t.db.cache_size() as f64);
+            }
         }
         // Dropping the receiver fails any later request with `Closed`.
     }

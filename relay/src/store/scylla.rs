@@ -602,10 +602,12 @@ async fn keep_lease(s: Arc<Shared>, id: u8, holder: String) {
 /// Refuses a keyring that would break a live node: sealing with a key some live node cannot
 /// open, or lacking the key some live node seals with. Either means an at-rest key rotation was
 /// done in one rolling deploy instead of two (DEPLOY.md, "Rotating the at-rest key").
+/// `fixed_id` is this node's configured id, whose row is its own previous run's (a leased id is
+/// claimed afterwards and is never one a live node announces under).
 async fn check_keys_against_live_nodes(
     session: &Session,
     keyring: &Keyring,
-    node_id: u8,
+    fixed_id: Option<u8>,
 ) -> Result<(), StoreError> {
     let rows = session
         .query_unpaged("SELECT node_id, key_ids, active FROM node_keys", ())
@@ -620,8 +622,8 @@ async fn check_keys_against_live_nodes(
         .map_err(unavailable)?
     {
         let (id, held, theirs) = row.map_err(unavailable)?;
-        if id == i32::from(node_id) {
-            continue; // this node's previous run, replaced below
+        if fixed_id.is_some_and(|own| id == i32::from(own)) {
+            continue; // this node's previous run, replaced when it announces
         }
         if !held.unwrap_or_default().iter().any(|k| k == active) {
             lacking += 1;
@@ -706,6 +708,8 @@ impl ScyllaStore {
             ));
         }
         let st = Statements::prepare(&session, &cfg.keyspace).await?;
+        // Before claiming anything, so that a refused start leaves nothing behind.
+        check_keys_against_live_nodes(&session, &keyring, node_id).await?;
         let holder = format!("{:016x}", fastrand::u64(..));
         let (node_id, leased) = match node_id {
             Some(id) => (id, false),
@@ -715,7 +719,6 @@ impl ScyllaStore {
                 (id, true)
             }
         };
-        check_keys_against_live_nodes(&session, &keyring, node_id).await?;
         announce_keys(&session, node_id, &keyring).await?;
         let shared = Arc::new(Shared {
             session,
