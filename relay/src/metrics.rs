@@ -311,7 +311,13 @@ pub const CATALOGUE: &[Entry] = &[
         "relay_store_corrupt_rows_total",
         Kind::Counter,
         &[],
-        "Stored rows that failed authentication (tampering or a removed key); never delivered.",
+        "Stored rows that failed authentication (tampering); never delivered.",
+    ),
+    (
+        "relay_store_unknown_key_rows_total",
+        Kind::Counter,
+        &[],
+        "Stored rows sealed with an at-rest key this node does not hold; kept and read again at every replay.",
     ),
     (
         "relay_retention_expired_rows_total",

@@ -254,8 +254,11 @@ pub trait MessageStore: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
-/// Adds an opened inbox row to a page and returns its body's size; a row that failed
-/// authentication is counted and logged, left in place for investigation, never delivered.
+/// Adds an opened inbox row to a page and returns its body's size. A row that does not open is
+/// never delivered and never removed here: one sealed with a key this node does not hold (a key
+/// removed too early, or a rollback) is read again at every replay, so it is delivered once the
+/// key is configured again; one that failed authentication is counted as corrupt and left in
+/// place for investigation.
 pub(crate) fn keep_inbox_row(
     page: &mut Vec<InboxEntry>,
     device: &DeviceRef,
@@ -266,6 +269,12 @@ pub(crate) fn keep_inbox_row(
             let bytes = entry.body.len();
             page.push(entry);
             bytes
+        }
+        Err(crate::seal::SealError::UnknownKey) => {
+            metrics::counter!("relay_store_unknown_key_rows_total").increment(1);
+            tracing::error!(user = %device.user, device = %device.device,
+                "inbox row sealed with an at-rest key this node does not hold; kept for the next replay");
+            0
         }
         Err(e) => {
             metrics::counter!("relay_store_corrupt_rows_total").increment(1);

@@ -474,6 +474,7 @@ def test_an_at_rest_key_rotates_in_two_phases_under_load_and_loses_nothing(clust
     check_total_queue(report, err)
     for node in cluster.nodes:
         assert metric(node, "relay_store_corrupt_rows_total") == 0
+        assert metric(node, "relay_store_unknown_key_rows_total") == 0
         assert metric(node, "relay_bus_rejected_total") == 0
     # And a node left behind, without the key the others now seal with, is refused too.
     cluster[2].stop()
