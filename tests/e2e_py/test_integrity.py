@@ -149,3 +149,48 @@ async def test_checkpoints_outside_the_database_reveal_a_trail_that_lost_its_rec
     (relay.data_dir.parent / "forged.jsonl").write_text(forged)
     out = verify(relay, "--checkpoints", str(relay.data_dir.parent / "forged.jsonl"))
     assert out.returncode == 1 and "checkpoint forged or altered" in out.stdout, out.stdout
+
+
+# Ids distinctive enough that a match in the store's files can only be them.
+SENDER, SENDER_DEVICE = "zebradoc4471", "zebraphone31"
+RECIPIENT, RECIPIENT_DEVICE = "okapinurse9902", "okapitablet77"
+ORG = "okapiclinic5150"
+
+
+def leaked_ids(relay):
+    """The distinctive ids found in clear in any file the store wrote."""
+    blobs = b"".join(p.read_bytes() for p in relay.store_files())
+    assert len(blobs) > 0
+    return [i for i in (SENDER, SENDER_DEVICE, RECIPIENT, RECIPIENT_DEVICE, ORG) if i.encode() in blobs]
+
+
+@run
+async def test_a_copy_of_the_store_does_not_tell_who_messaged_whom(make_relay):
+    relay = make_relay()
+    token = relay.token(RECIPIENT, RECIPIENT_DEVICE, "--org", ORG)
+    await (await relay.connect(RECIPIENT, RECIPIENT_DEVICE, token=token)).handshake()
+    sender = await relay.connect(SENDER, SENDER_DEVICE, token=relay.token(SENDER, SENDER_DEVICE, "--org", ORG))
+    await sender.handshake()
+    for i in range(3):
+        await sender.send_ok([RECIPIENT], f"m{i}".encode())
+    recipient = await relay.connect(RECIPIENT, RECIPIENT_DEVICE, token=token)
+    delivered = await recipient.handshake()
+    assert len(delivered) == 3
+    await recipient.ack([delivered[0]["seq"]])
+    # A remote logout and an audit trail: access rows, a pending logout, audit records.
+    status, _ = relay.admin("POST", f"/v1/devices/{SENDER_DEVICE}/logout", {"user": SENDER, "reason": "lost_device"})
+    assert status == 200
+    await recipient.close()
+    relay.kill()  # the journal as written
+    assert leaked_ids(relay) == []
+
+    # After a clean stop (write buffers on disk as tables) the same holds, and everything is
+    # still there for the relay, which knows the ids key.
+    relay.start()
+    recipient = await relay.connect(RECIPIENT, RECIPIENT_DEVICE, token=token)
+    assert [d["body"] for d in await recipient.handshake()] == [d["body"] for d in delivered[1:]]
+    await recipient.close()
+    events = audit_events(relay, SENDER)
+    assert any(e["event"] == "logout_requested" for e in events), events
+    relay.stop()
+    assert leaked_ids(relay) == []

@@ -351,29 +351,39 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     await bob.close()
     await alice.close()
 
-    # Without the keys that sealed them, rows do not open: they are not delivered, not taken
-    # for tampering, and not dropped. New messages still flow.
+    # Without the key that sealed them (k1 removed too early), rows do not open: they are not
+    # delivered, not taken for tampering, and not dropped. Newer messages still flow.
     relay.stop()
     k3 = "k3:" + __import__("base64").b64encode(os.urandom(32)).decode()
-    relay.env = {"RELAY_AT_REST__KEYS": k3, "RELAY_AT_REST__ACTIVE": "k3"}
+    relay.env = {"RELAY_AT_REST__KEYS": f"{k2},{k3}", "RELAY_AT_REST__ACTIVE": "k3"}
     relay.start()
     bob = await relay.connect("bob", "phone")
-    assert await bob.handshake() == []
+    assert [body_of(d) for d in await bob.handshake()] == [b"sealed with k2"]
     alice = await relay.online("alice", "phone")
     await alice.send_ok(["bob"], b"sealed with k3")
     assert body_of(await bob.expect("deliver")) == b"sealed with k3"
     await bob.close()
     await alice.close()
     metrics = relay.metrics()
-    assert "relay_store_unknown_key_rows_total 2" in metrics
+    assert "relay_store_unknown_key_rows_total 1" in metrics
     assert "relay_store_corrupt_rows_total 0" in metrics or "relay_store_corrupt_rows_total" not in metrics
 
-    # Once the keys are back, the rows it could not open are delivered, in order.
+    # Once the key is back, the row it could not open is delivered, in order.
     relay.stop()
     relay.env = {"RELAY_AT_REST__KEYS": f"{k1},{k2},{k3}", "RELAY_AT_REST__ACTIVE": "k3"}
     relay.start()
     bob = await relay.connect("bob", "phone")
     assert [body_of(d) for d in await bob.handshake()] == [canary, b"sealed with k2", b"sealed with k3"]
+    await bob.close()
+
+    # With none of its keys, the store does not open at all (its ids key is sealed too).
+    relay.stop()
+    k4 = "k4:" + __import__("base64").b64encode(os.urandom(32)).decode()
+    proc = subprocess.run([str(RELAY_BIN)], env={**relay._env(), "RELAY_AT_REST__KEYS": k4,
+                                                 "RELAY_AT_REST__ACTIVE": "k4"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "at-rest keys" in proc.stderr, proc.stderr
 
 
 def test_bad_config_exits_64_before_binding(tmp_path):

@@ -41,6 +41,7 @@ pub struct Place {
     kind: Kind,
     dir: tempfile::TempDir,
     keyspace: String,
+    keyring: Arc<Keyring>,
 }
 
 fn cassandra_port() -> u16 {
@@ -90,6 +91,7 @@ impl Place {
             kind,
             dir: tempfile::tempdir().expect("tempdir"),
             keyspace: format!("conf_{}", uuid::Uuid::new_v4().simple()),
+            keyring: keyring(&key_entry("k1"), "k1"),
         };
         if let Kind::Cassandra = kind {
             scylla::migrate(&place.scylla_config())
@@ -106,6 +108,12 @@ impl Place {
             replication: [("datacenter1".to_string(), 1)].into(),
             ..ScyllaConfig::default()
         }
+    }
+
+    /// The at-rest keyring this place's store was first opened with (`k1`): a store opens
+    /// only with the keys that sealed its ids key.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.clone()
     }
 
     /// Opens the store here.

@@ -29,9 +29,7 @@ fn msg(from: &DeviceRef, to: &[&str], body: &str) -> NewMessage {
 async fn setup(kind: Kind, retention: Retention) -> (Place, Arc<dyn MessageStore>, Arc<Recorder>) {
     let place = Place::new(kind).await;
     let sink = Arc::new(Recorder::default());
-    let store = place
-        .open(keyring(&key_entry("k1"), "k1"), retention, sink.clone())
-        .await;
+    let store = place.open(place.keyring(), retention, sink.clone()).await;
     (place, store, sink)
 }
 
@@ -185,11 +183,7 @@ async fn idempotency(kind: Kind) {
     store.close().await.expect("close");
     drop(store);
     let store = place
-        .open(
-            keyring(&key_entry("k9"), "k9"),
-            LONG,
-            Arc::new(Recorder::default()),
-        )
+        .open(place.keyring(), LONG, Arc::new(Recorder::default()))
         .await;
     let again = store.append(m).await.expect("reply").expect("accepted");
     assert!(
@@ -474,11 +468,7 @@ async fn access_state(kind: Kind) {
 
     // Durable across a restart.
     let store = p
-        .open(
-            keyring(&key_entry("k1"), "k1"),
-            LONG,
-            Arc::new(Recorder::default()),
-        )
+        .open(p.keyring(), LONG, Arc::new(Recorder::default()))
         .await;
     let (user, rows) = access::split(
         store

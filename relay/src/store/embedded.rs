@@ -19,8 +19,10 @@ use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
+use super::pseudonym::Pseudonyms;
 use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
+use super::rows;
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
     Retention, SeqClock, StoreError, now_ms, seq_floor,
@@ -37,8 +39,10 @@ const QUEUE_DEPTH: usize = 65_536;
 const EXPIRY_CHUNK: usize = 10_000;
 
 #[derive(Clone)]
-struct Tables {
-    db: Database,
+pub(super) struct Tables {
+    pub(super) db: Database,
+    pub(super) keyring: Arc<Keyring>,
+    pub(super) ids: Arc<Pseudonyms>,
     inbox: Keyspace,
     archive: Keyspace,
     idempotency: Keyspace,
@@ -48,8 +52,9 @@ struct Tables {
     org_users: Keyspace,
     pending_logouts: Keyspace,
     audit: Keyspace,
-    /// One key, rewritten when the store goes quiet (see `Writer::release_flushed_buffers`).
-    housekeeping: Keyspace,
+    /// Small keys of the store itself: the sealed ids key, the layout marker, and one key
+    /// rewritten when the store goes quiet (see `Writer::release_flushed_buffers`).
+    pub(super) housekeeping: Keyspace,
 }
 
 impl Tables {
@@ -66,12 +71,39 @@ impl Tables {
             &self.audit,
         ]
     }
+
+    /// Writes every table's buffer out and waits for it, so that older journal files, which
+    /// fjall deletes once every table has been written past them, can go.
+    pub(super) fn flush_all(&self) -> Result<(), fjall::Error> {
+        let tables: Vec<&Keyspace> = self.all().into_iter().chain([&self.housekeeping]).collect();
+        for table in &tables {
+            table.rotate_memtable()?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tables.iter().any(|t| t.sealed_memtable_count() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// The tables whose keys hold pseudonyms (layout 2), by their layout-1 names.
+    pub(super) fn layout_2(&self) -> [(&'static str, &Keyspace); 8] {
+        [
+            ("inbox", &self.inbox),
+            ("idempotency", &self.idempotency),
+            ("devices", &self.devices),
+            ("push_tokens", &self.push_tokens),
+            ("access", &self.access),
+            ("org_users", &self.org_users),
+            ("pending_logouts", &self.pending_logouts),
+            ("audit", &self.audit),
+        ]
+    }
 }
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
     tables: Tables,
-    keyring: Arc<Keyring>,
     ops: WriterQueue,
     healthy: Arc<AtomicBool>,
     /// Serializes read-modify-writes of access rows.
@@ -113,19 +145,24 @@ impl EmbeddedStore {
             })
             .map_err(unavailable)
         };
+        let housekeeping = ks("housekeeping")?;
+        let ids = Arc::new(ids_key(&db, &housekeeping, &keyring)?);
         let tables = Tables {
-            inbox: ks("inbox")?,
+            inbox: ks("inbox.2")?,
             archive: ks("archive")?,
-            idempotency: ks("idempotency")?,
-            devices: ks("devices")?,
-            push_tokens: ks("push_tokens")?,
-            access: ks("access")?,
-            org_users: ks("org_users")?,
-            pending_logouts: ks("pending_logouts")?,
-            audit: ks("audit")?,
-            housekeeping: ks("housekeeping")?,
+            idempotency: ks("idempotency.2")?,
+            devices: ks("devices.2")?,
+            push_tokens: ks("push_tokens.2")?,
+            access: ks("access.2")?,
+            org_users: ks("org_users.2")?,
+            pending_logouts: ks("pending_logouts.2")?,
+            audit: ks("audit.2")?,
+            housekeeping,
+            keyring: keyring.clone(),
+            ids,
             db: db.clone(),
         };
+        super::migrate::embedded_layout_1(&tables)?;
         let last_seq = match tables.archive.last_key_value() {
             Some(guard) => {
                 let key = guard.key().map_err(unavailable)?;
@@ -139,7 +176,6 @@ impl EmbeddedStore {
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             t: tables.clone(),
-            keyring: keyring.clone(),
             sink,
             clock: SeqClock::new(0, last_seq),
             devices: HashMap::new(),
@@ -152,7 +188,6 @@ impl EmbeddedStore {
             .map_err(unavailable)?;
         Ok(EmbeddedStore {
             tables,
-            keyring,
             ops: tx,
             healthy,
             access_lock: Arc::default(),
@@ -161,7 +196,6 @@ impl EmbeddedStore {
 
     fn read_page(
         t: &Tables,
-        keyring: &Keyring,
         device: &DeviceRef,
         after: u64,
         limit: usize,
@@ -169,8 +203,8 @@ impl EmbeddedStore {
     ) -> Result<Vec<InboxEntry>, StoreError> {
         // A bounded range: an open end would walk past this device's rows over other devices'
         // ack tombstones until it found a live key.
-        let start = record::inbox_key(device, after.saturating_add(1));
-        let end = record::inbox_key(device, u64::MAX);
+        let start = rows::inbox_key(&t.ids, device, after.saturating_add(1));
+        let end = rows::inbox_key(&t.ids, device, u64::MAX);
         let mut out = Vec::with_capacity(limit.min(256));
         let mut bytes = 0usize;
         for guard in t.inbox.range(start..=end) {
@@ -178,7 +212,11 @@ impl EmbeddedStore {
                 break;
             }
             let (key, value) = guard.into_inner().map_err(unavailable)?;
-            let opened = record::open_inbox(keyring, &key, &value);
+            let Some(seq) = record::inbox_key_seq(&key) else {
+                continue;
+            };
+            // Sealed under the row's clear identity, which the reader knows.
+            let opened = record::open_inbox(&t.keyring, &record::inbox_key(device, seq), &value);
             bytes += super::keep_inbox_row(&mut out, device, opened);
         }
         Ok(out)
@@ -210,12 +248,37 @@ impl EmbeddedStore {
     }
 }
 
-/// Second ids of the `id | id` keys under `first`.
-fn prefix_ids(ks: &Keyspace, first: &str) -> Result<Vec<String>, StoreError> {
+/// Reads the ids key sealed in the store, or makes one for a new store; stores it sealed with
+/// the active at-rest key either way (see `pseudonym.rs`).
+fn ids_key(
+    db: &Database,
+    housekeeping: &Keyspace,
+    keyring: &Keyring,
+) -> Result<Pseudonyms, StoreError> {
+    const KEY: &str = "ids-key";
+    let (ids, sealed) = match housekeeping.get(KEY).map_err(unavailable)? {
+        Some(sealed) => Pseudonyms::unwrap(keyring, &sealed).map_err(|e| {
+            StoreError::Refused(format!(
+                "the store's ids key does not open with the configured at-rest keys ({e}): \
+                 configure the key that sealed it"
+            ))
+        })?,
+        None => Pseudonyms::generate(keyring).map_err(unavailable)?,
+    };
+    housekeeping.insert(KEY, sealed).map_err(unavailable)?;
+    db.persist(PersistMode::SyncAll).map_err(unavailable)?;
+    Ok(ids)
+}
+
+/// The devices of `user`.
+fn list_devices(t: &Tables, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
     let mut out = Vec::new();
-    for guard in ks.prefix(record::user_prefix(first)) {
-        let key = guard.key().map_err(unavailable)?;
-        out.extend(record::device_from_key(&key).map(|d| d.device.to_string()));
+    for guard in t.devices.prefix(rows::user_prefix(&t.ids, user)) {
+        let (k, v) = guard.into_inner().map_err(unavailable)?;
+        match rows::open_device_value(&t.ids, &k, &v) {
+            Some(d) => out.push(d),
+            None => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
+        }
     }
     Ok(out)
 }
@@ -277,12 +340,15 @@ impl MessageStore for EmbeddedStore {
         device: DeviceRef,
     ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
         let t = self.tables.clone();
-        let keyring = self.keyring.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let key = record::device_key(&device);
-                match t.push_tokens.get(&key).map_err(unavailable)? {
-                    Some(v) => record::open_push_token(&keyring, &key, &v)
+                let aad = record::device_key(&device);
+                match t
+                    .push_tokens
+                    .get(rows::device_key(&t.ids, &device))
+                    .map_err(unavailable)?
+                {
+                    Some(v) => record::open_push_token(&t.keyring, &aad, &v)
                         .map(Some)
                         .map_err(|e| StoreError::Corrupt(e.to_string())),
                     None => Ok(None),
@@ -300,15 +366,15 @@ impl MessageStore for EmbeddedStore {
         token: Option<push::DeviceToken>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let t = self.tables.clone();
-        let keyring = self.keyring.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let key = record::device_key(&device);
+                let key = rows::device_key(&t.ids, &device);
+                let aad = record::device_key(&device);
                 match token {
                     Some(token) => t
                         .push_tokens
-                        .insert(&key, record::seal_push_token(&keyring, &key, &token)),
-                    None => t.push_tokens.remove(&key),
+                        .insert(key, record::seal_push_token(&t.keyring, &aad, &token)),
+                    None => t.push_tokens.remove(key),
                 }
                 .map_err(unavailable)?;
                 t.db.persist(PersistMode::SyncAll).map_err(unavailable)
@@ -327,10 +393,9 @@ impl MessageStore for EmbeddedStore {
         max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
         let t = self.tables.clone();
-        let keyring = self.keyring.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                Self::read_page(&t, &keyring, &device, after, limit, max_bytes)
+                Self::read_page(&t, &device, after, limit, max_bytes)
             })
             .await
             .map_err(unavailable)?
@@ -348,12 +413,11 @@ impl MessageStore for EmbeddedStore {
         id: uuid::Uuid,
     ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>> {
         let t = self.tables.clone();
-        let keyring = self.keyring.clone();
         async move {
             tokio::task::spawn_blocking(move || {
                 let key = record::archive_key(seq, &id);
                 match t.archive.get(&key).map_err(unavailable)? {
-                    Some(v) => record::open_archive(&keyring, &key, &v)
+                    Some(v) => record::open_archive(&t.keyring, &key, &v)
                         .map(Some)
                         .map_err(|e| StoreError::Corrupt(e.to_string())),
                     None => Ok(None),
@@ -385,32 +449,34 @@ impl MessageStore for EmbeddedStore {
         device: Option<String>,
     ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>> {
         self.blocking(move |t| {
-            let mut rows = Vec::new();
-            let mut push = |key: &[u8], value: &[u8]| {
-                if let (Some(d), Ok(row)) = (
-                    record::device_from_key(key),
-                    serde_json::from_slice::<AccessRow>(value),
-                ) {
-                    rows.push((d.device.to_string(), row));
-                }
+            let mut out = Vec::new();
+            // An access row that does not open fails the read: a revocation is never
+            // mistaken for its absence.
+            let mut push = |key: &[u8], value: &[u8]| -> Result<(), StoreError> {
+                let row = rows::open_access_value(&t.ids, key, value).map_err(|e| {
+                    metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+                    StoreError::Corrupt(format!("access row: {e}"))
+                })?;
+                out.push(row);
+                Ok(())
             };
             match device {
                 Some(device) => {
                     for id in ["", device.as_str()] {
-                        let key = record::device_key(&DeviceRef::new(&user, id));
-                        if let Some(v) = t.access.get(&key).map_err(unavailable)? {
-                            push(&key, &v);
+                        let key = rows::device_key(&t.ids, &DeviceRef::new(&user, id));
+                        if let Some(v) = t.access.get(key).map_err(unavailable)? {
+                            push(&key, &v)?;
                         }
                     }
                 }
                 None => {
-                    for guard in t.access.prefix(record::user_prefix(&user)) {
+                    for guard in t.access.prefix(rows::user_prefix(&t.ids, &user)) {
                         let (k, v) = guard.into_inner().map_err(unavailable)?;
-                        push(&k, &v);
+                        push(&k, &v)?;
                     }
                 }
             }
-            Ok(rows)
+            Ok(out)
         })
     }
 
@@ -423,13 +489,19 @@ impl MessageStore for EmbeddedStore {
         let lock = self.access_lock.clone();
         self.blocking(move |t| {
             let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            let key = record::device_key(&DeviceRef::new(&user, &device));
-            let mut row: AccessRow = match t.access.get(&key).map_err(unavailable)? {
-                Some(v) => {
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?
-                }
-                None => AccessRow::default(),
+            let read = |device: &str| -> Result<(Vec<u8>, AccessRow), StoreError> {
+                let key = rows::device_key(&t.ids, &DeviceRef::new(&user, device)).to_vec();
+                let row = match t.access.get(&key).map_err(unavailable)? {
+                    Some(v) => {
+                        rows::open_access_value(&t.ids, &key, &v)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                            .1
+                    }
+                    None => AccessRow::default(),
+                };
+                Ok((key, row))
             };
+            let (key, mut row) = read(&device)?;
             let seen = matches!(change, Change::Seen { .. });
             if let Change::Seen {
                 at,
@@ -437,26 +509,23 @@ impl MessageStore for EmbeddedStore {
             } = &change
             {
                 // The organisation belongs to the user row.
-                let user_key = record::device_key(&DeviceRef::new(&user, ""));
-                let mut user_row: AccessRow = match t.access.get(&user_key).map_err(unavailable)? {
-                    Some(v) => serde_json::from_slice(&v)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    None => AccessRow::default(),
-                };
+                let (user_key, mut user_row) = read("")?;
                 let before = user_row.clone();
                 user_row.set_org(org.clone(), *since);
                 if user_row != before {
-                    let value = serde_json::to_vec(&user_row).map_err(unavailable)?;
+                    let value = rows::access_value(&t.ids, &user_key, "", &user_row);
                     t.access.insert(&user_key, value).map_err(unavailable)?;
                 }
-                t.org_users
-                    .insert(record::device_key(&DeviceRef::new(org, &user)), [])
-                    .map_err(unavailable)?;
+                let org_key = rows::org_user_key(&t.ids, org, &user);
+                if !t.org_users.contains_key(org_key).map_err(unavailable)? {
+                    let value = rows::org_user_value(&t.ids, &org_key, &user);
+                    t.org_users.insert(org_key, value).map_err(unavailable)?;
+                }
                 row.apply(Change::Seen { at: *at, org: None });
             } else {
                 row.apply(change);
             }
-            let value = serde_json::to_vec(&row).map_err(unavailable)?;
+            let value = rows::access_value(&t.ids, &key, &device, &row);
             t.access.insert(&key, value).map_err(unavailable)?;
             // Last-seen times ride on the next journal sync; revocations are durable now.
             if !seen {
@@ -467,11 +536,26 @@ impl MessageStore for EmbeddedStore {
     }
 
     fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        self.blocking(move |t| prefix_ids(&t.devices, &user))
+        self.blocking(move |t| {
+            Ok(list_devices(t, &user)?
+                .into_iter()
+                .map(|d| d.device.to_string())
+                .collect())
+        })
     }
 
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        self.blocking(move |t| prefix_ids(&t.org_users, &org))
+        self.blocking(move |t| {
+            let mut out = Vec::new();
+            for guard in t.org_users.prefix(rows::org_prefix(&t.ids, &org)) {
+                let (k, v) = guard.into_inner().map_err(unavailable)?;
+                match rows::open_org_user_value(&t.ids, &k, &v) {
+                    Some(user) => out.push(user),
+                    None => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn pending_logouts(&self) -> BoxFuture<'_, Result<Vec<(DeviceRef, u64)>, StoreError>> {
@@ -479,8 +563,9 @@ impl MessageStore for EmbeddedStore {
             let mut out = Vec::new();
             for guard in t.pending_logouts.iter() {
                 let (k, v) = guard.into_inner().map_err(unavailable)?;
-                if let (Some(d), Some(at)) = (record::device_from_key(&k), v.first_chunk::<8>()) {
-                    out.push((d, u64::from_be_bytes(*at)));
+                match rows::open_pending_value(&t.ids, &k, &v) {
+                    Some(pending) => out.push(pending),
+                    None => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
                 }
             }
             Ok(out)
@@ -493,10 +578,12 @@ impl MessageStore for EmbeddedStore {
         requested_at: Option<u64>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.blocking(move |t| {
-            let key = record::device_key(&device);
+            let key = rows::device_key(&t.ids, &device);
             match requested_at {
-                Some(at) => t.pending_logouts.insert(&key, at.to_be_bytes()),
-                None => t.pending_logouts.remove(&key),
+                Some(at) => t
+                    .pending_logouts
+                    .insert(key, rows::pending_value(&t.ids, &key, &device, at)),
+                None => t.pending_logouts.remove(key),
             }
             .map_err(unavailable)?;
             t.db.persist(PersistMode::SyncAll).map_err(unavailable)
@@ -507,11 +594,9 @@ impl MessageStore for EmbeddedStore {
         self.blocking(move |t| {
             let mut batch = t.db.batch();
             for r in &records {
-                batch.insert(
-                    &t.audit,
-                    record::audit_key(&r.chain, r.n),
-                    record::audit_value(r),
-                );
+                let key = rows::audit_key(&t.ids, &r.chain, r.n);
+                let value = rows::audit_value(&t.ids, &key, r);
+                batch.insert(&t.audit, key, value);
             }
             batch
                 .durability(Some(PersistMode::SyncAll))
@@ -527,13 +612,13 @@ impl MessageStore for EmbeddedStore {
         self.blocking(move |t| {
             let Some(guard) = t
                 .audit
-                .prefix(record::audit_chain_prefix(&chain))
+                .prefix(rows::audit_chain_prefix(&t.ids, &chain))
                 .next_back()
             else {
                 return Ok(None);
             };
             let (k, v) = guard.into_inner().map_err(unavailable)?;
-            Ok(record::audit_record(&k, &v).map(|r| (r.n, r.hash)))
+            Ok(rows::audit_head(&k, &v))
         })
     }
 
@@ -546,10 +631,10 @@ impl MessageStore for EmbeddedStore {
             let mut out = Vec::new();
             for guard in t
                 .audit
-                .prefix(record::audit_partition_prefix(&subject, month))
+                .prefix(rows::audit_partition_prefix(&t.ids, &subject, month))
             {
                 let (k, v) = guard.into_inner().map_err(unavailable)?;
-                out.extend(record::audit_record(&k, &v));
+                out.extend(rows::audit_record(&t.ids, &k, &v));
             }
             Ok(out)
         })
@@ -557,17 +642,23 @@ impl MessageStore for EmbeddedStore {
 
     fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>> {
         self.blocking(move |t| {
+            // One record per partition names its subject (keys hold only its pseudonym).
             let mut out: Vec<(String, u32)> = Vec::new();
+            let mut last: Option<Vec<u8>> = None;
             for guard in t.audit.iter() {
-                let key = guard.key().map_err(unavailable)?;
-                let Some(r) = record::audit_record(&key, &[0; 72]) else {
+                let (k, v) = guard.into_inner().map_err(unavailable)?;
+                let Some(partition) = k.get(..rows::AUDIT_PARTITION_LEN) else {
                     continue;
                 };
-                let p = (r.chain.subject, r.chain.month);
-                if out.last() != Some(&p) {
-                    out.push(p);
+                if last.as_deref() == Some(partition) {
+                    continue;
+                }
+                last = Some(partition.to_vec());
+                if let Some(r) = rows::audit_record(&t.ids, &k, &v) {
+                    out.push((r.chain.subject, r.chain.month));
                 }
             }
+            out.sort();
             Ok(out)
         })
     }
@@ -584,7 +675,6 @@ impl MessageStore for EmbeddedStore {
 /// State owned by the writer thread.
 struct Writer {
     t: Tables,
-    keyring: Arc<Keyring>,
     sink: Arc<dyn DeliverySink>,
     clock: SeqClock,
     /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
@@ -676,11 +766,7 @@ impl Writer {
             if self.devices.len() >= super::DEVICE_CACHE_USERS {
                 self.devices.clear();
             }
-            let mut list = Vec::new();
-            for guard in self.t.devices.prefix(record::user_prefix(user)) {
-                let key = guard.key().map_err(unavailable)?;
-                list.extend(record::device_from_key(&key));
-            }
+            let list = list_devices(&self.t, user)?;
             self.devices.insert(user.into(), list);
             metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
         }
@@ -701,7 +787,10 @@ impl Writer {
 
         for ack in &acks {
             for &seq in &ack.seqs {
-                batch.remove(&self.t.inbox, record::inbox_key(&ack.device, seq));
+                batch.remove(
+                    &self.t.inbox,
+                    rows::inbox_key(&self.t.ids, &ack.device, seq),
+                );
             }
         }
         for op in ops {
@@ -727,11 +816,9 @@ impl Writer {
                             let _ = reply.send(Ok(()));
                         }
                         Ok(false) => {
-                            batch.insert(
-                                &self.t.devices,
-                                record::device_key(&device),
-                                now.to_be_bytes().to_vec(),
-                            );
+                            let key = rows::device_key(&self.t.ids, &device);
+                            let value = rows::device_value(&self.t.ids, &key, &device, now);
+                            batch.insert(&self.t.devices, key, value);
                             if let Some(list) = self.devices.get_mut(&device.user) {
                                 list.push(device.clone());
                             }
@@ -817,7 +904,7 @@ impl Writer {
         msg: NewMessage,
         now: u64,
     ) -> Result<(Accepted, Option<Fanout>), StoreError> {
-        let idem_key = record::idempotency_key(&msg.from.user, &msg.id);
+        let idem_key = rows::idempotency_key(&self.t.ids, &msg.from.user, &msg.id).to_vec();
         if let Some(prev) = in_batch.get(&idem_key) {
             return Ok((
                 Accepted {
@@ -862,16 +949,20 @@ impl Writer {
             body: &msg.body,
         };
         for d in &targets {
-            let key = record::inbox_key(d, seq);
-            let value = record::seal_inbox(&self.keyring, &key, &msg.id, &inbox_rec);
-            batch.insert(&self.t.inbox, key, value);
+            let value = record::seal_inbox(
+                &self.t.keyring,
+                &record::inbox_key(d, seq),
+                &msg.id,
+                &inbox_rec,
+            );
+            batch.insert(&self.t.inbox, rows::inbox_key(&self.t.ids, d, seq), value);
         }
         let akey = record::archive_key(seq, &msg.id);
         let archive_rec = Record {
             to: &msg.to,
             ..inbox_rec
         };
-        let avalue = record::seal_archive(&self.keyring, &akey, &archive_rec);
+        let avalue = record::seal_archive(&self.t.keyring, &akey, &archive_rec);
         batch.insert(&self.t.archive, akey, avalue);
         batch.insert(
             &self.t.idempotency,

@@ -10,8 +10,11 @@
 //! device. A live delivery therefore never overtakes the store.
 
 pub mod embedded;
+mod migrate;
+pub mod pseudonym;
 mod queue;
 pub mod record;
+pub mod rows;
 pub mod scylla;
 
 use std::sync::Arc;

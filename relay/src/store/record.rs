@@ -43,21 +43,6 @@ pub fn device_key(d: &DeviceRef) -> Vec<u8> {
     k
 }
 
-/// `user`: prefix of a user's device rows.
-pub fn user_prefix(user: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + user.len());
-    push_id(&mut k, user);
-    k
-}
-
-/// Device id from a device row key.
-pub fn device_from_key(key: &[u8]) -> Option<DeviceRef> {
-    let mut buf = key;
-    let user = take_id(&mut buf)?;
-    let device = take_id(&mut buf)?;
-    Some(DeviceRef::new(user, device))
-}
-
 /// `user | device | seq`.
 pub fn inbox_key(d: &DeviceRef, seq: u64) -> Vec<u8> {
     let mut k = device_key(d);
@@ -75,13 +60,6 @@ pub fn inbox_key_seq(key: &[u8]) -> Option<u64> {
 pub fn archive_key(seq: u64, id: &Uuid) -> Vec<u8> {
     let mut k = Vec::with_capacity(24);
     k.extend_from_slice(&seq.to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-/// `sender user | message id`: the idempotency key.
-pub fn idempotency_key(user: &str, id: &Uuid) -> Vec<u8> {
-    let mut k = user_prefix(user);
     k.extend_from_slice(id.as_bytes());
     k
 }
@@ -248,71 +226,6 @@ pub fn open_push_token(
     serde_json::from_slice(&plain).map_err(|_| SealError::Tampered)
 }
 
-/// `subject | month | node`: prefix of one audit chain's rows (embedded backend).
-pub fn audit_chain_prefix(c: &crate::audit::Chain) -> Vec<u8> {
-    let mut k = audit_partition_prefix(&c.subject, c.month);
-    k.push(c.node);
-    k
-}
-
-/// `subject | month`: prefix of one audit partition's rows.
-pub fn audit_partition_prefix(subject: &str, month: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + subject.len() + 4 + 9);
-    push_id(&mut k, subject);
-    k.extend_from_slice(&month.to_be_bytes());
-    k
-}
-
-/// `subject | month | node | n`.
-pub fn audit_key(c: &crate::audit::Chain, n: u64) -> Vec<u8> {
-    let mut k = audit_chain_prefix(c);
-    k.extend_from_slice(&n.to_be_bytes());
-    k
-}
-
-/// `ts | prev | hash | entry | 0 | key id`. JSON never holds a raw zero byte, so rows written
-/// before audit keys (`ts | prev | hash | entry`) read back with an empty key id.
-pub fn audit_value(r: &crate::audit::Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(73 + r.entry.len() + r.key_id.len());
-    v.extend_from_slice(&r.ts.to_be_bytes());
-    v.extend_from_slice(&r.prev);
-    v.extend_from_slice(&r.hash);
-    v.extend_from_slice(r.entry.as_bytes());
-    v.push(0);
-    v.extend_from_slice(r.key_id.as_bytes());
-    v
-}
-
-/// Reads an audit row back.
-pub fn audit_record(key: &[u8], value: &[u8]) -> Option<crate::audit::Record> {
-    let mut k = key;
-    let subject = take_id(&mut k)?.to_string();
-    let (month, k) = k.split_first_chunk::<4>()?;
-    let (&node, mut k) = k.split_first()?;
-    let n = take_u64(&mut k)?;
-    let mut v = value;
-    let ts = take_u64(&mut v)?;
-    let (prev, v) = v.split_first_chunk::<32>()?;
-    let (hash, v) = v.split_first_chunk::<32>()?;
-    let (entry, key_id) = match v.iter().position(|&b| b == 0) {
-        Some(at) => (&v[..at], &v[at + 1..]),
-        None => (v, &[][..]),
-    };
-    Some(crate::audit::Record {
-        chain: crate::audit::Chain {
-            subject,
-            month: u32::from_be_bytes(*month),
-            node,
-        },
-        n,
-        ts,
-        entry: String::from_utf8(entry.to_vec()).ok()?,
-        prev: *prev,
-        hash: *hash,
-        key_id: String::from_utf8(key_id.to_vec()).ok()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,10 +294,6 @@ mod tests {
         assert!(
             !inbox_key(&DeviceRef::new("a", "b"), 1)
                 .starts_with(&device_key(&DeviceRef::new("a", "bb")))
-        );
-        assert_eq!(
-            device_from_key(&device_key(&DeviceRef::new("u", "d"))),
-            Some(DeviceRef::new("u", "d"))
         );
     }
 }
