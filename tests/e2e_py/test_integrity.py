@@ -7,7 +7,9 @@ import subprocess
 import time
 import uuid
 
-from conftest import RELAY_BIN, run
+import pytest
+
+from conftest import BACKEND, RELAY_BIN, run
 from test_access import audit_events, upgrade_status
 
 # libfaketime (Debian's `faketime`, installed by scripts/test): steps the relay's wall clock back.
@@ -164,6 +166,8 @@ def leaked_ids(relay):
     return [i for i in (SENDER, SENDER_DEVICE, RECIPIENT, RECIPIENT_DEVICE, ORG) if i.encode() in blobs]
 
 
+@pytest.mark.xfail(BACKEND == "cassandra", strict=True,
+                   reason="issue 14, open: the ScyllaDB backend still keys rows by ids in clear")
 @run
 async def test_a_copy_of_the_store_does_not_tell_who_messaged_whom(make_relay):
     relay = make_relay()
