@@ -419,7 +419,16 @@ fn migrate(config: &Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(relay::store::scylla::migrate(sc)) {
+    // Existing rows move to pseudonymous keys under the relays' at-rest keys (migration 9);
+    // dev mode's keys are used if they exist, never generated here.
+    let dev_keys = server::dev_secrets_dir(&config.data_dir).join("at-rest.keys");
+    let keys_known =
+        config.at_rest.keys.is_some() || config.at_rest.keys_file.is_some() || dev_keys.exists();
+    let keyring = keys_known
+        .then(|| server::resolve_keys(config).ok())
+        .flatten()
+        .map(|(_, keyring)| keyring);
+    match runtime.block_on(relay::store::scylla::migrate(sc, keyring.as_ref())) {
         Ok(applied) if applied.is_empty() => {
             println!(
                 "keyspace `{}` is up to date (schema version {})",

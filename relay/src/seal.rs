@@ -127,6 +127,12 @@ impl Keyring {
         B64.encode(key)
     }
 
+    /// Id of the key that sealed `sealed`, if it has the sealed layout.
+    pub fn sealed_key_id(sealed: &[u8]) -> Option<&str> {
+        let (&len, rest) = sealed.get(1..)?.split_first()?;
+        std::str::from_utf8(rest.get(..len as usize)?).ok()
+    }
+
     /// Id of the key that seals new data.
     pub fn active_id(&self) -> &str {
         &self.active_id

@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.asyncio.client import connect
 
-from conftest import BACKEND, RELAY_BIN, Relay, body_of, run
+from conftest import RELAY_BIN, Relay, body_of, run
 
 
 async def closed_code(dev, timeout=5.0) -> int:
@@ -377,10 +377,7 @@ async def test_at_rest_encryption_and_key_rotation(make_relay, tmp_path):
     await bob.close()
 
     # With none of its keys, the store does not open at all (its ids key is sealed too).
-    # (The ScyllaDB backend has no ids key yet: issue 14, open.)
     relay.stop()
-    if BACKEND != "embedded":
-        return
     k4 = "k4:" + __import__("base64").b64encode(os.urandom(32)).decode()
     proc = subprocess.run([str(RELAY_BIN)], env={**relay._env(), "RELAY_AT_REST__KEYS": k4,
                                                  "RELAY_AT_REST__ACTIVE": "k4"},

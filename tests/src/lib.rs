@@ -87,6 +87,11 @@ pub fn auditor(
 impl Place {
     /// A new empty place for `kind`.
     pub async fn new(kind: Kind) -> Place {
+        Self::at_version(kind, scylla::SCHEMA_VERSION).await
+    }
+
+    /// A new empty place whose keyspace (Cassandra) has the migrations up to `version`.
+    pub async fn at_version(kind: Kind, version: i32) -> Place {
         let place = Place {
             kind,
             dir: tempfile::tempdir().expect("tempdir"),
@@ -94,14 +99,15 @@ impl Place {
             keyring: keyring(&key_entry("k1"), "k1"),
         };
         if let Kind::Cassandra = kind {
-            scylla::migrate(&place.scylla_config())
+            scylla::migrate_to(&place.scylla_config(), None, version)
                 .await
                 .expect("migrate");
         }
         place
     }
 
-    fn scylla_config(&self) -> ScyllaConfig {
+    /// The ScyllaDB configuration of this place's keyspace.
+    pub fn scylla_config(&self) -> ScyllaConfig {
         ScyllaConfig {
             nodes: vec![format!("127.0.0.1:{}", cassandra_port())],
             keyspace: self.keyspace.clone(),

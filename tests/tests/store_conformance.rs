@@ -728,14 +728,7 @@ conformance!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cassandra_node_ids_are_leased_distinctly_and_freed_on_close() {
     let place = Place::new(Kind::Cassandra).await;
-    let open = || {
-        place.open_scylla(
-            None,
-            keyring(&key_entry("k1"), "k1"),
-            LONG,
-            Arc::new(Recorder::default()),
-        )
-    };
+    let open = || place.open_scylla(None, place.keyring(), LONG, Arc::new(Recorder::default()));
     let (a, b, c) = (open().await, open().await, open().await);
     let mut ids = vec![a.node_id(), b.node_id(), c.node_id()];
     ids.sort();
@@ -758,4 +751,188 @@ async fn cassandra_node_ids_are_leased_distinctly_and_freed_on_close() {
     for s in [a, c, d] {
         s.close().await.expect("close");
     }
+}
+
+/// ScyllaDB only: migration 9 moves the rows of a keyspace written with ids in its keys to the
+/// pseudonymous tables, and every one of them reads back through the store; it waits for the
+/// relays to stop, and the old tables are gone after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_migration_9_moves_every_row_to_pseudonymous_keys() {
+    use relay::access::AccessRow;
+    use relay::store::record;
+    use relay::store::scylla::{connect, migrate_to};
+
+    let place = Place::at_version(Kind::Cassandra, 8).await;
+    let cfg = place.scylla_config();
+    let session = connect(&cfg).await.expect("connect");
+    session
+        .use_keyspace(&cfg.keyspace, false)
+        .await
+        .expect("use");
+    let ring = place.keyring();
+    let (alice, bob) = (
+        DeviceRef::new("alice", "phone"),
+        DeviceRef::new("bob", "tablet"),
+    );
+    let id = Uuid::new_v4();
+    let seq = relay::store::seq_floor(now_ms());
+    let week = (relay::store::seq_time_ms(seq) / (7 * 86_400_000)) as i32;
+    let rec = record::Record {
+        ts: 5,
+        urgent: true,
+        from: &alice,
+        to: &[],
+        body: b"opaque",
+    };
+    let sealed = record::seal_inbox(&ring, &record::inbox_key(&bob, seq), &id, &rec);
+    let write = |cql: &'static str, values| {
+        let session = &session;
+        async move { session.query_unpaged(cql, values).await.expect(cql) }
+    };
+    session
+        .query_unpaged(
+            "INSERT INTO inbox (user_id, device_id, week, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?, ?) USING TTL 3600",
+            ("bob", "tablet", week, seq as i64, id, sealed),
+        )
+        .await
+        .expect("inbox");
+    session
+        .query_unpaged(
+            "INSERT INTO message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, true)",
+            ("alice", id, seq as i64, 5i64),
+        )
+        .await
+        .expect("message ids");
+    for d in [&alice, &bob] {
+        session
+            .query_unpaged(
+                "INSERT INTO devices (user_id, device_id, registered_at) VALUES (?, ?, 1)",
+                (&*d.user, &*d.device),
+            )
+            .await
+            .expect("devices");
+    }
+    let token = push::DeviceToken {
+        platform: push::Platform::Fcm,
+        token: "fcm-token".into(),
+        environment: push::Environment::Production,
+        app_id: "app".into(),
+    };
+    let push_sealed = record::seal_push_token(&ring, &record::device_key(&bob), &token);
+    session
+        .query_unpaged(
+            "INSERT INTO push_tokens (user_id, device_id, sealed) VALUES ('bob', 'tablet', ?)",
+            (push_sealed,),
+        )
+        .await
+        .expect("push");
+    let signal = Uuid::new_v4();
+    session
+        .query_unpaged(
+            "UPDATE access SET revoked_at = 7, revoke_reason = 'lost_device', signal = ?, except_device = 'desk', last_seen = 9 WHERE user_id = 'bob' AND device_id = 'tablet'",
+            (signal,),
+        )
+        .await
+        .expect("access");
+    write("UPDATE access USING TIMESTAMP 1700000000000000 SET org = 'clinic' WHERE user_id = 'bob' AND device_id = ''", ()).await;
+    write(
+        "INSERT INTO org_users (org, user_id) VALUES ('clinic', 'bob')",
+        (),
+    )
+    .await;
+    write("INSERT INTO pending_logouts (bucket, user_id, device_id, requested_at) VALUES (0, 'bob', 'tablet', 11)", ()).await;
+    write("INSERT INTO audit (subject, month, node, n, ts, entry, prev, hash, key_id) VALUES ('bob', 24300, 0, 1, 12, '{\"event\":\"connect\"}', 0x01, 0x02, 'a1') USING TTL 3600", ()).await;
+
+    // A running relay (its key announcement) holds the migration back.
+    write(
+        "INSERT INTO node_keys (node_id, key_ids, active) VALUES (3, {'k1'}, 'k1')",
+        (),
+    )
+    .await;
+    let refused = migrate_to(&cfg, Some(&ring), 9).await;
+    assert!(
+        matches!(refused, Err(relay::store::StoreError::Refused(_))),
+        "{refused:?}"
+    );
+    write("DELETE FROM node_keys WHERE node_id = 3", ()).await;
+    // Rows to move and no keys to move them with: refused too.
+    assert!(migrate_to(&cfg, None, 9).await.is_err());
+    assert_eq!(
+        migrate_to(&cfg, Some(&ring), 9).await.expect("migrate"),
+        vec![9]
+    );
+
+    let store = place
+        .open(ring.clone(), LONG, Arc::new(Recorder::default()))
+        .await;
+    let page = store
+        .inbox_page(bob.clone(), 0, 10, usize::MAX)
+        .await
+        .expect("inbox");
+    assert_eq!(page.len(), 1);
+    assert_eq!((page[0].id, &page[0].body[..]), (id, &b"opaque"[..]));
+    assert_eq!(
+        store.devices("bob".into()).await.expect("devices"),
+        ["tablet"]
+    );
+    assert_eq!(
+        store.devices("alice".into()).await.expect("devices"),
+        ["phone"]
+    );
+    let got = store
+        .push_token(bob.clone())
+        .await
+        .expect("push")
+        .expect("token");
+    assert_eq!(got.token, "fcm-token");
+    let mut access = store.access("bob".into(), None).await.expect("access");
+    access.sort_by(|a, b| a.0.cmp(&b.0));
+    let (user_row, device_row): (&AccessRow, &AccessRow) = (&access[0].1, &access[1].1);
+    assert_eq!((access[0].0.as_str(), access[1].0.as_str()), ("", "tablet"));
+    assert_eq!(user_row.org.as_deref(), Some("clinic"));
+    assert_eq!(user_row.org_since, Some(1_700_000_000));
+    let revoked = device_row.revoked.as_ref().expect("revocation kept");
+    assert_eq!(
+        (revoked.signal, revoked.except.as_deref()),
+        (signal, Some("desk"))
+    );
+    assert_eq!(device_row.last_seen, Some(9));
+    assert_eq!(
+        store.org_users("clinic".into()).await.expect("org"),
+        ["bob"]
+    );
+    assert_eq!(
+        store.pending_logouts().await.expect("pending"),
+        [(bob.clone(), 11)]
+    );
+    let audit = store.audit_read("bob".into(), 24_300).await.expect("audit");
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].entry, r#"{"event":"connect"}"#);
+    assert_eq!(
+        store.audit_partitions().await.expect("partitions"),
+        [("bob".to_string(), 24_300)]
+    );
+    let again = store
+        .append(NewMessage {
+            id,
+            ..msg(&alice, &["bob"], "opaque")
+        })
+        .await
+        .expect("reply")
+        .expect("append");
+    assert!(
+        again.duplicate && again.seq == seq,
+        "the message id is still known"
+    );
+    store.close().await.expect("close");
+    let old = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name IN ('inbox', 'access', 'audit', 'devices')",
+            (&cfg.keyspace,),
+        )
+        .await
+        .expect("tables")
+        .into_rows_result()
+        .expect("rows");
+    assert_eq!(old.rows_num(), 0, "the tables keyed by ids are dropped");
 }

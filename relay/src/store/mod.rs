@@ -16,6 +16,7 @@ mod queue;
 pub mod record;
 pub mod rows;
 pub mod scylla;
+mod scylla_pseudonyms;
 
 use std::sync::Arc;
 

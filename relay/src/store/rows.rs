@@ -40,6 +40,37 @@ fn open_device(ids: &Pseudonyms, table: &[u8], key: &[u8], sealed: &[u8]) -> Opt
     Some(DeviceRef::new(user, device))
 }
 
+/// Seals ids for a value of `table` under `key` (both backends).
+pub fn seal_ids(ids: &Pseudonyms, table: &[u8], key: &[u8], list: &[&str]) -> Vec<u8> {
+    ids.seal(&aad(table, key), &id_list(list))
+}
+
+/// Opens what [`seal_ids`] sealed.
+pub fn open_ids(ids: &Pseudonyms, table: &[u8], key: &[u8], sealed: &[u8]) -> Option<Vec<String>> {
+    let plain = ids.open(&aad(table, key), sealed).ok()?;
+    let mut buf = plain.as_slice();
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        out.push(take_id(&mut buf)?.to_string());
+    }
+    Some(out)
+}
+
+/// Seals an audit record's subject and entry (both backends).
+pub fn seal_audit(ids: &Pseudonyms, key: &[u8], subject: &str, entry: &str) -> Vec<u8> {
+    let mut plain = id_list(&[subject]);
+    plain.extend_from_slice(entry.as_bytes());
+    ids.seal(&aad(b"audit", key), &plain)
+}
+
+/// Opens what [`seal_audit`] sealed: the subject and the entry.
+pub fn open_audit(ids: &Pseudonyms, key: &[u8], sealed: &[u8]) -> Option<(String, String)> {
+    let plain = ids.open(&aad(b"audit", key), sealed).ok()?;
+    let mut buf = plain.as_slice();
+    let subject = take_id(&mut buf)?.to_string();
+    Some((subject, String::from_utf8(buf.to_vec()).ok()?))
+}
+
 /// `user | device` pseudonyms: key of a device's rows (devices, push tokens, access, pending
 /// logouts) and prefix of its inbox.
 pub fn device_key(p: &Pseudonyms, d: &DeviceRef) -> [u8; 2 * LEN] {

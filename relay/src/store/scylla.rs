@@ -38,8 +38,10 @@ use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::pseudonym::{self, Pseudonyms};
 use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
+use super::rows;
 use super::{
     Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
     NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_span, seq_time_ms,
@@ -50,7 +52,7 @@ use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -93,6 +95,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         8,
         "node_keys",
         include_str!("../../../schema/0008_node_keys.cql"),
+    ),
+    (
+        9,
+        "pseudonyms",
+        include_str!("../../../schema/0009_pseudonyms.cql"),
     ),
 ];
 
@@ -224,7 +231,21 @@ async fn column_exists(
 }
 
 /// Creates the keyspace if missing and applies missing migrations. Returns the versions applied.
-pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
+/// Migration 9 moves existing rows to pseudonymous keys, which needs the relays' at-rest
+/// keyring (`None` is enough for a keyspace without rows) and every relay stopped.
+pub async fn migrate(
+    cfg: &ScyllaConfig,
+    keyring: Option<&Keyring>,
+) -> Result<Vec<i32>, StoreError> {
+    migrate_to(cfg, keyring, SCHEMA_VERSION).await
+}
+
+/// [`migrate`], stopping after version `up_to` (tests of a migration start below it).
+pub async fn migrate_to(
+    cfg: &ScyllaConfig,
+    keyring: Option<&Keyring>,
+    up_to: i32,
+) -> Result<Vec<i32>, StoreError> {
     let session = connect(cfg).await?;
     let replication: Vec<String> = cfg
         .replication
@@ -257,8 +278,11 @@ pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
     let have = applied_versions(&session).await?;
     let mut applied = Vec::new();
     for (version, name, cql) in MIGRATIONS {
-        if have.contains(version) {
+        if have.contains(version) || *version > up_to {
             continue;
+        }
+        if *version == 9 {
+            super::scylla_pseudonyms::refuse_while_nodes_run(&session).await?;
         }
         for stmt in statements(cql) {
             // CQL has no portable `ADD IF NOT EXISTS`: a column that exists was added by an
@@ -274,6 +298,17 @@ pub async fn migrate(cfg: &ScyllaConfig) -> Result<Vec<i32>, StoreError> {
             .await_schema_agreement()
             .await
             .map_err(unavailable)?;
+        if *version == 9 {
+            let moved = super::scylla_pseudonyms::move_rows(&session, ks, keyring, async |k| {
+                ids_key(&session, k).await
+            })
+            .await?;
+            tracing::info!(rows = moved, "moved rows to pseudonymous keys");
+            session
+                .await_schema_agreement()
+                .await
+                .map_err(unavailable)?;
+        }
         session
             .query_unpaged(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, toTimestamp(now()))",
@@ -320,37 +355,67 @@ pub enum SchemaError {
 /// Columns of an access row, in the order [`AccessColumns`] reads them.
 macro_rules! access_columns {
     () => {
-        "device_id, org, WRITETIME(org), locked_at, lock_reason, revoked_at, revoke_reason, signal, except_device, confirmed_signal, confirmed_at, last_seen, fresh_from"
+        "device_p, device_sealed, org_sealed, WRITETIME(org_sealed), locked_at, lock_reason, revoked_at, revoke_reason, signal, except_sealed, confirmed_signal, confirmed_at, last_seen, fresh_from"
     };
 }
 
 type AccessColumns = (
-    String,
-    Option<String>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
     Option<i64>,
     Option<i64>,
     Option<String>,
     Option<i64>,
     Option<String>,
     Option<Uuid>,
-    Option<String>,
+    Option<Vec<u8>>,
     Option<Uuid>,
     Option<i64>,
     Option<i64>,
     Option<i64>,
 );
 
-fn access_row(c: AccessColumns) -> (String, AccessRow) {
+/// The key an access row's sealed columns are bound to: `P(user, device)`.
+fn access_key(user_p: &[u8], device_p: &[u8]) -> Vec<u8> {
+    [user_p, device_p].concat()
+}
+
+/// An access row, its sealed ids opened. A row whose ids do not open fails the read: a
+/// revocation is never mistaken for its absence.
+fn access_row(
+    ids: &Pseudonyms,
+    user: &str,
+    c: AccessColumns,
+) -> Result<(String, AccessRow), StoreError> {
+    let user_p = ids.user(user);
+    let key = access_key(&user_p, &c.0);
+    let open_one = |table: &[u8], sealed: Option<Vec<u8>>| -> Result<Option<String>, StoreError> {
+        match sealed {
+            None => Ok(None),
+            Some(v) => rows::open_ids(ids, table, &key, &v)
+                .and_then(|mut list| list.pop())
+                .map(Some)
+                .ok_or_else(|| {
+                    metrics::counter!("relay_store_corrupt_rows_total").increment(1);
+                    StoreError::Corrupt("access row does not open".into())
+                }),
+        }
+    };
+    let device = open_one(b"access", c.1.clone())?.unwrap_or_default();
+    let org = open_one(b"access.org", c.2.clone())?;
+    let except = open_one(b"access.except", c.9.clone())?;
     let (
-        device,
-        org,
+        _,
+        _,
+        _,
         org_written,
         locked_at,
         lock_reason,
         revoked_at,
         reason,
         signal,
-        except,
+        _,
         csig,
         cat,
         seen,
@@ -377,7 +442,7 @@ fn access_row(c: AccessColumns) -> (String, AccessRow) {
             .map(|(signal, at)| Confirmation { signal, at }),
         last_seen: ms(seen),
     };
-    (device, row)
+    Ok((device, row))
 }
 
 struct Statements {
@@ -411,6 +476,7 @@ struct Statements {
     select_audit_tail: PreparedStatement,
     select_audit: PreparedStatement,
     select_audit_partitions: PreparedStatement,
+    select_audit_first: PreparedStatement,
     select_reserved: PreparedStatement,
     reserve: PreparedStatement,
 }
@@ -425,36 +491,37 @@ impl Statements {
             Ok::<_, StoreError>(st)
         };
         Ok(Statements {
-            insert_inbox: p("INSERT INTO {ks}.inbox (user_id, device_id, week, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?").await?,
-            select_inbox: p("SELECT seq, sealed FROM {ks}.inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq > ? LIMIT ?").await?,
-            delete_inbox: p("DELETE FROM {ks}.inbox WHERE user_id = ? AND device_id = ? AND week = ? AND seq = ?").await?,
+            insert_inbox: p("INSERT INTO {ks}.inbox2 (user_p, device_p, week, seq, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_inbox: p("SELECT seq, sealed FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq > ? LIMIT ?").await?,
+            delete_inbox: p("DELETE FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq = ?").await?,
             insert_archive: p("INSERT INTO {ks}.archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             select_archive: p("SELECT sealed FROM {ks}.archive WHERE hour = ? AND shard = ? AND seq = ? AND msg_id = ?").await?,
-            select_msg_id: p("SELECT seq, ts, complete FROM {ks}.message_ids WHERE sender = ? AND msg_id = ?").await?,
-            insert_msg_id: p("INSERT INTO {ks}.message_ids (sender, msg_id, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
-            complete_msg_id: p("UPDATE {ks}.message_ids USING TTL ? SET complete = true WHERE sender = ? AND msg_id = ?").await?,
-            insert_device: p("INSERT INTO {ks}.devices (user_id, device_id, registered_at) VALUES (?, ?, ?)").await?,
-            select_devices: p("SELECT device_id FROM {ks}.devices WHERE user_id = ?").await?,
-            insert_push: p("INSERT INTO {ks}.push_tokens (user_id, device_id, sealed) VALUES (?, ?, ?)").await?,
-            select_push: p("SELECT sealed FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
-            delete_push: p("DELETE FROM {ks}.push_tokens WHERE user_id = ? AND device_id = ?").await?,
-            select_access_user: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access WHERE user_id = ?")).await?,
-            select_access_device: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access WHERE user_id = ? AND device_id IN ('', ?)")).await?,
-            revoke: p("UPDATE {ks}.access SET revoked_at = ?, revoke_reason = ?, signal = ?, except_device = ? WHERE user_id = ? AND device_id = ?").await?,
-            lock: p("UPDATE {ks}.access SET locked_at = ?, lock_reason = ? WHERE user_id = ? AND device_id = ?").await?,
-            confirm: p("UPDATE {ks}.access SET confirmed_signal = ?, confirmed_at = ? WHERE user_id = ? AND device_id = ?").await?,
-            seen: p("UPDATE {ks}.access SET last_seen = ? WHERE user_id = ? AND device_id = ?").await?,
-            set_org: p("UPDATE {ks}.access USING TIMESTAMP ? SET org = ? WHERE user_id = ? AND device_id = ''").await?,
-            fresh: p("UPDATE {ks}.access SET fresh_from = ? WHERE user_id = ? AND device_id = ?").await?,
-            insert_org_user: p("INSERT INTO {ks}.org_users (org, user_id) VALUES (?, ?)").await?,
-            select_org_users: p("SELECT user_id FROM {ks}.org_users WHERE org = ?").await?,
-            insert_pending: p("INSERT INTO {ks}.pending_logouts (bucket, user_id, device_id, requested_at) VALUES (0, ?, ?, ?)").await?,
-            delete_pending: p("DELETE FROM {ks}.pending_logouts WHERE bucket = 0 AND user_id = ? AND device_id = ?").await?,
-            select_pending: p("SELECT user_id, device_id, requested_at FROM {ks}.pending_logouts WHERE bucket = 0").await?,
-            insert_audit: p("INSERT INTO {ks}.audit (subject, month, node, n, ts, entry, prev, hash, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?").await?,
-            select_audit_tail: p("SELECT n, hash FROM {ks}.audit WHERE subject = ? AND month = ? AND node = ? ORDER BY node DESC, n DESC LIMIT 1").await?,
-            select_audit: p("SELECT node, n, ts, entry, prev, hash, key_id FROM {ks}.audit WHERE subject = ? AND month = ?").await?,
-            select_audit_partitions: p("SELECT DISTINCT subject, month FROM {ks}.audit").await?,
+            select_msg_id: p("SELECT seq, ts, complete FROM {ks}.message_ids2 WHERE sender_p = ? AND msg_p = ?").await?,
+            insert_msg_id: p("INSERT INTO {ks}.message_ids2 (sender_p, msg_p, seq, ts, complete) VALUES (?, ?, ?, ?, false) USING TTL ?").await?,
+            complete_msg_id: p("UPDATE {ks}.message_ids2 USING TTL ? SET complete = true WHERE sender_p = ? AND msg_p = ?").await?,
+            insert_device: p("INSERT INTO {ks}.devices2 (user_p, device_p, registered_at, sealed) VALUES (?, ?, ?, ?)").await?,
+            select_devices: p("SELECT device_p, sealed FROM {ks}.devices2 WHERE user_p = ?").await?,
+            insert_push: p("INSERT INTO {ks}.push_tokens2 (user_p, device_p, sealed) VALUES (?, ?, ?)").await?,
+            select_push: p("SELECT sealed FROM {ks}.push_tokens2 WHERE user_p = ? AND device_p = ?").await?,
+            delete_push: p("DELETE FROM {ks}.push_tokens2 WHERE user_p = ? AND device_p = ?").await?,
+            select_access_user: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access2 WHERE user_p = ?")).await?,
+            select_access_device: p(concat!("SELECT ", access_columns!(), " FROM {ks}.access2 WHERE user_p = ? AND device_p IN (?, ?)")).await?,
+            revoke: p("UPDATE {ks}.access2 SET revoked_at = ?, revoke_reason = ?, signal = ?, except_sealed = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            lock: p("UPDATE {ks}.access2 SET locked_at = ?, lock_reason = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            confirm: p("UPDATE {ks}.access2 SET confirmed_signal = ?, confirmed_at = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            seen: p("UPDATE {ks}.access2 SET last_seen = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            set_org: p("UPDATE {ks}.access2 USING TIMESTAMP ? SET org_sealed = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            fresh: p("UPDATE {ks}.access2 SET fresh_from = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            insert_org_user: p("INSERT INTO {ks}.org_users2 (org_p, user_p, sealed) VALUES (?, ?, ?)").await?,
+            select_org_users: p("SELECT user_p, sealed FROM {ks}.org_users2 WHERE org_p = ?").await?,
+            insert_pending: p("INSERT INTO {ks}.pending_logouts2 (bucket, user_p, device_p, requested_at, sealed) VALUES (0, ?, ?, ?, ?)").await?,
+            delete_pending: p("DELETE FROM {ks}.pending_logouts2 WHERE bucket = 0 AND user_p = ? AND device_p = ?").await?,
+            select_pending: p("SELECT user_p, device_p, requested_at, sealed FROM {ks}.pending_logouts2 WHERE bucket = 0").await?,
+            insert_audit: p("INSERT INTO {ks}.audit2 (subject_p, month, node, n, ts, prev, hash, key_id, sealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?").await?,
+            select_audit_tail: p("SELECT n, hash FROM {ks}.audit2 WHERE subject_p = ? AND month = ? AND node = ? ORDER BY node DESC, n DESC LIMIT 1").await?,
+            select_audit: p("SELECT node, n, ts, prev, hash, key_id, sealed FROM {ks}.audit2 WHERE subject_p = ? AND month = ?").await?,
+            select_audit_partitions: p("SELECT DISTINCT subject_p, month FROM {ks}.audit2").await?,
+            select_audit_first: p("SELECT node, n, sealed FROM {ks}.audit2 WHERE subject_p = ? AND month = ? LIMIT 1").await?,
             select_reserved: p("SELECT reserved FROM {ks}.node_seq WHERE node_id = ?").await?,
             reserve: p("UPDATE {ks}.node_seq USING TIMESTAMP ? SET reserved = ? WHERE node_id = ?").await?,
         })
@@ -482,6 +549,7 @@ struct Shared {
     session: Session,
     st: Statements,
     keyring: Arc<Keyring>,
+    ids: Pseudonyms,
     retention: Retention,
     archive_shards: u16,
     healthy: AtomicBool,
@@ -647,6 +715,106 @@ async fn check_keys_against_live_nodes(
     Ok(())
 }
 
+/// `(P(user), P(user, device))`, the two key columns of a device's rows.
+fn dev_p(ids: &Pseudonyms, d: &DeviceRef) -> (Vec<u8>, Vec<u8>) {
+    let k = ids.device(d);
+    (k[..pseudonym::LEN].to_vec(), k[pseudonym::LEN..].to_vec())
+}
+
+/// A row of `devices2`: the pseudonyms, the registration time and the sealed ids.
+fn device_row(ids: &Pseudonyms, d: &DeviceRef, now: i64) -> (Vec<u8>, Vec<u8>, i64, Vec<u8>) {
+    let (u, dp) = dev_p(ids, d);
+    let key = [u.as_slice(), dp.as_slice()].concat();
+    let sealed = rows::seal_ids(ids, b"devices", &key, &[&d.user, &d.device]);
+    (u, dp, now, sealed)
+}
+
+/// `(P(sender), P(sender, message id))`, the key of a message's idempotency row.
+fn msg_p(ids: &Pseudonyms, m: &NewMessage) -> (Vec<u8>, Vec<u8>) {
+    (
+        ids.user(&m.from.user).to_vec(),
+        ids.message(&m.from.user, &m.id).to_vec(),
+    )
+}
+
+/// The devices of `user`, their sealed ids opened.
+async fn load_devices(s: &Shared, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
+    let user_p = s.ids.user(user).to_vec();
+    let rows = s
+        .session
+        .execute_unpaged(&s.st.select_devices, (&user_p,))
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(unavailable)?;
+    let mut out = Vec::new();
+    for row in rows
+        .rows::<(Vec<u8>, Option<Vec<u8>>)>()
+        .map_err(unavailable)?
+    {
+        let (device_p, sealed) = row.map_err(unavailable)?;
+        let key = [user_p.as_slice(), device_p.as_slice()].concat();
+        match sealed
+            .and_then(|v| rows::open_ids(&s.ids, b"devices", &key, &v))
+            .as_deref()
+        {
+            Some([u, d]) if u == user => out.push(DeviceRef::new(u, d)),
+            _ => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the keyspace's ids key, or makes it (the first node to get there wins, by a
+/// lightweight transaction); re-seals it with the active at-rest key when another sealed it.
+async fn ids_key(session: &Session, keyring: &Keyring) -> Result<Pseudonyms, StoreError> {
+    let read = || async {
+        let rows = session
+            .query_unpaged("SELECT sealed FROM store_keys WHERE name = 'ids'", ())
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?;
+        Ok::<_, StoreError>(
+            rows.maybe_first_row::<(Vec<u8>,)>()
+                .map_err(unavailable)?
+                .map(|(v,)| v),
+        )
+    };
+    let sealed = match read().await? {
+        Some(sealed) => sealed,
+        None => {
+            let (_, fresh) = Pseudonyms::generate(keyring).map_err(unavailable)?;
+            session
+                .query_unpaged(
+                    "INSERT INTO store_keys (name, sealed) VALUES ('ids', ?) IF NOT EXISTS",
+                    (fresh,),
+                )
+                .await
+                .map_err(unavailable)?;
+            read()
+                .await?
+                .ok_or_else(|| StoreError::Unavailable("the ids key was not stored".into()))?
+        }
+    };
+    let (ids, resealed) = Pseudonyms::unwrap(keyring, &sealed).map_err(|e| {
+        StoreError::Refused(format!(
+            "the keyspace's ids key does not open with the configured at-rest keys ({e}): \
+             configure the key that sealed it"
+        ))
+    })?;
+    if Keyring::sealed_key_id(&sealed) != Some(keyring.active_id()) {
+        session
+            .query_unpaged(
+                "UPDATE store_keys SET sealed = ? WHERE name = 'ids'",
+                (resealed,),
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(ids)
+}
+
 /// Writes this node's row of `node_keys`: the at-rest key ids it can open and the one it seals
 /// with. It expires unless renewed, so a node that died stops counting after 30 s.
 async fn announce_keys(
@@ -710,6 +878,7 @@ impl ScyllaStore {
         let st = Statements::prepare(&session, &cfg.keyspace).await?;
         // Before claiming anything, so that a refused start leaves nothing behind.
         check_keys_against_live_nodes(&session, &keyring, node_id).await?;
+        let ids = ids_key(&session, &keyring).await?;
         let holder = format!("{:016x}", fastrand::u64(..));
         let (node_id, leased) = match node_id {
             Some(id) => (id, false),
@@ -724,6 +893,7 @@ impl ScyllaStore {
             session,
             st,
             keyring,
+            ids,
             retention,
             archive_shards: cfg.archive_shards.max(1),
             healthy: AtomicBool::new(true),
@@ -762,26 +932,6 @@ impl ScyllaStore {
         })
     }
 
-    /// The text column of every row `statement` returns for one key.
-    async fn strings(
-        &self,
-        statement: &PreparedStatement,
-        key: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        let rows = self
-            .shared
-            .session
-            .execute_unpaged(statement, (key,))
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(unavailable)?;
-        rows.rows::<(String,)>()
-            .map_err(unavailable)?
-            .map(|r| r.map(|(v,)| v).map_err(unavailable))
-            .collect()
-    }
-
     /// This node's id (configured or leased).
     pub fn node_id(&self) -> u8 {
         self.node_id
@@ -803,6 +953,7 @@ impl ScyllaStore {
         let (mut cursor, mut bytes) = (after, 0usize);
         // A response holds every row it asks for: ask for one until the rows' size is known.
         let mut chunk = FIRST_INBOX_CHUNK.min(limit);
+        let (user_p, device_p) = dev_p(&s.ids, device);
         'weeks: for week in from..=to {
             loop {
                 if out.len() >= limit || bytes >= max_bytes {
@@ -813,13 +964,7 @@ impl ScyllaStore {
                     .session
                     .execute_unpaged(
                         &s.st.select_inbox,
-                        (
-                            &*device.user,
-                            &*device.device,
-                            week,
-                            cursor as i64,
-                            want as i32,
-                        ),
+                        (&user_p, &device_p, week, cursor as i64, want as i32),
                     )
                     .await
                     .map_err(unavailable)?
@@ -898,7 +1043,7 @@ impl MessageStore for ScyllaStore {
             let s = &self.shared;
             let rows = s
                 .session
-                .execute_unpaged(&s.st.select_push, (&*device.user, &*device.device))
+                .execute_unpaged(&s.st.select_push, dev_p(&s.ids, &device))
                 .await
                 .map_err(unavailable)?
                 .into_rows_result()
@@ -922,16 +1067,16 @@ impl MessageStore for ScyllaStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let s = &self.shared;
-            let ids = (&*device.user, &*device.device);
+            let (u, d) = dev_p(&s.ids, &device);
             match token {
                 Some(token) => {
                     let sealed =
                         record::seal_push_token(&s.keyring, &record::device_key(&device), &token);
                     s.session
-                        .execute_unpaged(&s.st.insert_push, (ids.0, ids.1, sealed))
+                        .execute_unpaged(&s.st.insert_push, (u, d, sealed))
                         .await
                 }
-                None => s.session.execute_unpaged(&s.st.delete_push, ids).await,
+                None => s.session.execute_unpaged(&s.st.delete_push, (u, d)).await,
             }
             .map(|_| ())
             .map_err(unavailable)
@@ -1003,15 +1148,21 @@ impl MessageStore for ScyllaStore {
     ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>> {
         async move {
             let s = &self.shared;
+            let user_p = s.ids.user(&user).to_vec();
             let result = match &device {
                 Some(d) => {
+                    let (_, user_row) = dev_p(&s.ids, &DeviceRef::new(&user, ""));
+                    let (_, device_row) = dev_p(&s.ids, &DeviceRef::new(&user, d));
                     s.session
-                        .execute_unpaged(&s.st.select_access_device, (&user, d))
+                        .execute_unpaged(
+                            &s.st.select_access_device,
+                            (&user_p, user_row, device_row),
+                        )
                         .await
                 }
                 None => {
                     s.session
-                        .execute_unpaged(&s.st.select_access_user, (&user,))
+                        .execute_unpaged(&s.st.select_access_user, (&user_p,))
                         .await
                 }
             }
@@ -1021,7 +1172,10 @@ impl MessageStore for ScyllaStore {
             let rows = result
                 .rows::<AccessColumns>()
                 .map_err(unavailable)?
-                .map(|r| r.map(access_row).map_err(unavailable))
+                .map(|r| {
+                    r.map_err(unavailable)
+                        .and_then(|c| access_row(&s.ids, &user, c))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         }
@@ -1036,44 +1190,66 @@ impl MessageStore for ScyllaStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let s = &self.shared;
-            let (u, d) = (&user, &device);
+            let (u, d) = dev_p(&s.ids, &DeviceRef::new(&user, &device));
+            let key = access_key(&u, &d);
+            let sealed_device = rows::seal_ids(&s.ids, b"access", &key, &[&device]);
             let ms = |v: u64| v as i64;
             match change {
                 Change::Revoke(r) => {
+                    let except = r
+                        .except
+                        .as_deref()
+                        .map(|e| rows::seal_ids(&s.ids, b"access.except", &key, &[e]));
                     s.session
                         .execute_unpaged(
                             &s.st.revoke,
-                            (ms(r.at), &r.reason, r.signal, &r.except, u, d),
+                            (ms(r.at), &r.reason, r.signal, except, sealed_device, &u, &d),
                         )
                         .await
                 }
                 Change::Lock(l) => {
                     let (at, reason) = l.map(|l| (ms(l.at), l.reason)).unzip();
                     s.session
-                        .execute_unpaged(&s.st.lock, (at, reason, u, d))
+                        .execute_unpaged(&s.st.lock, (at, reason, sealed_device, &u, &d))
                         .await
                 }
                 Change::Confirm(c) => {
                     s.session
-                        .execute_unpaged(&s.st.confirm, (c.signal, ms(c.at), u, d))
+                        .execute_unpaged(&s.st.confirm, (c.signal, ms(c.at), sealed_device, &u, &d))
                         .await
                 }
-                Change::Fresh(at) => s.session.execute_unpaged(&s.st.fresh, (ms(at), u, d)).await,
+                Change::Fresh(at) => {
+                    s.session
+                        .execute_unpaged(&s.st.fresh, (ms(at), sealed_device, &u, &d))
+                        .await
+                }
                 Change::Seen { at, org } => {
                     if let Some((org, since)) = org {
                         // Last write wins by write time: the newest token's organisation.
                         let written_us =
                             since.saturating_mul(1_000_000).min(i64::MAX as u64) as i64;
+                        let (_, user_row) = dev_p(&s.ids, &DeviceRef::new(&user, ""));
+                        let user_key = access_key(&u, &user_row);
+                        let sealed_org = rows::seal_ids(&s.ids, b"access.org", &user_key, &[&org]);
+                        let sealed_none = rows::seal_ids(&s.ids, b"access", &user_key, &[""]);
                         s.session
-                            .execute_unpaged(&s.st.set_org, (written_us, &org, u))
+                            .execute_unpaged(
+                                &s.st.set_org,
+                                (written_us, sealed_org, sealed_none, &u, user_row),
+                            )
                             .await
                             .map_err(unavailable)?;
+                        let org_p = s.ids.org(&org).to_vec();
+                        let org_key = [org_p.as_slice(), u.as_slice()].concat();
+                        let sealed_user = rows::seal_ids(&s.ids, b"org_users", &org_key, &[&user]);
                         s.session
-                            .execute_unpaged(&s.st.insert_org_user, (&org, u))
+                            .execute_unpaged(&s.st.insert_org_user, (org_p, &u, sealed_user))
                             .await
                             .map_err(unavailable)?;
                     }
-                    s.session.execute_unpaged(&s.st.seen, (ms(at), u, d)).await
+                    s.session
+                        .execute_unpaged(&s.st.seen, (ms(at), sealed_device, &u, &d))
+                        .await
                 }
             }
             .map(|_| ())
@@ -1083,11 +1259,41 @@ impl MessageStore for ScyllaStore {
     }
 
     fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        async move { self.strings(&self.shared.st.select_devices, &user).await }.boxed()
+        async move {
+            let s = &self.shared;
+            Ok(load_devices(s, &user)
+                .await?
+                .into_iter()
+                .map(|d| d.device.to_string())
+                .collect())
+        }
+        .boxed()
     }
 
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        async move { self.strings(&self.shared.st.select_org_users, &org).await }.boxed()
+        async move {
+            let s = &self.shared;
+            let org_p = s.ids.org(&org).to_vec();
+            let rows = s
+                .session
+                .execute_unpaged(&s.st.select_org_users, (&org_p,))
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in rows.rows::<(Vec<u8>, Vec<u8>)>().map_err(unavailable)? {
+                let (user_p, sealed) = row.map_err(unavailable)?;
+                let key = [org_p.as_slice(), user_p.as_slice()].concat();
+                match rows::open_ids(&s.ids, b"org_users", &key, &sealed).and_then(|mut l| l.pop())
+                {
+                    Some(user) => out.push(user),
+                    None => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
+                }
+            }
+            Ok(out)
+        }
+        .boxed()
     }
 
     fn pending_logouts(&self) -> BoxFuture<'_, Result<Vec<(DeviceRef, u64)>, StoreError>> {
@@ -1098,11 +1304,20 @@ impl MessageStore for ScyllaStore {
                 .execute_iter(s.st.select_pending.clone(), ())
                 .await
                 .map_err(unavailable)?
-                .rows_stream::<(String, String, i64)>()
+                .rows_stream::<(Vec<u8>, Vec<u8>, i64, Option<Vec<u8>>)>()
                 .map_err(unavailable)?;
             let mut out = Vec::new();
-            while let Some((u, d, at)) = rows.try_next().await.map_err(unavailable)? {
-                out.push((DeviceRef::new(&u, &d), at.max(0) as u64));
+            while let Some((u, d, at, sealed)) = rows.try_next().await.map_err(unavailable)? {
+                let key = [u.as_slice(), d.as_slice()].concat();
+                match sealed
+                    .and_then(|v| rows::open_ids(&s.ids, b"pending_logouts", &key, &v))
+                    .as_deref()
+                {
+                    Some([user, device]) => {
+                        out.push((DeviceRef::new(user, device), at.max(0) as u64))
+                    }
+                    _ => metrics::counter!("relay_store_corrupt_rows_total").increment(1),
+                }
             }
             Ok(out)
         }
@@ -1116,11 +1331,18 @@ impl MessageStore for ScyllaStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         async move {
             let s = &self.shared;
-            let (u, d) = (&*device.user, &*device.device);
+            let (u, d) = dev_p(&s.ids, &device);
             match requested_at {
                 Some(at) => {
+                    let key = [u.as_slice(), d.as_slice()].concat();
+                    let sealed = rows::seal_ids(
+                        &s.ids,
+                        b"pending_logouts",
+                        &key,
+                        &[&device.user, &device.device],
+                    );
                     s.session
-                        .execute_unpaged(&s.st.insert_pending, (u, d, at as i64))
+                        .execute_unpaged(&s.st.insert_pending, (&u, &d, at as i64, sealed))
                         .await
                 }
                 None => {
@@ -1140,18 +1362,20 @@ impl MessageStore for ScyllaStore {
             let s = &self.shared;
             let ttl = ttl_secs(s.retention.audit_ms);
             let writes = records.iter().map(|r| {
+                let key = rows::audit_key(&s.ids, &r.chain, r.n);
+                let sealed = rows::seal_audit(&s.ids, &key, &r.chain.subject, &r.entry);
                 s.session.execute_unpaged(
                     &s.st.insert_audit,
                     (
-                        &r.chain.subject,
+                        s.ids.subject(&r.chain.subject).to_vec(),
                         r.chain.month as i32,
                         i32::from(r.chain.node),
                         r.n as i64,
                         r.ts as i64,
-                        &r.entry,
-                        r.prev.as_slice(),
-                        r.hash.as_slice(),
-                        &r.key_id,
+                        r.prev.to_vec(),
+                        r.hash.to_vec(),
+                        r.key_id.clone(),
+                        sealed,
                         ttl,
                     ),
                 )
@@ -1174,7 +1398,11 @@ impl MessageStore for ScyllaStore {
                 .session
                 .execute_unpaged(
                     &s.st.select_audit_tail,
-                    (&chain.subject, chain.month as i32, i32::from(chain.node)),
+                    (
+                        s.ids.subject(&chain.subject).to_vec(),
+                        chain.month as i32,
+                        i32::from(chain.node),
+                    ),
                 )
                 .await
                 .map_err(unavailable)?
@@ -1197,23 +1425,42 @@ impl MessageStore for ScyllaStore {
             let s = &self.shared;
             let mut rows = s
                 .session
-                .execute_iter(s.st.select_audit.clone(), (&subject, month as i32))
+                .execute_iter(
+                    s.st.select_audit.clone(),
+                    (s.ids.subject(&subject).to_vec(), month as i32),
+                )
                 .await
                 .map_err(unavailable)?
-                .rows_stream::<(i32, i64, i64, String, Vec<u8>, Vec<u8>, Option<String>)>()
+                .rows_stream::<(
+                    i32,
+                    i64,
+                    i64,
+                    Vec<u8>,
+                    Vec<u8>,
+                    Option<String>,
+                    Option<Vec<u8>>,
+                )>()
                 .map_err(unavailable)?;
             let mut out = Vec::new();
-            while let Some((node, n, ts, entry, prev, hash, key_id)) =
+            while let Some((node, n, ts, prev, hash, key_id, sealed)) =
                 rows.try_next().await.map_err(unavailable)?
             {
+                let chain = audit::Chain {
+                    subject: subject.clone(),
+                    month,
+                    node: node as u8,
+                };
+                // A record that does not open reads as an empty entry: verification reports it.
+                let key = rows::audit_key(&s.ids, &chain, n as u64);
+                let entry = sealed
+                    .and_then(|v| rows::open_audit(&s.ids, &key, &v))
+                    .filter(|(sub, _)| *sub == subject)
+                    .map(|(_, entry)| entry)
+                    .unwrap_or_default();
                 // A mangled hash column is itself tampering: verification reports it.
                 let digest = |v: Vec<u8>| v.try_into().unwrap_or([0xff; 32]);
                 out.push(audit::Record {
-                    chain: audit::Chain {
-                        subject: subject.clone(),
-                        month,
-                        node: node as u8,
-                    },
+                    chain,
                     n: n as u64,
                     ts: ts as u64,
                     entry,
@@ -1235,10 +1482,39 @@ impl MessageStore for ScyllaStore {
                 .execute_iter(s.st.select_audit_partitions.clone(), ())
                 .await
                 .map_err(unavailable)?
-                .rows_stream::<(String, i32)>()
+                .rows_stream::<(Vec<u8>, i32)>()
                 .map_err(unavailable)?;
+            let mut partitions = Vec::new();
+            while let Some(p) = rows.try_next().await.map_err(unavailable)? {
+                partitions.push(p);
+            }
+            // Keys hold the subject's pseudonym: one record of each partition names it.
             let mut out = Vec::new();
-            while let Some((subject, month)) = rows.try_next().await.map_err(unavailable)? {
+            for (subject_p, month) in partitions {
+                let first = s
+                    .session
+                    .execute_unpaged(&s.st.select_audit_first, (&subject_p, month))
+                    .await
+                    .map_err(unavailable)?
+                    .into_rows_result()
+                    .map_err(unavailable)?;
+                let Some((node, n, sealed)) = first
+                    .maybe_first_row::<(i32, i64, Option<Vec<u8>>)>()
+                    .map_err(unavailable)?
+                else {
+                    continue;
+                };
+                let mut key = subject_p.clone();
+                key.extend_from_slice(&(month as u32).to_be_bytes());
+                key.push(node as u8);
+                key.extend_from_slice(&(n as u64).to_be_bytes());
+                let subject = sealed
+                    .and_then(|v| rows::open_audit(&s.ids, &key, &v))
+                    .map(|(subject, _)| subject)
+                    .unwrap_or_else(|| {
+                        let hex: String = subject_p.iter().map(|b| format!("{b:02x}")).collect();
+                        format!("#unreadable/{hex}")
+                    });
                 out.push((subject, month.max(0) as u32));
             }
             out.sort();
@@ -1356,10 +1632,10 @@ impl Writer {
             .iter()
             .flat_map(|a| a.seqs.iter().map(move |&seq| (&a.device, seq)))
             .map(|(d, seq)| {
-                self.s.session.execute_unpaged(
-                    &self.s.st.delete_inbox,
-                    (&*d.user, &*d.device, week_of(seq), seq as i64),
-                )
+                let (u, dp) = dev_p(&self.s.ids, d);
+                self.s
+                    .session
+                    .execute_unpaged(&self.s.st.delete_inbox, (u, dp, week_of(seq), seq as i64))
             })
             .collect();
         for r in join_all(deletes).await {
@@ -1377,7 +1653,7 @@ impl Writer {
         let results = join_all(registers.iter().map(|(d, _)| {
             self.s
                 .session
-                .execute_unpaged(&self.s.st.insert_device, (&*d.user, &*d.device, now))
+                .execute_unpaged(&self.s.st.insert_device, device_row(&self.s.ids, d, now))
         }))
         .await;
         for ((device, reply), result) in registers.into_iter().zip(results) {
@@ -1415,22 +1691,9 @@ impl Writer {
                     .is_none_or(|(_, at)| at.elapsed() > DEVICE_CACHE_TTL)
             })
             .collect();
-        let reads = join_all(stale.iter().map(|u| {
-            self.s
-                .session
-                .execute_unpaged(&self.s.st.select_devices, (*u,))
-        }))
-        .await;
+        let reads = join_all(stale.iter().map(|u| load_devices(&self.s, u))).await;
         for (user, result) in stale.into_iter().zip(reads) {
-            let rows = result
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(unavailable)?;
-            let mut list = Vec::new();
-            for row in rows.rows::<(String,)>().map_err(unavailable)? {
-                list.push(DeviceRef::new(user, &row.map_err(unavailable)?.0));
-            }
-            self.devices.insert(user.into(), (list, Instant::now()));
+            self.devices.insert(user.into(), (result?, Instant::now()));
         }
         metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
         Ok(())
@@ -1493,7 +1756,7 @@ impl Writer {
         let firsts: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
         let reads = join_all(firsts.iter().map(|&i| {
             s.session
-                .execute_unpaged(&s.st.select_msg_id, (&*p[i].msg.from.user, p[i].msg.id))
+                .execute_unpaged(&s.st.select_msg_id, msg_p(&s.ids, &p[i].msg))
         }))
         .await;
         let now = now_ms();
@@ -1533,16 +1796,10 @@ impl Writer {
             .filter(|&i| p[i].reserve && p[i].failed.is_none())
             .collect();
         let writes = join_all(reserving.iter().map(|&i| {
-            let m = &p[i].msg;
+            let (sender_p, msg_p) = msg_p(&s.ids, &p[i].msg);
             s.session.execute_unpaged(
                 &s.st.insert_msg_id,
-                (
-                    &*m.from.user,
-                    m.id,
-                    p[i].seq as i64,
-                    p[i].ts as i64,
-                    idem_ttl,
-                ),
+                (sender_p, msg_p, p[i].seq as i64, p[i].ts as i64, idem_ttl),
             )
         }))
         .await;
@@ -1606,18 +1863,10 @@ impl Writer {
                 statements.push((
                     i,
                     s.session
-                        .execute_unpaged(
-                            &s.st.insert_inbox,
-                            (
-                                d.user.to_string(),
-                                d.device.to_string(),
-                                week_of(seq),
-                                seq as i64,
-                                m.id,
-                                value,
-                                inbox_ttl,
-                            ),
-                        )
+                        .execute_unpaged(&s.st.insert_inbox, {
+                            let (u, dp) = dev_p(&s.ids, d);
+                            (u, dp, week_of(seq), seq as i64, value, inbox_ttl)
+                        })
                         .boxed(),
                 ));
             }
@@ -1650,10 +1899,9 @@ impl Writer {
             .filter(|&i| p[i].failed.is_none())
             .collect();
         let marks = join_all(completing.iter().map(|&i| {
-            s.session.execute_unpaged(
-                &s.st.complete_msg_id,
-                (idem_ttl, &*p[i].msg.from.user, p[i].msg.id),
-            )
+            let (sender_p, msg_p) = msg_p(&s.ids, &p[i].msg);
+            s.session
+                .execute_unpaged(&s.st.complete_msg_id, (idem_ttl, sender_p, msg_p))
         }))
         .await;
         for (&i, r) in completing.iter().zip(marks) {
