@@ -183,6 +183,11 @@ async def test_a_copy_of_the_store_does_not_tell_who_messaged_whom(make_relay):
     status, _ = relay.admin("POST", f"/v1/devices/{SENDER_DEVICE}/logout", {"user": SENDER, "reason": "lost_device"})
     assert status == 200
     await recipient.close()
+    # The audit writer batches: wait until the logout is on record before the kill.
+    deadline = time.monotonic() + 10
+    while not any(e["event"] == "logout_requested" for e in audit_events(relay, SENDER)):
+        assert time.monotonic() < deadline, audit_events(relay, SENDER)
+        await asyncio.sleep(0.2)
     relay.kill()  # the journal as written
     assert leaked_ids(relay) == []
 

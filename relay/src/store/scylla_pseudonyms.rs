@@ -16,7 +16,7 @@ use super::{DeviceRef, StoreError, rows};
 use crate::seal::Keyring;
 
 /// The tables migration 9 replaces.
-const OLD_TABLES: [&str; 8] = [
+pub(super) const OLD_TABLES: [&str; 8] = [
     "inbox",
     "message_ids",
     "devices",
