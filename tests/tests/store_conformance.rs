@@ -1041,3 +1041,42 @@ async fn cassandra_a_cql_dump_does_not_tell_who_messaged_whom() {
         assert!(!dump.contains(id.as_str()), "{id} in the dump");
     }
 }
+
+/// ScyllaDB only: a keyspace whose ids key row was deleted does not open with a fresh key (every
+/// row, revocations included, would look absent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_a_keyspace_whose_ids_key_was_deleted_refuses_to_open() {
+    use relay::store::scylla::{ScyllaStore, connect};
+
+    let place = Place::new(Kind::Cassandra).await;
+    let store = place
+        .open(place.keyring(), LONG, Arc::new(Recorder::default()))
+        .await;
+    store
+        .register_device(DeviceRef::new("bob", "tablet"))
+        .await
+        .expect("register");
+    store.close().await.expect("close");
+    drop(store);
+    let cfg = place.scylla_config();
+    let session = connect(&cfg).await.expect("connect");
+    session
+        .query_unpaged(
+            format!("DELETE FROM {}.store_keys WHERE name = 'ids'", cfg.keyspace),
+            (),
+        )
+        .await
+        .expect("delete");
+    let reopened = ScyllaStore::open(
+        &cfg,
+        Some(0),
+        place.keyring(),
+        LONG,
+        Arc::new(Recorder::default()),
+    )
+    .await;
+    assert!(matches!(
+        reopened,
+        Err(relay::store::StoreError::Refused(_))
+    ));
+}

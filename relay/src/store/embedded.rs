@@ -256,17 +256,21 @@ fn ids_key(
     keyring: &Keyring,
 ) -> Result<Pseudonyms, StoreError> {
     const KEY: &str = "ids-key";
-    let (ids, sealed) = match housekeeping.get(KEY).map_err(unavailable)? {
-        Some(sealed) => Pseudonyms::unwrap(keyring, &sealed).map_err(|e| {
-            StoreError::Refused(format!(
-                "the store's ids key does not open with the configured at-rest keys ({e}): \
-                 configure the key that sealed it"
-            ))
-        })?,
-        None => Pseudonyms::generate(keyring).map_err(unavailable)?,
+    let (ids, store) = match housekeeping.get(KEY).map_err(unavailable)? {
+        Some(sealed) => Pseudonyms::unwrap(keyring, &sealed)
+            .map_err(|e| Pseudonyms::refusal(&format!("does not open ({e})")))?,
+        None if db.keyspace_exists("devices.2") => {
+            return Err(Pseudonyms::refusal("is missing from a store keyed by it"));
+        }
+        None => {
+            let (ids, sealed) = Pseudonyms::generate(keyring).map_err(unavailable)?;
+            (ids, Some(sealed))
+        }
     };
-    housekeeping.insert(KEY, sealed).map_err(unavailable)?;
-    db.persist(PersistMode::SyncAll).map_err(unavailable)?;
+    if let Some(sealed) = store {
+        housekeeping.insert(KEY, sealed).map_err(unavailable)?;
+        db.persist(PersistMode::SyncAll).map_err(unavailable)?;
+    }
     Ok(ids)
 }
 

@@ -403,4 +403,31 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_whose_ids_key_was_deleted_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring = Arc::new(
+            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring"),
+        );
+        let store = EmbeddedStore::open(dir.path(), memory(), ring.clone(), Arc::new(Nowhere))
+            .expect("open");
+        store
+            .register_device(DeviceRef::new("bob", "tablet"))
+            .await
+            .expect("register");
+        store.close().await.expect("close");
+        drop(store);
+        let db = fjall::Database::builder(dir.path()).open().expect("db");
+        let housekeeping = db
+            .keyspace("housekeeping", KeyspaceCreateOptions::default)
+            .expect("ks");
+        housekeeping.remove("ids-key").expect("remove");
+        db.persist(PersistMode::SyncAll).expect("persist");
+        drop(housekeeping);
+        drop(db);
+        // A fresh key would make every row, revocations included, look absent.
+        let reopened = EmbeddedStore::open(dir.path(), memory(), ring, Arc::new(Nowhere));
+        assert!(matches!(reopened, Err(StoreError::Refused(_))));
+    }
 }

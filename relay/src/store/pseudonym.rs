@@ -42,13 +42,25 @@ impl Pseudonyms {
         Ok((Self::from_raw(&raw)?, keyring.seal(WRAP_AAD, &raw)))
     }
 
-    /// The ids key from its sealed form; also returns it sealed again with the active key.
-    pub fn unwrap(keyring: &Keyring, sealed: &[u8]) -> Result<(Self, Vec<u8>), SealError> {
+    /// The ids key from its sealed form, and the same key sealed with the active at-rest key
+    /// when another key sealed it (the caller stores it, so old at-rest keys can retire).
+    pub fn unwrap(keyring: &Keyring, sealed: &[u8]) -> Result<(Self, Option<Vec<u8>>), SealError> {
         let raw = keyring.open(WRAP_AAD, sealed)?;
         if raw.len() != 32 {
             return Err(SealError::Tampered);
         }
-        Ok((Self::from_raw(&raw)?, keyring.seal(WRAP_AAD, &raw)))
+        let reseal = (Keyring::sealed_key_id(sealed) != Some(keyring.active_id()))
+            .then(|| keyring.seal(WRAP_AAD, &raw));
+        Ok((Self::from_raw(&raw)?, reseal))
+    }
+
+    /// Why a store refuses to open: its ids key is missing while it holds rows keyed by it, or
+    /// it does not open with the configured keys. Never a fresh key over existing rows: they
+    /// would all look absent, revocations included.
+    pub fn refusal(problem: &str) -> super::StoreError {
+        super::StoreError::Refused(format!(
+            "the store's ids key {problem}: configure the at-rest keys it was sealed with"
+        ))
     }
 
     fn from_raw(raw: &[u8]) -> Result<Self, SealError> {
@@ -148,6 +160,14 @@ mod tests {
         // After the rotation it is re-sealed with k2, and k1 is no longer needed for it.
         let (_, sealed_k2) =
             Pseudonyms::unwrap(&keyring("k2", &format!("{k1},{k2}")), &sealed_k1).expect("unwrap");
+        let sealed_k2 = sealed_k2.expect("re-sealed with the active key");
+        // Sealed with the active key already: nothing to store again.
+        assert!(
+            Pseudonyms::unwrap(&keyring("k2", &k2), &sealed_k2)
+                .expect("unwrap")
+                .1
+                .is_none()
+        );
         let (q, _) = Pseudonyms::unwrap(&keyring("k2", &k2), &sealed_k2).expect("unwrap");
         assert_eq!(p.user("alice"), q.user("alice"));
         assert!(Pseudonyms::unwrap(&keyring("k2", &k2), &sealed_k1).is_err());

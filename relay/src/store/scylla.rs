@@ -813,6 +813,17 @@ async fn ids_key(session: &Session, keyring: &Keyring) -> Result<Pseudonyms, Sto
     let sealed = match read().await? {
         Some(sealed) => sealed,
         None => {
+            let keyed_rows = session
+                .query_unpaged("SELECT user_p FROM devices2 LIMIT 1", ())
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            if keyed_rows.rows_num() > 0 {
+                return Err(Pseudonyms::refusal(
+                    "is missing from a keyspace keyed by it",
+                ));
+            }
             let (_, fresh) = Pseudonyms::generate(keyring).map_err(unavailable)?;
             session
                 .query_unpaged(
@@ -826,13 +837,9 @@ async fn ids_key(session: &Session, keyring: &Keyring) -> Result<Pseudonyms, Sto
                 .ok_or_else(|| StoreError::Unavailable("the ids key was not stored".into()))?
         }
     };
-    let (ids, resealed) = Pseudonyms::unwrap(keyring, &sealed).map_err(|e| {
-        StoreError::Refused(format!(
-            "the keyspace's ids key does not open with the configured at-rest keys ({e}): \
-             configure the key that sealed it"
-        ))
-    })?;
-    if Keyring::sealed_key_id(&sealed) != Some(keyring.active_id()) {
+    let (ids, resealed) = Pseudonyms::unwrap(keyring, &sealed)
+        .map_err(|e| Pseudonyms::refusal(&format!("does not open ({e})")))?;
+    if let Some(resealed) = resealed {
         session
             .query_unpaged(
                 "UPDATE store_keys SET sealed = ? WHERE name = 'ids'",
