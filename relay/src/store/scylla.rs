@@ -417,8 +417,23 @@ fn access_row(
     user: &str,
     c: AccessColumns,
 ) -> Result<(String, AccessRow), StoreError> {
-    let user_p = ids.user(user);
-    let key = access_key(&user_p, &c.0);
+    let (
+        device_p,
+        device,
+        org,
+        org_written,
+        locked_at,
+        lock_reason,
+        revoked_at,
+        reason,
+        signal,
+        except,
+        csig,
+        cat,
+        seen,
+        fresh_from,
+    ) = c;
+    let key = access_key(&ids.user(user), &device_p);
     let open_one = |table: &[u8], sealed: Option<Vec<u8>>| -> Result<Option<String>, StoreError> {
         match sealed {
             None => Ok(None),
@@ -431,25 +446,9 @@ fn access_row(
                 }),
         }
     };
-    let device = open_one(b"access", c.1.clone())?.unwrap_or_default();
-    let org = open_one(b"access.org", c.2.clone())?;
-    let except = open_one(b"access.except", c.9.clone())?;
-    let (
-        _,
-        _,
-        _,
-        org_written,
-        locked_at,
-        lock_reason,
-        revoked_at,
-        reason,
-        signal,
-        _,
-        csig,
-        cat,
-        seen,
-        fresh_from,
-    ) = c;
+    let device = open_one(b"access", device)?.unwrap_or_default();
+    let org = open_one(b"access.org", org)?;
+    let except = open_one(b"access.except", except)?;
     let ms = |v: Option<i64>| v.map(|v| v.max(0) as u64);
     let row = AccessRow {
         org,
