@@ -240,6 +240,14 @@ pub fn start(
     (Start::Open { floor_ms }, Some(Change::Fresh(floor_ms)))
 }
 
+/// The audit trail's way to the organisation a user belongs to now (their user row's).
+pub fn org_lookup(store: Arc<dyn MessageStore>) -> crate::audit::OrgLookup {
+    Arc::new(move |user: String| {
+        let store = store.clone();
+        Box::pin(async move { Ok(split(store.access(user, None).await?).0.org) })
+    })
+}
+
 /// Splits the rows of [`MessageStore::access`] into the user row and the device rows.
 pub fn split(rows: Vec<(String, AccessRow)>) -> (AccessRow, Vec<(String, AccessRow)>) {
     let mut user = AccessRow::default();

@@ -81,6 +81,18 @@ impl Caller<'_> {
         }
     }
 
+    /// An org admin sees only their own organisation's org-wide views.
+    fn own_org(&self, org: &str) -> Result<(), Refusal> {
+        if self.cred.org.as_deref().is_some_and(|o| o != org) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "outside_your_org",
+                "not your organisation",
+            ));
+        }
+        Ok(())
+    }
+
     /// An org admin acts only on users of their organisation.
     async fn may_touch(&self, app: &App, user: &str) -> Result<(), Refusal> {
         let Some(org) = &self.cred.org else {
@@ -145,8 +157,8 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let caller = authenticate(&req, app);
-    let (subject, result) = match &caller {
-        None => (
+    let routed = match &caller {
+        None => Routed::new(
             None,
             Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
@@ -158,7 +170,7 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
         Some(caller) => match tokio::time::timeout(REQUEST_DEADLINE, route(req, caller, app)).await
         {
             Ok(done) => done,
-            Err(_) => (
+            Err(_) => Routed::new(
                 None,
                 Err(Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -168,21 +180,48 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
             ),
         },
     };
-    let (status, body) = match result {
-        Ok((status, body)) => (status, body),
-        Err(Refusal(status, code, detail)) => (status, json!({ "error": code, "detail": detail })),
+    let (status, reply) = match routed.result {
+        Ok(answer) => answer,
+        Err(Refusal(status, code, detail)) => (
+            status,
+            Reply::Json(json!({ "error": code, "detail": detail })),
+        ),
     };
     let audit = &app.sessions.access.audit;
     audit.record(Event {
-        user: subject,
+        user: routed.subject,
         actor: caller.as_ref().map(Caller::actor),
         ip: Some(peer.ip().to_string()),
         request: Some(format!("{method} {path}")),
         status: Some(status.as_u16()),
+        from: routed.range.map(|r| r.0),
+        to: routed.range.map(|r| r.1),
         ..Event::new("admin_request")
     });
     metrics::counter!("relay_admin_requests_total", "status" => status_class(status)).increment(1);
-    respond(status, &body)
+    match reply {
+        Reply::Json(body) => respond(status, &body),
+        Reply::Csv {
+            text,
+            filename,
+            next,
+        } => {
+            let mut r = Response::new(Full::new(Bytes::from(text)));
+            *r.status_mut() = status;
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+                h.insert(header::CONTENT_DISPOSITION, v);
+            }
+            if let Some(v) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                h.insert("x-next-cursor", v);
+            }
+            r
+        }
+    }
 }
 
 fn status_class(s: StatusCode) -> &'static str {
@@ -195,7 +234,36 @@ fn status_class(s: StatusCode) -> &'static str {
     }
 }
 
-type Routed = (Option<String>, Result<(StatusCode, Value), Refusal>);
+/// What a call answers.
+enum Reply {
+    Json(Value),
+    /// A CSV attachment; `next` is the cursor of the following part, if any.
+    Csv {
+        text: String,
+        filename: String,
+        next: Option<String>,
+    },
+}
+
+type Answer = Result<(StatusCode, Reply), Refusal>;
+
+/// A routed call: whose partition its audit record goes to, the time range it read (recorded
+/// with it), and the answer.
+struct Routed {
+    subject: Option<String>,
+    range: Option<(u64, u64)>,
+    result: Answer,
+}
+
+impl Routed {
+    fn new(subject: Option<String>, result: Result<(StatusCode, Value), Refusal>) -> Self {
+        Routed {
+            subject,
+            range: None,
+            result: result.map(|(status, body)| (status, Reply::Json(body))),
+        }
+    }
+}
 
 async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed {
     let path = req.uri().path().to_string();
@@ -255,7 +323,7 @@ async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed
                 }
             }
             .await;
-            (Some(user), result)
+            Routed::new(Some(user), result)
         }
         (Method::POST, ["v1", "devices", device, "logout"]) => {
             let device = device.to_string();
@@ -284,7 +352,7 @@ async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed
                 Ok((StatusCode::OK, json!(outcome)))
             }
             .await;
-            (subject, result)
+            Routed::new(subject, result)
         }
         (Method::GET, ["v1", "users", user, "devices"]) => {
             let user = user.to_string();
@@ -295,57 +363,92 @@ async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed
                 devices_view(app, &user).await
             }
             .await;
-            (Some(user), result)
+            Routed::new(Some(user), result)
         }
         (Method::GET, ["v1", "orgs", org, "presence"]) => {
             let org = org.to_string();
             let result = async {
                 check_id("org", &org)?;
                 caller.require(&[Support, OrgAdmin])?;
-                if caller.cred.org.as_ref().is_some_and(|o| *o != org) {
-                    return Err(Refusal::new(
-                        StatusCode::FORBIDDEN,
-                        "outside_your_org",
-                        "not your organisation",
-                    ));
-                }
+                caller.own_org(&org)?;
                 presence_view(app, &org).await
             }
             .await;
-            (Some(audit::org_subject(&org)), result)
+            Routed::new(Some(audit::org_subject(&org)), result)
         }
-        (Method::GET, ["v1", "audit"]) => {
-            let query = req.uri().query().unwrap_or_default().to_string();
-            let params = parse_query(&query);
-            let user = params
-                .iter()
-                .find(|(k, _)| k == "user")
-                .map(|(_, v)| v.clone());
+        (Method::GET, ["v1", "orgs", org, "access-report"]) => {
+            let org = org.to_string();
+            let params = parse_query(req.uri().query().unwrap_or_default());
+            let mut range = None;
             let result = async {
+                check_id("org", &org)?;
                 caller.require(&[Support, OrgAdmin])?;
-                let user = user.clone().ok_or_else(|| {
-                    Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "`user` is required (device ids are unique per user)",
-                    )
-                })?;
-                if user != audit::ANONYMOUS {
-                    check_id("user", &user)?;
-                    caller.may_touch(app, &user).await?;
-                } else if caller.cred.role != Support {
-                    return Err(Refusal::new(
-                        StatusCode::FORBIDDEN,
-                        "forbidden",
-                        "only support reads failed logins of unknown users",
-                    ));
-                }
-                audit_view(app, &user, &params).await
+                caller.own_org(&org)?;
+                let (from, to) = parse_range(&params, REPORT_MAX_DAYS)?;
+                range = Some((from, to));
+                org_report(app, &org, from, to, &params).await
             }
             .await;
-            (user.filter(|u| valid_id(u)), result)
+            Routed {
+                subject: Some(audit::org_subject(&org)),
+                range,
+                result,
+            }
         }
-        _ => (
+        (Method::GET, ["v1", "audit"]) => {
+            let params = parse_query(req.uri().query().unwrap_or_default());
+            let user = param(&params, "user").map(str::to_string);
+            let org = param(&params, "org").map(str::to_string);
+            let mut range = None;
+            let subject = match (&user, &org) {
+                (Some(u), _) => Some(u.clone()).filter(|u| valid_id(u)),
+                (None, Some(o)) => Some(audit::org_subject(o)).filter(|_| valid_id(o)),
+                (None, None) => None,
+            };
+            let result = async {
+                caller.require(&[Support, OrgAdmin])?;
+                let subject = match (user, org) {
+                    (Some(user), None) if user == audit::ANONYMOUS => {
+                        if caller.cred.role != Support {
+                            return Err(Refusal::new(
+                                StatusCode::FORBIDDEN,
+                                "forbidden",
+                                "only support reads failed logins of unknown users",
+                            ));
+                        }
+                        user
+                    }
+                    (Some(user), None) => {
+                        check_id("user", &user)?;
+                        caller.may_touch(app, &user).await?;
+                        user
+                    }
+                    // The org's own partition: who called org-wide views and reports.
+                    (None, Some(org)) => {
+                        check_id("org", &org)?;
+                        caller.own_org(&org)?;
+                        audit::org_subject(&org)
+                    }
+                    _ => {
+                        return Err(Refusal::new(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            "give `user` (device ids are unique per user) or `org`",
+                        ));
+                    }
+                };
+                let (from, to) = parse_range(&params, 366)?;
+                range = Some((from, to));
+                audit_view(app, &subject, from, to, &params).await
+            }
+            .await;
+            Routed {
+                subject,
+                range,
+                result: result.map(|(status, body)| (status, Reply::Json(body))),
+            }
+        }
+        _ => Routed::new(
             None,
             Err(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -509,63 +612,193 @@ async fn presence_view(app: &App, org: &str) -> Result<(StatusCode, Value), Refu
     Ok((StatusCode::OK, json!({ "org": org, "online": online })))
 }
 
-async fn audit_view(
-    app: &App,
-    user: &str,
-    params: &[(String, String)],
-) -> Result<(StatusCode, Value), Refusal> {
-    let get = |k: &str| {
-        params
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
+/// Largest org report range, days: a quarter.
+const REPORT_MAX_DAYS: u64 = 92;
+/// Largest CSV part of an org report (and its default), rows.
+const MAX_CSV_ROWS: usize = 10_000;
+
+fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn bad(detail: &str) -> Refusal {
+    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+}
+
+/// `from` and `to` (default: the 30 days up to now), at most `max_days` apart.
+fn parse_range(params: &[(String, String)], max_days: u64) -> Result<(u64, u64), Refusal> {
+    let time = |key: &str| {
+        param(params, key)
+            .map(|t| {
+                parse_time(t).ok_or_else(|| {
+                    bad(&format!(
+                        "{key}: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z), at most year 9999"
+                    ))
+                })
+            })
+            .transpose()
     };
-    let bad = |detail: &str| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
-    let to = match get("to") {
-        Some(t) => parse_time(t).ok_or_else(|| {
-            bad("to: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z), at most year 9999")
-        })?,
-        None => now_ms() + 1,
-    };
-    let from = match get("from") {
-        Some(t) => parse_time(t).ok_or_else(|| {
-            bad("from: Unix ms or RFC 3339 UTC (2026-11-28T10:00:00Z), at most year 9999")
-        })?,
-        None => to.saturating_sub(30 * 86_400_000),
-    };
+    let to = time("to")?.unwrap_or_else(|| now_ms() + 1);
+    let from = time("from")?.unwrap_or_else(|| to.saturating_sub(30 * 86_400_000));
     if from >= to {
         return Err(bad("from must be before to"));
     }
-    if to - from > 366 * 86_400_000 {
-        return Err(bad("at most one year per query"));
+    if to - from > max_days * 86_400_000 {
+        return Err(bad(&format!("at most {max_days} days per query")));
     }
-    let device = get("device");
-    if let Some(d) = device {
-        check_id("device", d)?;
-    }
-    let limit = match get("limit") {
+    Ok((from, to))
+}
+
+/// `limit` (1 to `max`, default `default`) and `cursor`.
+fn parse_page(
+    params: &[(String, String)],
+    default: usize,
+    max: usize,
+) -> Result<(usize, Option<audit::Cursor>), Refusal> {
+    let limit = match param(params, "limit") {
         Some(l) => l
             .parse::<usize>()
             .ok()
-            .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| bad("limit: 1-1000"))?,
-        None => 100,
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| bad(&format!("limit: 1-{max}")))?,
+        None => default,
     };
-    let cursor = match get("cursor") {
-        Some(c) => Some(
-            audit::parse_cursor(c)
-                .ok_or_else(|| bad("cursor: pass `next` from the previous page"))?,
-        ),
-        None => None,
-    };
+    let cursor = param(params, "cursor")
+        .map(|c| {
+            audit::parse_cursor(c).ok_or_else(|| bad("cursor: pass `next` from the previous page"))
+        })
+        .transpose()?;
+    Ok((limit, cursor))
+}
+
+async fn audit_view(
+    app: &App,
+    subject: &str,
+    from: u64,
+    to: u64,
+    params: &[(String, String)],
+) -> Result<(StatusCode, Value), Refusal> {
+    let device = param(params, "device");
+    if let Some(d) = device {
+        check_id("device", d)?;
+    }
+    let (limit, cursor) = parse_page(params, 100, MAX_PAGE)?;
     // This node's own recent events first, so a query right after an action sees it.
     app.sessions
         .access
         .audit
         .flush(Duration::from_secs(2))
         .await;
-    let page = audit::query(&*app.sessions.store, user, device, from, to, limit, cursor).await?;
+    let store = &*app.sessions.store;
+    let page = audit::query(store, subject, device, from, to, limit, cursor).await?;
     Ok((StatusCode::OK, json!(page)))
+}
+
+async fn org_report(
+    app: &App,
+    org: &str,
+    from: u64,
+    to: u64,
+    params: &[(String, String)],
+) -> Answer {
+    let csv = match param(params, "format") {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => return Err(bad("format: json or csv")),
+    };
+    let (limit, cursor) = if csv {
+        parse_page(params, MAX_CSV_ROWS, MAX_CSV_ROWS)?
+    } else {
+        parse_page(params, 100, MAX_PAGE)?
+    };
+    app.sessions
+        .access
+        .audit
+        .flush(Duration::from_secs(2))
+        .await;
+    let page = audit::org_report(&*app.sessions.store, org, from, to, limit, cursor).await?;
+    if !csv {
+        return Ok((StatusCode::OK, Reply::Json(json!(page))));
+    }
+    Ok((
+        StatusCode::OK,
+        Reply::Csv {
+            text: report_csv(&page.events),
+            filename: format!("access-report-{org}-{}-{}.csv", rfc3339(from), rfc3339(to)),
+            next: page.next,
+        },
+    ))
+}
+
+/// Columns of the CSV export, in order.
+const CSV_COLUMNS: &str = "time,ts,event,user,device,org,reason,via,actor,ip,signal,node";
+
+/// The events as CSV (RFC 4180, CRLF line ends).
+fn report_csv(events: &[Event]) -> String {
+    let mut out = String::with_capacity(64 + events.len() * 128);
+    out.push_str(CSV_COLUMNS);
+    out.push_str("\r\n");
+    for e in events {
+        let fields = [
+            rfc3339(e.ts),
+            e.ts.to_string(),
+            e.event.clone(),
+            e.user.clone().unwrap_or_default(),
+            e.device.clone().unwrap_or_default(),
+            e.org.clone().unwrap_or_default(),
+            e.reason.clone().unwrap_or_default(),
+            e.via.clone().unwrap_or_default(),
+            e.actor.clone().unwrap_or_default(),
+            e.ip.clone().unwrap_or_default(),
+            e.signal.map(|s| s.to_string()).unwrap_or_default(),
+            e.node.to_string(),
+        ];
+        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        out.push_str(&line.join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// One CSV field: quoted when it must be, and never read as a formula by a spreadsheet (a lock
+/// reason is free text): a leading `= + - @` gets a `'` in front, as OWASP advises.
+fn csv_field(value: &str) -> String {
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
+}
+
+/// `2026-11-28T10:00:00.123Z` for a time in ms.
+fn rfc3339(ms: u64) -> String {
+    // Civil-from-days (Howard Hinnant).
+    let days = (ms / 86_400_000) as i64;
+    let rem = ms % 86_400_000;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
@@ -665,6 +898,32 @@ mod tests {
         );
         assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn times_format_as_rfc3339_and_parse_back() {
+        assert_eq!(rfc3339(1_767_225_600_123), "2026-01-01T00:00:00.123Z");
+        assert_eq!(rfc3339(1_709_209_800_000), "2024-02-29T12:30:00.000Z");
+        for ms in [0, 951_782_400_000, 1_767_225_600_123, MAX_TIME_MS] {
+            assert_eq!(parse_time(&rfc3339(ms)), Some(ms));
+        }
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("dra"), "dra");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_field("+1,2"), "\"'+1,2\"");
+        let csv = report_csv(&[Event {
+            user: Some("dra".into()),
+            reason: Some("line\nbreak".into()),
+            ..Event::new("lock")
+        }]);
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(lines[0], CSV_COLUMNS);
+        assert!(lines[1].contains(",lock,dra,,,\"line\nbreak\","), "{csv}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+
 use crate::store::{MessageStore, StoreError, now_ms};
 
 /// Events that may wait for the writer before new ones are dropped (and counted).
@@ -43,6 +46,35 @@ pub const ANONYMOUS: &str = "#anon";
 pub fn org_subject(org: &str) -> String {
     format!("#org/{org}")
 }
+
+/// Events an org access report lists: failed logins, connects, logoffs, logouts and locks.
+pub const REPORTED: &[&str] = &[
+    "auth_failed",
+    "auth_throttled",
+    "connect",
+    "idle_logoff",
+    "logout_requested",
+    "logout_delivered",
+    "logout_confirmed",
+    "lock",
+    "unlock",
+];
+
+/// Length of an org report partition. An hour of a large org's events is read whole (a
+/// 5,000-user org makes a few thousand), so a page never holds more than an hour or two in
+/// memory; a month is 720 partitions, read several at a time.
+const REPORT_BUCKET_MS: u64 = 3_600_000;
+
+/// Partition of an org's reported events in the hour `bucket` (hours since the epoch): the
+/// org report reads these alone, never another org's or a user's partitions.
+pub fn org_report_subject(org: &str, bucket: u64) -> String {
+    format!("#org-report/{org}/{bucket}")
+}
+
+/// The organisation a user belongs to now, for events whose recorder did not name it (given
+/// by the access layer, which holds the user rows).
+pub type OrgLookup =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Result<Option<String>, StoreError>> + Send + Sync>;
 
 /// One access event. Ids are validated identifiers; `detail` fields are fixed vocabulary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +116,15 @@ pub struct Event {
     /// The logout signal id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<uuid::Uuid>,
+    /// Organisation the user belonged to when it happened: its access report lists the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// Start of the range an org report was asked for (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// End of that range (ms, exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
     /// Admin request: `METHOD /path` and the status answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
@@ -345,8 +386,9 @@ impl Auditor {
         node: u8,
         keys: Arc<AuditKeys>,
         checkpoints: Checkpoints,
+        orgs: Option<OrgLookup>,
     ) -> (Arc<Auditor>, tokio::task::JoinHandle<()>) {
-        Self::start_with_heads(store, node, keys, checkpoints, MAX_HEADS)
+        Self::start_with_heads(store, node, keys, checkpoints, orgs, MAX_HEADS)
     }
 
     /// [`start`](Self::start) with room for `max_heads` chain heads in memory (tests use few).
@@ -355,6 +397,7 @@ impl Auditor {
         node: u8,
         keys: Arc<AuditKeys>,
         checkpoints: Checkpoints,
+        orgs: Option<OrgLookup>,
         max_heads: usize,
     ) -> (Arc<Auditor>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -363,6 +406,7 @@ impl Auditor {
             node,
             keys,
             checkpoints,
+            orgs,
             max_heads: max_heads.max(1),
             heads: HashMap::new(),
             unchecked: HashMap::new(),
@@ -402,6 +446,11 @@ impl Auditor {
     }
 }
 
+/// Whether an org access report lists events of `kind`.
+pub fn is_reported(kind: &str) -> bool {
+    REPORTED.contains(&kind)
+}
+
 /// Metric label for an event kind (a fixed set, so the label stays bounded).
 fn event_label(kind: &str) -> &'static str {
     match kind {
@@ -431,6 +480,7 @@ struct Writer {
     node: u8,
     keys: Arc<AuditKeys>,
     checkpoints: Checkpoints,
+    orgs: Option<OrgLookup>,
     max_heads: usize,
     heads: HashMap<Chain, Head>,
     /// Heads stored since the last checkpoint.
@@ -464,6 +514,7 @@ impl Writer {
         if self.heads.len() >= self.max_heads {
             self.heads.clear();
         }
+        self.resolve_orgs(buf).await;
         let mut records = Vec::new();
         let (mut flushes, mut checkpoints) = (Vec::new(), Vec::new());
         for msg in buf.drain(..) {
@@ -478,35 +529,21 @@ impl Writer {
                 }
                 Msg::Event(event) => event,
             };
-            let chain = Chain {
-                subject: event.subject(),
-                month: month_of(event.ts),
-                node: self.node,
-            };
-            if !self.heads.contains_key(&chain) {
-                let head = retry(|| self.store.audit_tail(chain.clone())).await;
-                self.heads
-                    .insert(chain.clone(), head.unwrap_or((u64::MAX, [0u8; 32])));
-            }
-            let Some(head) = self.heads.get_mut(&chain) else {
-                continue;
-            };
             let entry = serde_json::to_string(&event).unwrap_or_default();
-            let n = head.0.wrapping_add(1);
-            let kid = self.keys.active_id();
-            let Some(hash) = self.keys.link(kid, &chain, n, &head.1, &entry) else {
-                continue;
-            };
-            records.push(Record {
-                chain,
-                n,
-                ts: event.ts,
-                entry,
-                prev: head.1,
-                hash,
-                key_id: kid.to_string(),
-            });
-            *head = (n, hash);
+            let month = month_of(event.ts);
+            let mut subjects = vec![event.subject()];
+            if let Some(org) = event.org.as_deref().filter(|_| is_reported(&event.event)) {
+                // The same record again in the org's report partition, chained like the rest.
+                subjects.push(org_report_subject(org, event.ts / REPORT_BUCKET_MS));
+            }
+            for subject in subjects {
+                let chain = Chain {
+                    subject,
+                    month,
+                    node: self.node,
+                };
+                records.extend(self.link(chain, event.ts, &entry).await);
+            }
         }
         if !records.is_empty() {
             let count = records.len() as u64;
@@ -524,6 +561,55 @@ impl Writer {
             for done in checkpoints {
                 let _ = done.send(());
             }
+        }
+    }
+
+    /// The next record of `chain`, linked to its head.
+    async fn link(&mut self, chain: Chain, ts: u64, entry: &str) -> Option<Record> {
+        if !self.heads.contains_key(&chain) {
+            let head = retry(|| self.store.audit_tail(chain.clone())).await;
+            self.heads
+                .insert(chain.clone(), head.unwrap_or((u64::MAX, [0u8; 32])));
+        }
+        let head = self.heads.get_mut(&chain)?;
+        let n = head.0.wrapping_add(1);
+        let kid = self.keys.active_id();
+        let hash = self.keys.link(kid, &chain, n, &head.1, entry)?;
+        let record = Record {
+            chain,
+            n,
+            ts,
+            entry: entry.to_string(),
+            prev: head.1,
+            hash,
+            key_id: kid.to_string(),
+        };
+        *head = (n, hash);
+        Some(record)
+    }
+
+    /// Names the organisation of reported events whose recorder did not: the user's current
+    /// one, looked up once per user and batch.
+    async fn resolve_orgs(&self, buf: &mut [Msg]) {
+        let Some(lookup) = &self.orgs else {
+            return;
+        };
+        let mut known: HashMap<String, Option<String>> = HashMap::new();
+        for msg in buf.iter_mut() {
+            let Msg::Event(event) = msg else {
+                continue;
+            };
+            if event.org.is_some() || !is_reported(&event.event) {
+                continue;
+            }
+            let Some(user) = event.user.clone() else {
+                continue;
+            };
+            if !known.contains_key(&user) {
+                let org = retry(|| lookup(user.clone())).await;
+                known.insert(user.clone(), org);
+            }
+            event.org = known.get(&user).cloned().flatten();
         }
     }
 
@@ -825,6 +911,9 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// Position of a record in query order: time, node, position in the chain.
+pub type Cursor = (u64, u8, u64);
+
 /// Events of `subject` (optionally one device) with `from <= ts < to`, oldest first, `limit`
 /// per page, after `cursor` (from a previous page's `next`).
 pub async fn query(
@@ -834,25 +923,72 @@ pub async fn query(
     from: u64,
     to: u64,
     limit: usize,
-    cursor: Option<(u64, u8, u64)>,
+    cursor: Option<Cursor>,
 ) -> Result<Page, StoreError> {
-    let mut rows: Vec<((u64, u8, u64), Event)> = Vec::new();
+    let mut rows = Vec::new();
     // An inclusive range cannot wrap, whatever the months are.
     for month in month_of(from)..=month_of(to.saturating_sub(1)) {
-        for r in store.audit_read(subject.to_string(), month).await? {
-            let key = (r.ts, r.chain.node, r.n);
-            if r.ts < from || r.ts >= to || cursor.is_some_and(|c| key <= c) {
-                continue;
-            }
-            let Ok(event) = serde_json::from_str::<Event>(&r.entry) else {
-                continue;
-            };
-            if device.is_some_and(|d| event.device.as_deref() != Some(d)) {
-                continue;
-            }
-            rows.push((key, event));
+        let records = store.audit_read(subject.to_string(), month).await?;
+        rows.extend(matching(records, from, to, cursor, device));
+    }
+    Ok(page(rows, limit))
+}
+
+/// Org report partitions read ahead of the one being filtered.
+const REPORT_READ_AHEAD: usize = 8;
+
+/// The access report of `org`: its users' [`REPORTED`] events with `from <= ts < to` while
+/// they belonged to it, oldest first, paged like [`query`]. Reads the org's hourly report
+/// partitions from the cursor on, and stops at the first hour that fills the page.
+pub async fn org_report(
+    store: &dyn MessageStore,
+    org: &str,
+    from: u64,
+    to: u64,
+    limit: usize,
+    cursor: Option<Cursor>,
+) -> Result<Page, StoreError> {
+    let first = cursor.map_or(from, |c| c.0.max(from)) / REPORT_BUCKET_MS;
+    let last = to.saturating_sub(1) / REPORT_BUCKET_MS;
+    let mut reads = futures_util::stream::iter(first..=last)
+        .map(|bucket| {
+            let subject = org_report_subject(org, bucket);
+            store.audit_read(subject, month_of(bucket * REPORT_BUCKET_MS))
+        })
+        .buffered(REPORT_READ_AHEAD);
+    let mut rows = Vec::new();
+    while let Some(records) = reads.next().await {
+        rows.extend(matching(records?, from, to, cursor, None));
+        if rows.len() > limit {
+            break;
         }
     }
+    Ok(page(rows, limit))
+}
+
+/// The events of `records` in the range, after the cursor, of the device if one is given.
+fn matching(
+    records: Vec<Record>,
+    from: u64,
+    to: u64,
+    cursor: Option<Cursor>,
+    device: Option<&str>,
+) -> impl Iterator<Item = (Cursor, Event)> + '_ {
+    records.into_iter().filter_map(move |r| {
+        let key = (r.ts, r.chain.node, r.n);
+        if r.ts < from || r.ts >= to || cursor.is_some_and(|c| key <= c) {
+            return None;
+        }
+        let event = serde_json::from_str::<Event>(&r.entry).ok()?;
+        if device.is_some_and(|d| event.device.as_deref() != Some(d)) {
+            return None;
+        }
+        Some((key, event))
+    })
+}
+
+/// The first `limit` rows in order, and the cursor after them when more follow.
+fn page(mut rows: Vec<(Cursor, Event)>, limit: usize) -> Page {
     rows.sort_by_key(|(k, _)| *k);
     let more = rows.len() > limit;
     rows.truncate(limit);
@@ -862,14 +998,14 @@ pub async fn query(
                 .map(|((ts, node, n), _)| format!("{ts}.{node}.{n}"))
         })
         .flatten();
-    Ok(Page {
+    Page {
         events: rows.into_iter().map(|(_, e)| e).collect(),
         next,
-    })
+    }
 }
 
 /// Parses a `cursor` from [`Page::next`].
-pub fn parse_cursor(s: &str) -> Option<(u64, u8, u64)> {
+pub fn parse_cursor(s: &str) -> Option<Cursor> {
     let mut it = s.split('.');
     let c = (
         it.next()?.parse().ok()?,

@@ -498,12 +498,15 @@ async fn public(
         }
         outcome("ok");
         let audit = &app2.sessions.access.audit;
-        audit.record(Event { ip: Some(ip.to_string()), ..Event::new("connect").device(&device) });
+        // A connect counts for the organisation its token names (tokens without one: the
+        // user's current organisation, which the audit writer looks up).
+        let org = identity.org.clone();
+        audit.record(Event { ip: Some(ip.to_string()), org: org.clone(), ..Event::new("connect").device(&device) });
         tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
         let _gauge = ConnectionGauge::up();
         let ended = driver::run(ws, app2.sessions.clone(), identity, app2.shutdown.clone()).await;
         let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) { "idle_logoff" } else { "disconnect" };
-        audit.record(Event { ip: Some(ip.to_string()), ..Event::new(kind).device(&device).reason(ended.reason) });
+        audit.record(Event { ip: Some(ip.to_string()), org, ..Event::new(kind).device(&device).reason(ended.reason) });
         tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
     });
 

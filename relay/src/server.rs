@@ -325,6 +325,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
             interval: config.audit.checkpoint_interval.0,
             file: Some(config.checkpoint_file()),
         },
+        Some(crate::access::org_lookup(store.clone())),
     );
     let presence: Arc<dyn Presence> = match &cluster {
         Some(c) => c.clone(),

@@ -423,3 +423,116 @@ def test_an_audit_query_in_the_far_future_is_refused_at_once_and_the_relay_stays
     assert status == 200 and body["events"] == [], body
     with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/healthz", timeout=2) as r:
         assert r.status == 200
+
+
+def org_report(relay, org, as_="support-desk", **params):
+    """Every row of an org access report, following `next` across pages."""
+    rows, cursor = [], None
+    while True:
+        query = "&".join(f"{k}={v}" for k, v in dict(params, **({"cursor": cursor} if cursor else {})).items())
+        status, page = relay.admin("GET", f"/v1/orgs/{org}/access-report?{query}", as_=as_)
+        assert status == 200, page
+        rows += page["events"]
+        cursor = page.get("next")
+        if not cursor:
+            return rows
+
+
+def admin_text(relay, path, as_="support-desk"):
+    """(status, content type, body text, headers) of an admin call that answers other than JSON."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{relay.admin_port}{path}")
+    req.add_header("Authorization", f"Bearer {ADMIN_TOKENS[as_]}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type"), r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode(), e.headers
+
+
+@run
+async def test_org_access_report_is_scoped_paged_exported_and_audited(relay):
+    """An org's failed logins, connects, logouts and locks over a range; a user who moved orgs
+    counts for each organisation only while they belonged to it."""
+    import csv
+    import io
+
+    start = int(time.time() * 1000) - 1
+    # dra in clinic-a: a connect, a failed login (an expired token), a lock by the org admin.
+    a = await relay.connect("dra", "phone", token=relay.token("dra", "phone", "--org", "clinic-a"))
+    await a.handshake()
+    await a.close()
+    assert wait_until(lambda: org_of(relay, "dra") == "clinic-a")
+    expired = relay.token("dra", "phone", "--org", "clinic-a", "--expires-at", str(int(time.time()) - 3600))
+    assert await upgrade_status(relay, expired) == 401
+    assert relay.admin("POST", "/v1/users/dra/lock", {"reason": "audit"}, as_="clinic-a-admin")[0] == 200
+    await asyncio.sleep(1.1)  # a token issued after the lock's logout: refused for the lock
+    assert await upgrade_status(relay, relay.token("dra", "phone", "--org", "clinic-a")) == 403
+    assert relay.admin("POST", "/v1/users/dra/unlock", {}, as_="clinic-a-admin")[0] == 200
+    # drb in clinic-b, never in clinic-a's report.
+    b = await relay.connect("drb", "phone", token=relay.token("drb", "phone", "--org", "clinic-b"))
+    await b.handshake()
+    await b.close()
+    # dra moves to clinic-b (a newer token names it): what follows is clinic-b's.
+    await asyncio.sleep(1.1)
+    moved = time.time()
+    a = await relay.connect("dra", "tablet", token=relay.token("dra", "tablet", "--org", "clinic-b"))
+    await a.handshake()
+    assert wait_until(lambda: org_of(relay, "dra") == "clinic-b")
+    await a.close()
+    assert relay.admin("POST", "/v1/users/dra/logout", {"reason": "lost_device"}, as_="clinic-b-admin")[0] == 200
+    await asyncio.sleep(0.3)
+    end = int(time.time() * 1000) + 1
+
+    span = {"from": start, "to": end}
+    report_a = org_report(relay, "clinic-a", as_="clinic-a-admin", **span)
+    kinds_a = [(e["event"], e["user"], e.get("device"), e.get("reason")) for e in report_a]
+    assert kinds_a == [
+        ("connect", "dra", "phone", None),
+        ("auth_failed", "dra", "phone", "token_expired"),
+        ("lock", "dra", None, "audit"),
+        ("logout_requested", "dra", None, "locked"),
+        ("auth_failed", "dra", "phone", "account_locked"),
+        ("unlock", "dra", None, None),
+    ], kinds_a
+    assert all(e["org"] == "clinic-a" and e["ts"] < moved * 1000 for e in report_a)
+    report_b = org_report(relay, "clinic-b", as_="clinic-b-admin", **span)
+    assert [(e["event"], e["user"]) for e in report_b] == [
+        ("connect", "drb"), ("connect", "dra"), ("logout_requested", "dra"),
+    ], report_b
+    assert [e["ts"] for e in report_b] == sorted(e["ts"] for e in report_b)
+
+    # Paging gives the same rows; a narrower range gives only its part.
+    assert org_report(relay, "clinic-a", limit=1, **span) == report_a
+    assert org_report(relay, "clinic-a", **{"from": report_a[2]["ts"], "to": report_a[4]["ts"]}) == report_a[2:4]
+
+    # Scope: another org's admin and the account service get 403; bad ranges a clear 400.
+    for who in ("clinic-b-admin", "account-service"):
+        status, body = relay.admin("GET", f"/v1/orgs/clinic-a/access-report?from={start}&to={end}", as_=who)
+        assert status == 403, (who, body)
+    status, body = relay.admin("GET", "/v1/orgs/clinic-a/access-report?from=yesterday")
+    assert (status, body["error"]) == (400, "bad_request")
+    status, body = relay.admin("GET", f"/v1/orgs/clinic-a/access-report?from={start}&to={start + 200 * 86_400_000}")
+    assert (status, body["error"]) == (400, "bad_request")
+
+    # CSV export: a header, one row per event, the same rows.
+    status, ctype, text, headers = admin_text(
+        relay, f"/v1/orgs/clinic-a/access-report?from={start}&to={end}&format=csv", as_="clinic-a-admin")
+    assert status == 200 and ctype.startswith("text/csv"), (status, ctype, text)
+    assert "attachment" in headers.get("Content-Disposition", "")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["event"], r["user"], r["device"], r["reason"]) for r in rows] == [
+        (k, u, d or "", r or "") for k, u, d, r in kinds_a
+    ]
+    assert rows[0]["time"].endswith("Z") and rows[0]["ip"] == "127.0.0.1"
+
+    # The report is audited: who asked, for which range; readable by the org's admin.
+    status, page = relay.admin("GET", "/v1/audit?org=clinic-a", as_="clinic-a-admin")
+    assert status == 200, page
+    asked = [e for e in page["events"] if e.get("request", "").startswith("GET /v1/orgs/clinic-a/access-report")]
+    assert any(e["actor"] == "clinic-a-admin (org_admin)" and e["from"] == start and e["to"] == end
+               and e["status"] == 200 for e in asked), asked
+    assert any(e["actor"] == "clinic-b-admin (org_admin)" and e["status"] == 403 for e in asked), asked
+    assert relay.admin("GET", "/v1/audit?org=clinic-a", as_="clinic-b-admin")[0] == 403

@@ -81,7 +81,7 @@ pub fn auditor(
         interval: std::time::Duration::from_secs(3600),
         file,
     };
-    relay::audit::Auditor::start(store, node, keys, checkpoints)
+    relay::audit::Auditor::start(store, node, keys, checkpoints, None)
 }
 
 impl Place {

@@ -671,7 +671,7 @@ async fn audit_heads_forgotten_mid_batch(kind: Kind) {
         interval: Duration::from_secs(3600),
         file: None,
     };
-    let (auditor, _task) = Auditor::start_with_heads(store.clone(), 2, keys.clone(), none, 2);
+    let (auditor, _task) = Auditor::start_with_heads(store.clone(), 2, keys.clone(), none, None, 2);
     let users = ["u1", "u2", "u3", "u4", "u5"];
     let t0 = now_ms();
     for round in 0..40 {
