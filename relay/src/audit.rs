@@ -32,7 +32,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 
 use crate::store::{MessageStore, StoreError, now_ms};
@@ -934,12 +933,14 @@ pub async fn query(
     Ok(page(rows, limit))
 }
 
-/// Org report partitions read ahead of the one being filtered.
-const REPORT_READ_AHEAD: usize = 8;
+/// Most org report partitions read at once.
+const REPORT_READ_AHEAD: u64 = 16;
 
 /// The access report of `org`: its users' [`REPORTED`] events with `from <= ts < to` while
 /// they belonged to it, oldest first, paged like [`query`]. Reads the org's hourly report
-/// partitions from the cursor on, and stops at the first hour that fills the page.
+/// partitions from the cursor on, one at first and twice as many each round while the page
+/// is not full (a busy org fills it from one hour, a quiet one's month is few rounds), and
+/// stops at the round that fills it.
 pub async fn org_report(
     store: &dyn MessageStore,
     org: &str,
@@ -948,20 +949,19 @@ pub async fn org_report(
     limit: usize,
     cursor: Option<Cursor>,
 ) -> Result<Page, StoreError> {
-    let first = cursor.map_or(from, |c| c.0.max(from)) / REPORT_BUCKET_MS;
+    let mut next = cursor.map_or(from, |c| c.0.max(from)) / REPORT_BUCKET_MS;
     let last = to.saturating_sub(1) / REPORT_BUCKET_MS;
-    let mut reads = futures_util::stream::iter(first..=last)
-        .map(|bucket| {
+    let (mut width, mut rows) = (1, Vec::new());
+    while next <= last && rows.len() <= limit {
+        let end = last.min(next + width - 1);
+        let reads = (next..=end).map(|bucket| {
             let subject = org_report_subject(org, bucket);
             store.audit_read(subject, month_of(bucket * REPORT_BUCKET_MS))
-        })
-        .buffered(REPORT_READ_AHEAD);
-    let mut rows = Vec::new();
-    while let Some(records) = reads.next().await {
-        rows.extend(matching(records?, from, to, cursor, None));
-        if rows.len() > limit {
-            break;
+        });
+        for records in futures_util::future::try_join_all(reads).await? {
+            rows.extend(matching(records, from, to, cursor, None));
         }
+        (next, width) = (end + 1, (width * 2).min(REPORT_READ_AHEAD));
     }
     Ok(page(rows, limit))
 }
