@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
                         ..Event::new(KINDS[i as usize % KINDS.len()])
                     });
                     written += 1;
-                    if written % 20_000 == 0 {
+                    if written.is_multiple_of(20_000) {
                         writer.flush(Duration::from_secs(600)).await;
                     }
                 }
