@@ -779,7 +779,7 @@ fn csv_field(value: &str) -> String {
 }
 
 /// `2026-11-28T10:00:00.123Z` for a time in ms.
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     // Civil-from-days (Howard Hinnant).
     let days = (ms / 86_400_000) as i64;
     let rem = ms % 86_400_000;

@@ -19,6 +19,7 @@
 //! - [`pager`]: push wake-ups and urgent pages (the `push` crate talks to APNs/FCM);
 //! - [`seal`]: AES-256-GCM at-rest encryption under a rotating keyring;
 //! - [`listener`]: HTTP/WebSocket/TLS listeners; [`server`]: wiring and shutdown;
+//! - [`control`]: the local socket `relay backup` reaches a running relay through;
 //! - [`metrics`]: the Prometheus recorder.
 
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod fanout;
 pub mod listener;
 pub mod metrics;

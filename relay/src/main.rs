@@ -1,5 +1,5 @@
 //! The `relay` binary: `serve` (default), `token` (mint a device token), `keygen`, `migrate`,
-//! `check`, `audit verify`, `admin-credential`.
+//! `check`, `audit verify`, `admin-credential`, `backup`, `restore`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +77,27 @@ enum Command {
         /// The organisation (org_admin only).
         #[arg(long)]
         org: Option<String>,
+    },
+    /// Back up the store. Embedded backend: an online backup into a new directory (`--out`),
+    /// written by the running relay (or from the store itself when no relay runs on it).
+    /// ScyllaDB: record that the backup job took snapshot `--record-snapshot` of every node.
+    Backup {
+        /// New directory for the backup (embedded backend).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Tag of the snapshot just taken and shipped (ScyllaDB backend).
+        #[arg(long)]
+        record_snapshot: Option<String>,
+        /// When that snapshot was taken: Unix ms or RFC 3339 UTC (default: now).
+        #[arg(long)]
+        taken_at: Option<String>,
+    },
+    /// Restore an embedded-store backup into a new data directory (`--data-dir`), then check
+    /// that the configured keys open it and that its audit trail verifies.
+    Restore {
+        /// The backup directory (`relay backup --out`).
+        #[arg(long)]
+        from: PathBuf,
     },
     /// Generate keys: an Ed25519 token-signing pair and an at-rest key.
     Keygen {
@@ -198,6 +219,12 @@ fn main() -> ExitCode {
             audit_verify(&config, user.as_deref(), checkpoints)
         }
         Command::AdminCredential { name, role, org } => admin_credential(&name, &role, org),
+        Command::Backup {
+            out,
+            record_snapshot,
+            taken_at,
+        } => backup(&config, out, record_snapshot, taken_at),
+        Command::Restore { from } => restore(&config, &from),
         // The serving relay only warns of unknown variables; the check is where to find them.
         Command::Check if !config.warnings.is_empty() => ExitCode::from(EXIT_CONFIG),
         Command::Check => {
@@ -244,6 +271,167 @@ fn serve(config: Config) -> ExitCode {
         wait_for_signal().await;
         server.shutdown().await;
         ExitCode::SUCCESS
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))
+}
+
+fn backup(
+    config: &Config,
+    out: Option<PathBuf>,
+    snapshot: Option<String>,
+    taken_at: Option<String>,
+) -> ExitCode {
+    use relay::config::Backend;
+    use relay::control::Reply;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("relay backup: {e}");
+        ExitCode::FAILURE
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match (config.storage.backend, out, snapshot) {
+        (Backend::Embedded, Some(out), None) => rt.block_on(async {
+            let out = match std::path::absolute(&out) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            let reply = match relay::control::request_backup(&config.data_dir, out.clone()).await {
+                Ok(Some(reply)) => reply,
+                Err(e) => return fail(&format!("the running relay did not answer: {e}")),
+                // No relay runs here: back up the store directly.
+                Ok(None) => match server::open_embedded_for_tool(config).await {
+                    Ok(store) => {
+                        let reply =
+                            relay::control::backup(&store, out.clone(), config.checkpoint_file())
+                                .await;
+                        let _ = relay::store::MessageStore::close(&store).await;
+                        reply
+                    }
+                    Err(e) => return fail(&e),
+                },
+            };
+            match reply {
+                Reply::Backup(m) => {
+                    println!(
+                        "backup written to {}: {} rows as of {} (backup point; later writes are not in it), {} ms",
+                        out.display(),
+                        m.rows.values().sum::<u64>(),
+                        relay::admin::rfc3339(m.taken_at),
+                        m.finished_at.saturating_sub(m.taken_at),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Reply::Error(e) => fail(&e),
+            }
+        }),
+        (Backend::Scylla, None, Some(tag)) => {
+            let at = match taken_at.as_deref().map(relay::admin::parse_time) {
+                None => relay::store::now_ms(),
+                Some(Some(at)) => at,
+                Some(None) => return fail(&"--taken-at: Unix ms or RFC 3339 UTC"),
+            };
+            rt.block_on(async {
+                let store = match server::open_store_for_tool(config).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(&e),
+                };
+                let backup = relay::store::Backup { taken_at: at, tag };
+                let done = store.record_backup(backup).await;
+                let _ = store.close().await;
+                match done {
+                    Ok(()) => {
+                        println!("snapshot recorded as of {}", relay::admin::rfc3339(at));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                }
+            })
+        }
+        (Backend::Embedded, _, _) => fail(&"the embedded backend backs up with --out DIR"),
+        (Backend::Scylla, _, _) => fail(
+            &"ScyllaDB is backed up by snapshots of every node (DEPLOY.md, \"Backups\"); record one with --record-snapshot TAG",
+        ),
+    }
+}
+
+fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("relay restore: {e}");
+        ExitCode::FAILURE
+    };
+    if config.storage.backend != relay::config::Backend::Embedded {
+        return fail(&"restores embedded backups; ScyllaDB restores from snapshots (DEPLOY.md)");
+    }
+    let started = std::time::Instant::now();
+    let restored = match relay::store::backup::restore(from, &config.data_dir) {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    let keys = match server::resolve_audit_keys(config) {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    let checkpoints = config.checkpoint_file();
+    let checkpoints = if checkpoints.exists() {
+        match read_checkpoints(&[checkpoints]) {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        }
+    } else {
+        Vec::new()
+    };
+    rt.block_on(async {
+        // Opening it checks that the configured keys open its ids key.
+        let store = match server::open_store_for_tool(config).await {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        let verified = relay::audit::verify(
+            &*store,
+            None,
+            config.retention().audit_ms,
+            &keys,
+            &checkpoints,
+        )
+        .await;
+        let _ = store.close().await;
+        let m = &restored.manifest;
+        println!(
+            "restored {} rows into {} in {:.1} s (copy {:.1} s): the store as of {}; what was accepted after that is not in it",
+            m.rows.values().sum::<u64>(),
+            restored.store.display(),
+            started.elapsed().as_secs_f64(),
+            restored.copy_s,
+            relay::admin::rfc3339(m.taken_at),
+        );
+        match verified {
+            Ok(v) if v.findings.is_empty() => {
+                println!(
+                    "audit trail intact: {} records in {} partitions, {} checkpoints",
+                    v.records, v.partitions, v.checkpoints
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                for f in v.findings.iter().take(20) {
+                    eprintln!("audit finding: {} {} #{}: {}", f.chain.subject, f.chain.month, f.n, f.problem);
+                }
+                fail(&format!("the restored audit trail has {} findings", v.findings.len()))
+            }
+            Err(e) => fail(&e),
+        }
     })
 }
 

@@ -196,6 +196,17 @@ pub async fn open_store_for_tool(config: &Config) -> Result<Arc<dyn MessageStore
     })
 }
 
+/// Opens the embedded store of a stopped relay for a tool (`relay backup`).
+pub async fn open_embedded_for_tool(config: &Config) -> Result<EmbeddedStore, StartError> {
+    let (_, keyring) = resolve_keys(config)?;
+    Ok(EmbeddedStore::open(
+        &config.data_dir.join("store"),
+        embedded_memory(config),
+        Arc::new(keyring),
+        Arc::new(NoDelivery),
+    )?)
+}
+
 /// A running relay.
 pub struct Server {
     /// Bound public address.
@@ -257,16 +268,18 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         NodeId::Fixed(id) => Some(id),
         NodeId::Auto => None,
     };
+    let mut embedded = None;
     let (store, node_id): (Arc<dyn MessageStore>, u8) = match config.storage.backend {
-        Backend::Embedded => (
-            Arc::new(EmbeddedStore::open(
+        Backend::Embedded => {
+            let store = Arc::new(EmbeddedStore::open(
                 &config.data_dir.join("store"),
                 embedded_memory(&config),
                 keyring,
                 sink,
-            )?),
-            fixed_id.unwrap_or(0),
-        ),
+            )?);
+            embedded = Some(store.clone());
+            (store, fixed_id.unwrap_or(0))
+        }
         Backend::Scylla => {
             let sc = &config.storage.scylla;
             tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
@@ -421,6 +434,20 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         Side::Admin,
     )));
     background.push(tokio::spawn(upkeep(app.clone(), store.clone())));
+    if let Some(embedded) = embedded {
+        // `relay backup` reaches the running relay here.
+        let path = crate::control::socket_path(&app.config.data_dir);
+        match crate::control::bind(&path) {
+            Ok(socket) => background.push(tokio::spawn(crate::control::serve(
+                socket,
+                embedded,
+                app.config.checkpoint_file(),
+            ))),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "control socket not bound: `relay backup` cannot reach this relay")
+            }
+        }
+    }
     tracing::info!(%public_addr, %admin_addr, path = listener::WS_PATH, "relay listening");
     Ok(Server {
         public_addr,
@@ -454,6 +481,7 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
     let mut sweep = tokio::time::interval(app.config.retention.sweep_interval.0);
     let mut logouts = tokio::time::interval(Duration::from_secs(5));
+    let mut backups = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
@@ -471,6 +499,14 @@ async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
                     app.sessions.access.enforce(&pending).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "pending logouts not read"),
+            },
+            // Another node or the backup job may have recorded one: 0 until one is.
+            _ = backups.tick() => match store.last_backup().await {
+                Ok(last) => {
+                    let at = last.map_or(0.0, |b| b.taken_at as f64 / 1000.0);
+                    metrics::gauge!("relay_last_backup_timestamp_seconds").set(at);
+                }
+                Err(e) => tracing::warn!(error = %e, "last backup not read"),
             },
             _ = sweep.tick() => match store.expire(now_ms(), retention).await {
                 Ok(n) => {

@@ -9,7 +9,7 @@
 //! store conformance suite in `tests/`, which runs against both backends.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -24,8 +24,8 @@ use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::rows;
 use super::{
-    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore, NewMessage,
-    Retention, SeqClock, StoreError, now_ms, seq_floor,
+    Accepted, AppendTicket, Backup, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore,
+    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor,
 };
 use crate::access::{AccessRow, Change};
 use crate::audit;
@@ -86,6 +86,22 @@ impl Tables {
         Ok(())
     }
 
+    /// Every table, by its name in the database.
+    pub(super) fn named(&self) -> [(&'static str, &Keyspace); 10] {
+        [
+            ("inbox.2", &self.inbox),
+            ("archive", &self.archive),
+            ("idempotency.2", &self.idempotency),
+            ("devices.2", &self.devices),
+            ("push_tokens.2", &self.push_tokens),
+            ("access.2", &self.access),
+            ("org_users.2", &self.org_users),
+            ("pending_logouts.2", &self.pending_logouts),
+            ("audit.2", &self.audit),
+            ("housekeeping", &self.housekeeping),
+        ]
+    }
+
     /// The tables whose keys hold pseudonyms (layout 2), by their layout-1 names.
     pub(super) fn layout_2(&self) -> [(&'static str, &Keyspace); 8] {
         [
@@ -100,6 +116,9 @@ impl Tables {
         ]
     }
 }
+
+/// Housekeeping key of the newest backup recorded.
+const LAST_BACKUP: &str = "last-backup";
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
@@ -192,6 +211,27 @@ impl EmbeddedStore {
             healthy,
             access_lock: Arc::default(),
         })
+    }
+
+    /// Writes an online backup of the whole store into the new directory `out` (see
+    /// `backup.rs`), with the checkpoint file at `checkpoints`, and records it.
+    pub async fn backup(
+        &self,
+        out: PathBuf,
+        checkpoints: PathBuf,
+    ) -> Result<super::backup::Manifest, StoreError> {
+        let t = self.tables.clone();
+        let dir = out.clone();
+        let manifest =
+            tokio::task::spawn_blocking(move || super::backup::write(&t, &dir, &checkpoints))
+                .await
+                .map_err(unavailable)??;
+        self.record_backup(Backup {
+            taken_at: manifest.taken_at,
+            tag: out.display().to_string(),
+        })
+        .await?;
+        Ok(manifest)
     }
 
     fn read_page(
@@ -664,6 +704,25 @@ impl MessageStore for EmbeddedStore {
             }
             out.sort();
             Ok(out)
+        })
+    }
+
+    fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.blocking(move |t| {
+            let value = serde_json::to_vec(&backup).map_err(unavailable)?;
+            t.housekeeping
+                .insert(LAST_BACKUP, value)
+                .map_err(unavailable)?;
+            t.db.persist(PersistMode::SyncAll).map_err(unavailable)
+        })
+    }
+
+    fn last_backup(&self) -> BoxFuture<'_, Result<Option<Backup>, StoreError>> {
+        self.blocking(move |t| {
+            Ok(t.housekeeping
+                .get(LAST_BACKUP)
+                .map_err(unavailable)?
+                .and_then(|v| serde_json::from_slice(&v).ok()))
         })
     }
 

@@ -9,6 +9,7 @@
 //! every appended message to the [`DeliverySink`] after it is durable, in sequence order per
 //! device. A live delivery therefore never overtakes the store.
 
+pub mod backup;
 pub mod embedded;
 mod migrate;
 pub mod pseudonym;
@@ -139,6 +140,15 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// A backup that finished: its point in time and a name to find it by.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Backup {
+    /// The backup point, ms since the Unix epoch.
+    pub taken_at: u64,
+    /// Where it is (the embedded backup's directory) or its snapshot tag (ScyllaDB).
+    pub tag: String,
+}
+
 /// A pending durable append; resolves when the message is durable (or failed).
 pub type AppendTicket = oneshot::Receiver<Result<Accepted, StoreError>>;
 
@@ -250,6 +260,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Every audit partition `(subject, month)` (verification).
     fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>>;
+
+    /// Records a good backup, for `relay_last_backup_timestamp_seconds`.
+    fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The newest backup recorded.
+    fn last_backup(&self) -> BoxFuture<'_, Result<Option<Backup>, StoreError>>;
 
     /// Whether the store can take writes now.
     fn ready(&self) -> bool;

@@ -43,8 +43,9 @@ use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::rows;
 use super::{
-    Accepted, AppendTicket, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES, MessageStore,
-    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_span, seq_time_ms,
+    Accepted, AppendTicket, Backup, DeliverySink, DeviceRef, Expired, InboxEntry, MAX_NODES,
+    MessageStore, NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor, seq_span,
+    seq_time_ms,
 };
 use crate::access::{AccessRow, Change, Confirmation, Lock, Revocation};
 use crate::audit;
@@ -52,7 +53,7 @@ use crate::config::ScyllaConfig;
 use crate::seal::Keyring;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 9;
+pub const SCHEMA_VERSION: i32 = 10;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -100,6 +101,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         9,
         "pseudonyms",
         include_str!("../../../schema/0009_pseudonyms.cql"),
+    ),
+    (
+        10,
+        "backups",
+        include_str!("../../../schema/0010_backups.cql"),
     ),
 ];
 
@@ -1554,6 +1560,46 @@ impl MessageStore for ScyllaStore {
             }
             out.sort();
             Ok(out)
+        }
+        .boxed()
+    }
+
+    fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let taken_at = i64::try_from(backup.taken_at).map_err(unavailable)?;
+            self.shared
+                .session
+                .query_unpaged(
+                    "INSERT INTO backups (kind, taken_at, tag) VALUES ('snapshot', ?, ?)",
+                    (taken_at, backup.tag),
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn last_backup(&self) -> BoxFuture<'_, Result<Option<Backup>, StoreError>> {
+        async move {
+            let rows = self
+                .shared
+                .session
+                .query_unpaged(
+                    "SELECT taken_at, tag FROM backups WHERE kind = 'snapshot' LIMIT 1",
+                    (),
+                )
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            Ok(rows
+                .maybe_first_row::<(i64, String)>()
+                .map_err(unavailable)?
+                .map(|(at, tag)| Backup {
+                    taken_at: at.max(0) as u64,
+                    tag,
+                }))
         }
         .boxed()
     }
