@@ -398,6 +398,16 @@ fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&e),
         };
+        // The restored data is as new as the backup it came from.
+        let m = &restored.manifest;
+        let from_backup = relay::store::Backup {
+            taken_at: m.taken_at,
+            tag: from.display().to_string(),
+        };
+        if let Err(e) = store.record_backup(from_backup).await {
+            let _ = store.close().await;
+            return fail(&e);
+        }
         let verified = relay::audit::verify(
             &*store,
             None,
@@ -407,7 +417,6 @@ fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
         )
         .await;
         let _ = store.close().await;
-        let m = &restored.manifest;
         println!(
             "restored {} rows into {} in {:.1} s (copy {:.1} s): the store as of {}; what was accepted after that is not in it",
             m.rows.values().sum::<u64>(),

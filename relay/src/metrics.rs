@@ -528,6 +528,18 @@ pub const CATALOGUE: &[Entry] = &[
         "When this node last wrote an audit checkpoint (0 until its first).",
     ),
     (
+        "relay_last_backup_timestamp_seconds",
+        Kind::Gauge,
+        &[],
+        "Backup point of the newest backup recorded in the store (`relay backup`), re-read every minute; 0 if none.",
+    ),
+    (
+        "relay_backup_failures_total",
+        Kind::Counter,
+        &[],
+        "Embedded-store backups that failed (`relay backup` through this relay).",
+    ),
+    (
         "relay_admin_requests_total",
         Kind::Counter,
         &[("status", &["2xx", "401", "403", "4xx", "5xx"])],

@@ -697,6 +697,119 @@ async fn audit_heads_forgotten_mid_batch(kind: Kind) {
     store.close().await.expect("close");
 }
 
+/// The newest backup recorded is read back, whatever the order of the records.
+async fn backups_recorded(kind: Kind) {
+    use relay::store::Backup;
+    let (_p, store, _) = setup(kind, LONG).await;
+    assert_eq!(store.last_backup().await.expect("read"), None);
+    let newer = Backup {
+        taken_at: 1_767_225_600_000,
+        tag: "day-2".into(),
+    };
+    let older = Backup {
+        taken_at: 1_767_139_200_000,
+        tag: "day-1".into(),
+    };
+    store.record_backup(newer.clone()).await.expect("record");
+    store.record_backup(older).await.expect("record");
+    assert_eq!(store.last_backup().await.expect("read"), Some(newer));
+    store.close().await.expect("close");
+}
+
+/// An org's report lists its users' reported events while they belonged to it, named by the
+/// recorder or looked up when not; other orgs' events and unreported kinds stay out.
+async fn org_report(kind: Kind) {
+    use relay::audit::{self, Auditor, Checkpoints, Event};
+    let (_p, store, _) = setup(kind, LONG).await;
+    let none = Checkpoints {
+        interval: Duration::from_secs(3600),
+        file: None,
+    };
+    // "mover" belongs to org-b now; "quiet" to none.
+    let lookup: audit::OrgLookup = Arc::new(|user: String| {
+        Box::pin(async move {
+            Ok(match user.as_str() {
+                "a1" => Some("org-a".to_string()),
+                "mover" => Some("org-b".to_string()),
+                _ => None,
+            })
+        })
+    });
+    let keys = audit_keys();
+    let (auditor, _task) = Auditor::start(store.clone(), 1, keys.clone(), none, Some(lookup));
+    let t0 = now_ms() - 3 * 3_600_000;
+    let at = |h: u64, m: u64| t0 + h * 3_600_000 + m;
+    let event = |kind: &str, user: &str, ts: u64, org: Option<&str>| Event {
+        ts,
+        org: org.map(str::to_string),
+        ..Event::new(kind).device(&DeviceRef::new(user, "phone"))
+    };
+    auditor.record(event("connect", "a1", at(0, 1), Some("org-a")));
+    auditor.record(event("disconnect", "a1", at(0, 2), Some("org-a")));
+    auditor.record(event("connect", "mover", at(0, 3), Some("org-a")));
+    auditor.record(event("auth_failed", "a1", at(1, 4), None));
+    auditor.record(event("connect", "b1", at(1, 5), Some("org-b")));
+    auditor.record(event("lock", "mover", at(2, 6), None));
+    auditor.record(event("idle_logoff", "quiet", at(2, 7), None));
+    auditor.flush(Duration::from_secs(20)).await;
+    let to = now_ms() + 1;
+    let rows = |page: audit::Page| -> Vec<(String, String)> {
+        page.events
+            .into_iter()
+            .map(|e| (e.event, e.user.unwrap_or_default()))
+            .collect()
+    };
+    let a = audit::org_report(&*store, "org-a", t0, to, 100, None)
+        .await
+        .expect("a");
+    assert_eq!(
+        rows(a),
+        [
+            ("connect", "a1"),
+            ("connect", "mover"),
+            ("auth_failed", "a1")
+        ]
+        .map(|(k, u)| (k.to_string(), u.to_string()))
+    );
+    let b = audit::org_report(&*store, "org-b", t0, to, 100, None)
+        .await
+        .expect("b");
+    assert_eq!(
+        rows(b),
+        [("connect", "b1"), ("lock", "mover")].map(|(k, u)| (k.to_string(), u.to_string()))
+    );
+    // Paged one by one across the hourly partitions, the same rows.
+    let (mut paged, mut cursor) = (Vec::new(), None);
+    loop {
+        let page = audit::org_report(&*store, "org-a", t0, to, 1, cursor)
+            .await
+            .expect("page");
+        cursor = page.next.as_deref().and_then(audit::parse_cursor);
+        paged.extend(rows(page));
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(paged.len(), 3);
+    // A range that starts after the first hour.
+    let later = audit::org_report(&*store, "org-a", at(1, 0), to, 100, None)
+        .await
+        .expect("later");
+    assert_eq!(rows(later), [("auth_failed".to_string(), "a1".to_string())]);
+    // The user's own partition still has every event, the report copies included nowhere else.
+    let own = audit::query(&*store, "a1", None, t0, to, 100, None)
+        .await
+        .expect("own");
+    assert_eq!(own.events.len(), 3);
+    // The report partitions are chains like any other: verified with the rest.
+    let v = audit::verify(&*store, None, LONG.audit_ms, &keys, &[])
+        .await
+        .expect("verify");
+    assert!(v.findings.is_empty(), "{:?}", v.findings);
+    assert_eq!(v.records, 7 + 5);
+    store.close().await.expect("close");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -721,6 +834,8 @@ conformance!(
     access_state,
     audit_chain,
     audit_heads_forgotten_mid_batch,
+    backups_recorded,
+    org_report,
 );
 
 /// ScyllaDB only (the embedded store is one node): nodes sharing a database lease distinct

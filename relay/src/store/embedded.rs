@@ -709,6 +709,15 @@ impl MessageStore for EmbeddedStore {
 
     fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>> {
         self.blocking(move |t| {
+            // The newest backup point wins, whatever the order they are recorded in.
+            let current: Option<Backup> = t
+                .housekeeping
+                .get(LAST_BACKUP)
+                .map_err(unavailable)?
+                .and_then(|v| serde_json::from_slice(&v).ok());
+            if current.is_some_and(|c| c.taken_at > backup.taken_at) {
+                return Ok(());
+            }
             let value = serde_json::to_vec(&backup).map_err(unavailable)?;
             t.housekeeping
                 .insert(LAST_BACKUP, value)
