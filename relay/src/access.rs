@@ -360,10 +360,14 @@ impl Access {
         Ok((user, dev))
     }
 
-    /// The verdict for a token of `device` issued at `iat`.
-    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Verdict, StoreError> {
+    /// The verdict for a token of `device` issued at `iat`, and the user's organisation.
+    pub async fn check(
+        &self,
+        device: &DeviceRef,
+        iat: u64,
+    ) -> Result<(Verdict, Option<String>), StoreError> {
         let (user, dev) = self.rows(device).await?;
-        Ok(verdict(&user, &dev, &device.device, iat))
+        Ok((verdict(&user, &dev, &device.device, iat), user.org))
     }
 
     /// Decides again, from the stored state, once the session is registered with the hub (and

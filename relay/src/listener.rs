@@ -440,7 +440,7 @@ async fn public(
         None
     };
     let audit = &app.sessions.access.audit;
-    let verdict = match app
+    let (verdict, user_org) = match app
         .sessions
         .access
         .check(&identity.device, identity.issued_at)
@@ -460,6 +460,7 @@ async fn public(
             audit.record(Event {
                 ip: Some(ip.to_string()),
                 reason: Some("account_locked".into()),
+                org: user_org,
                 ..Event::new("auth_failed").device(&identity.device)
             });
             return json_error(StatusCode::FORBIDDEN, "account_locked");
@@ -498,9 +499,9 @@ async fn public(
         }
         outcome("ok");
         let audit = &app2.sessions.access.audit;
-        // A connect counts for the organisation its token names (tokens without one: the
-        // user's current organisation, which the audit writer looks up).
-        let org = identity.org.clone();
+        // A connect counts for the organisation its token names (a token without one: the
+        // user's current organisation).
+        let org = identity.org.clone().or(user_org);
         audit.record(Event { ip: Some(ip.to_string()), org: org.clone(), ..Event::new("connect").device(&device) });
         tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
         let _gauge = ConnectionGauge::up();
