@@ -118,6 +118,9 @@ pub struct Event {
     /// Organisation the user belonged to when it happened: its access report lists the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org: Option<String>,
+    /// The recorder named `org` (or knows there is none): the writer does not look it up.
+    #[serde(skip)]
+    pub org_known: bool,
     /// Start of the range an org report was asked for (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
@@ -598,7 +601,7 @@ impl Writer {
             let Msg::Event(event) = msg else {
                 continue;
             };
-            if event.org.is_some() || !is_reported(&event.event) {
+            if event.org.is_some() || event.org_known || !is_reported(&event.event) {
                 continue;
             }
             let Some(user) = event.user.clone() else {

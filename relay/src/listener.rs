@@ -461,6 +461,7 @@ async fn public(
                 ip: Some(ip.to_string()),
                 reason: Some("account_locked".into()),
                 org: user_org,
+                org_known: true,
                 ..Event::new("auth_failed").device(&identity.device)
             });
             return json_error(StatusCode::FORBIDDEN, "account_locked");
@@ -502,12 +503,12 @@ async fn public(
         // A connect counts for the organisation its token names (a token without one: the
         // user's current organisation).
         let org = identity.org.clone().or(user_org);
-        audit.record(Event { ip: Some(ip.to_string()), org: org.clone(), ..Event::new("connect").device(&device) });
+        audit.record(Event { ip: Some(ip.to_string()), org: org.clone(), org_known: true, ..Event::new("connect").device(&device) });
         tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
         let _gauge = ConnectionGauge::up();
         let ended = driver::run(ws, app2.sessions.clone(), identity, app2.shutdown.clone()).await;
         let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) { "idle_logoff" } else { "disconnect" };
-        audit.record(Event { ip: Some(ip.to_string()), org, ..Event::new(kind).device(&device).reason(ended.reason) });
+        audit.record(Event { ip: Some(ip.to_string()), org, org_known: true, ..Event::new(kind).device(&device).reason(ended.reason) });
         tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
     });
 

@@ -3,7 +3,8 @@
 //! A backup is a copy of every table as of one point: a fjall cross-table snapshot, taken
 //! between two of the writer's batches (each batch commits atomically), so it holds every
 //! message that was accepted before that point and nothing half-written. Writes go on while the
-//! copy is read: the only pause is the instant of opening the snapshot. Rows are copied as
+//! copy is read: the only pause is the instant of opening the snapshot, and the copy rests
+//! between batches so that the writer keeps most of the machine. Rows are copied as
 //! stored (sealed values, pseudonymous keys), so the backup is no easier to read than the
 //! store; the keys stay with the operator.
 //!
@@ -26,6 +27,9 @@ use super::{StoreError, now_ms};
 pub const FORMAT: &str = "relay-embedded-backup/1";
 /// Rows per write batch of the copy.
 const CHUNK: usize = 10_000;
+/// After each batch the copy rests as long as the batch took, so that it takes at most about
+/// half of one core and of the disk from the writer, whose group commits go on meanwhile.
+const REST: f64 = 1.0;
 
 /// What a backup holds; written last, as `backup.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +82,7 @@ pub(super) fn write(t: &Tables, out: &Path, checkpoints: &Path) -> Result<Manife
             .map_err(|e| failed("create table", e))?;
         let mut batch = copy.batch();
         let mut n = 0u64;
+        let mut chunk_started = Instant::now();
         for guard in snapshot.iter(table) {
             let (k, v) = guard.into_inner().map_err(|e| failed("read", e))?;
             batch.insert(&target, k, v);
@@ -86,6 +91,8 @@ pub(super) fn write(t: &Tables, out: &Path, checkpoints: &Path) -> Result<Manife
                 std::mem::replace(&mut batch, copy.batch())
                     .commit()
                     .map_err(|e| failed("write", e))?;
+                std::thread::sleep(chunk_started.elapsed().mul_f64(REST));
+                chunk_started = Instant::now();
             }
         }
         batch.commit().map_err(|e| failed("write", e))?;
