@@ -119,6 +119,10 @@ struct Args {
     /// User-id prefix, so runs do not share inboxes.
     #[arg(long, default_value = "lt")]
     prefix: String,
+    /// Organisation the minted tokens name (`org` claim): the relay then also writes each
+    /// connect into that org's access report partitions, as with real tokens.
+    #[arg(long)]
+    org: Option<String>,
     /// Write the JSON report here as well.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -873,7 +877,7 @@ fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
             let token = minter.mint(&Claims {
                 sub: sub.clone(),
                 dev: "d".into(),
-                org: None,
+                org: args.org.clone(),
                 iat: now,
                 exp: now + 86_400,
                 nbf: None,
