@@ -20,8 +20,8 @@ use std::time::Instant;
 use fjall::{Database, KeyspaceCreateOptions, PersistMode, Readable as _};
 use serde::{Deserialize, Serialize};
 
-use super::embedded::Tables;
-use super::{StoreError, now_ms};
+use super::embedded::{EmbeddedStore, Tables};
+use super::{Backup, MessageStore as _, StoreError, now_ms};
 
 /// `backup.json`'s `format`.
 pub const FORMAT: &str = "relay-embedded-backup/1";
@@ -45,6 +45,24 @@ pub struct Manifest {
     pub relay_version: String,
     /// Rows copied, by table.
     pub rows: BTreeMap<String, u64>,
+}
+
+impl EmbeddedStore {
+    /// Writes an online backup of the whole store into the new directory `out` (see
+    /// `backup.rs`), with the checkpoint file at `checkpoints`, and records it.
+    pub async fn backup(&self, out: PathBuf, checkpoints: PathBuf) -> Result<Manifest, StoreError> {
+        let t = self.tables.clone();
+        let dir = out.clone();
+        let manifest = tokio::task::spawn_blocking(move || write(&t, &dir, &checkpoints))
+            .await
+            .map_err(|e| failed("task", e))??;
+        self.record_backup(Backup {
+            taken_at: manifest.taken_at,
+            tag: out.display().to_string(),
+        })
+        .await?;
+        Ok(manifest)
+    }
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {

@@ -9,7 +9,7 @@
 //! store conformance suite in `tests/`, which runs against both backends.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -122,7 +122,7 @@ const LAST_BACKUP: &str = "last-backup";
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
-    tables: Tables,
+    pub(super) tables: Tables,
     ops: WriterQueue,
     healthy: Arc<AtomicBool>,
     /// Serializes read-modify-writes of access rows.
@@ -211,27 +211,6 @@ impl EmbeddedStore {
             healthy,
             access_lock: Arc::default(),
         })
-    }
-
-    /// Writes an online backup of the whole store into the new directory `out` (see
-    /// `backup.rs`), with the checkpoint file at `checkpoints`, and records it.
-    pub async fn backup(
-        &self,
-        out: PathBuf,
-        checkpoints: PathBuf,
-    ) -> Result<super::backup::Manifest, StoreError> {
-        let t = self.tables.clone();
-        let dir = out.clone();
-        let manifest =
-            tokio::task::spawn_blocking(move || super::backup::write(&t, &dir, &checkpoints))
-                .await
-                .map_err(unavailable)??;
-        self.record_backup(Backup {
-            taken_at: manifest.taken_at,
-            tag: out.display().to_string(),
-        })
-        .await?;
-        Ok(manifest)
     }
 
     fn read_page(
