@@ -230,8 +230,18 @@ fn check(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
     rt.block_on(run(kind, ops))
 }
 
+/// `PROPTEST_CASES` if set (longer runs by hand), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: cases(128), failure_persistence: None, ..ProptestConfig::default()
+    })]
     #[test]
     fn embedded_store_delivers_as_the_model_says(ops in prop::collection::vec(op(), 1..40)) {
         check(Kind::Embedded, ops)?;
@@ -241,7 +251,7 @@ proptest! {
 proptest! {
     // A fresh keyspace costs seconds of schema agreement: few, longer cases.
     #![proptest_config(ProptestConfig {
-        cases: 4, max_shrink_iters: 16, failure_persistence: None, ..ProptestConfig::default()
+        cases: cases(4), max_shrink_iters: 16, failure_persistence: None, ..ProptestConfig::default()
     })]
     #[test]
     fn cassandra_store_delivers_as_the_model_says(ops in prop::collection::vec(op(), 20..60)) {
