@@ -780,18 +780,8 @@ fn csv_field(value: &str) -> String {
 
 /// `2026-11-28T10:00:00.123Z` for a time in ms.
 pub fn rfc3339(ms: u64) -> String {
-    // Civil-from-days (Howard Hinnant).
-    let days = (ms / 86_400_000) as i64;
+    let (year, month, day) = audit::civil_date(ms);
     let rem = ms % 86_400_000;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3_600_000,

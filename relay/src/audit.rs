@@ -166,7 +166,13 @@ impl Event {
 
 /// Month number (months since 1970-01) of a time in ms; the partition bucket.
 pub fn month_of(ms: u64) -> u32 {
-    // Civil-from-days (Howard Hinnant), enough for year and month.
+    let (year, month, _) = civil_date(ms);
+    ((year - 1970) * 12 + i64::from(month) - 1).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Year, month (1–12) and day (1–31) in UTC of a time in ms.
+pub fn civil_date(ms: u64) -> (i64, u32, u32) {
+    // Civil-from-days (Howard Hinnant).
     let days = (ms / 86_400_000) as i64;
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -174,9 +180,10 @@ pub fn month_of(ms: u64) -> u32 {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    ((year - 1970) * 12 + month - 1).clamp(0, i64::from(u32::MAX)) as u32
+    (year, month as u32, day as u32)
 }
 
 /// Position and hash of a chain's last record.

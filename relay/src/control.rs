@@ -17,6 +17,8 @@ use crate::store::embedded::EmbeddedStore;
 
 /// Largest request line.
 const MAX_REQUEST: u64 = 8 * 1024;
+/// Time a client has to send its request line.
+const REQUEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The socket of the relay whose data directory is `data_dir`.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -81,9 +83,11 @@ async fn answer(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    // A client that never finishes its line does not keep a task for ever.
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    tokio::time::timeout(REQUEST_WITHIN, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::Error(format!("bad request: {e}")),
         Ok(Request::Backup { out }) if !out.is_absolute() => {
