@@ -560,7 +560,8 @@ struct Acks<'a> {
     store: &'a Arc<dyn MessageStore>,
     device: DeviceRef,
     waiting: Vec<u64>,
-    in_flight: Option<BoxFuture<'a, Result<(), StoreError>>>,
+    /// Owns what it needs, so a session that ends can leave it to a task.
+    in_flight: Option<BoxFuture<'static, Result<(), StoreError>>>,
 }
 
 impl<'a> Acks<'a> {
@@ -584,7 +585,8 @@ impl<'a> Acks<'a> {
         if !self.waiting.is_empty() {
             let n = self.waiting.len().min(protocol::MAX_ACKS_PER_FRAME);
             let seqs = self.waiting.drain(..n).collect();
-            self.in_flight = Some(self.store.ack(self.device.clone(), seqs));
+            let (store, device) = (self.store.clone(), self.device.clone());
+            self.in_flight = Some(Box::pin(async move { store.ack(device, seqs).await }));
         }
     }
 
@@ -603,8 +605,12 @@ impl<'a> Acks<'a> {
 }
 
 impl Drop for Acks<'_> {
-    /// A session that ends leaves its gathered acks to a task (a lost ack is only a redelivery).
+    /// A session that ends leaves its acks to a task: the one in flight may not have reached the
+    /// store's lane yet (a lost ack is only a redelivery, but one that need not happen).
     fn drop(&mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            tokio::spawn(in_flight);
+        }
         if !self.waiting.is_empty() {
             let (store, device) = (self.store.clone(), self.device.clone());
             let seqs = std::mem::take(&mut self.waiting);
@@ -730,4 +736,79 @@ where
         Ok::<(), WsError>(())
     };
     let _ = tokio::time::timeout(limit.min(Duration::from_secs(2)), handshake).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Keyring;
+    use crate::store::embedded::{EmbeddedStore, Memory};
+    use crate::store::{DeliverySink, InboxEntry, NewMessage};
+
+    struct Nowhere;
+    impl DeliverySink for Nowhere {
+        fn deliver(&self, _: &[DeviceRef], _: &InboxEntry) {}
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_session_that_ends_leaves_every_ack_it_took_to_the_store() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring =
+            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring");
+        let memory = Memory {
+            cache_bytes: 1 << 20,
+            memtable_bytes: 1 << 20,
+            idle_flush: Duration::from_secs(30),
+        };
+        let store: Arc<dyn MessageStore> = Arc::new(
+            EmbeddedStore::open(dir.path(), memory, Arc::new(ring), Arc::new(Nowhere))
+                .expect("open"),
+        );
+        let bob = DeviceRef::new("bob", "phone");
+        store.register_device(bob.clone()).await.expect("register");
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let msg = NewMessage {
+                id: Uuid::new_v4(),
+                from: DeviceRef::new("alice", "phone"),
+                to: vec!["bob".into()],
+                body: bytes::Bytes::from_static(b"x"),
+                urgent: false,
+            };
+            seqs.push(
+                store
+                    .append(msg)
+                    .await
+                    .expect("ticket")
+                    .expect("append")
+                    .seq,
+            );
+        }
+
+        // One ack taken and the session gone before its loop came round to send it (the ack lane
+        // was full, or the close frame was read first), one gathered behind it.
+        let mut acks = Acks::new(&store, bob.clone());
+        acks.add(vec![seqs[0]]);
+        acks.add(vec![seqs[1]]);
+        drop(acks);
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<u64> = store
+                .inbox_page(bob.clone(), 0, 10, 1 << 20)
+                .await
+                .expect("inbox")
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            if left == [seqs[2]] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "acks lost with the session: {left:?} left of {seqs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
