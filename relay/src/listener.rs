@@ -316,6 +316,11 @@ fn health(req: &Request<Incoming>, app: &App) -> Option<Response<Body>> {
         (&Method::GET, "/healthz") => Some(text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/readyz") => Some(if app.draining.is_cancelled() {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if app.sessions.store.disk_full() {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable: disk full\n",
+            )
         } else if !app.sessions.store.ready() {
             text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
         } else if app

@@ -284,6 +284,18 @@ pub const CATALOGUE: &[Entry] = &[
         "Messages delivered by one inbox replay.",
     ),
     (
+        "relay_store_disk_full",
+        Kind::Gauge,
+        &[],
+        "Embedded store: 1 while writes fail and the data directory has less free space than it needs to reopen the store (the larger of 32 MiB and two write buffers); the store reopens by itself once there is room.",
+    ),
+    (
+        "relay_store_reopens_total",
+        Kind::Counter,
+        &[],
+        "Embedded store: times the store was reopened from disk after a failed write (a full disk, an I/O error) made it refuse writes.",
+    ),
+    (
         "relay_store_ready",
         Kind::Gauge,
         &[],
@@ -696,6 +708,7 @@ fn register() {
     metrics::gauge!("relay_connections").set(0.0);
     metrics::gauge!("relay_devices_online").set(0.0);
     metrics::gauge!("relay_store_ready").set(1.0);
+    metrics::gauge!("relay_store_disk_full").set(0.0); // stays 0 on ScyllaDB
     metrics::gauge!("relay_store_write_buffer_bytes").set(0.0); // stays 0 on ScyllaDB
     metrics::gauge!("relay_store_cache_bytes").set(0.0);
     metrics::gauge!(push::metric::QUEUE_DEPTH).set(0.0);

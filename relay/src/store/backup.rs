@@ -51,7 +51,7 @@ impl EmbeddedStore {
     /// Writes an online backup of the whole store into the new directory `out` (see
     /// `backup.rs`), with the checkpoint file at `checkpoints`, and records it.
     pub async fn backup(&self, out: PathBuf, checkpoints: PathBuf) -> Result<Manifest, StoreError> {
-        let t = self.tables.clone();
+        let t = self.tables()?;
         let dir = out.clone();
         let manifest = tokio::task::spawn_blocking(move || write(&t, &dir, &checkpoints))
             .await

@@ -9,9 +9,9 @@
 //! store conformance suite in `tests/`, which runs against both backends.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -37,6 +37,9 @@ const MAX_BATCH: usize = 2048;
 const QUEUE_DEPTH: usize = 65_536;
 /// Rows deleted per batch during expiry.
 const EXPIRY_CHUNK: usize = 10_000;
+/// Free space below which a store whose writes failed is not reopened yet (and the disk counts
+/// as full): room for the journal and for writing out write buffers.
+const MIN_FREE_TO_REOPEN: u64 = 32 << 20;
 
 #[derive(Clone)]
 pub(super) struct Tables {
@@ -58,6 +61,37 @@ pub(super) struct Tables {
 }
 
 impl Tables {
+    /// Opens (or creates) the database under `path` and its tables.
+    fn open(path: &Path, memory: Memory, keyring: Arc<Keyring>) -> Result<Tables, StoreError> {
+        let db = Database::builder(path)
+            .cache_size(memory.cache_bytes)
+            .open()
+            .map_err(unavailable)?;
+        let ks = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(memory.memtable_bytes)
+            })
+            .map_err(unavailable)
+        };
+        let housekeeping = ks("housekeeping")?;
+        let ids = Arc::new(ids_key(&db, &housekeeping, &keyring)?);
+        Ok(Tables {
+            inbox: ks("inbox.2")?,
+            archive: ks("archive")?,
+            idempotency: ks("idempotency.2")?,
+            devices: ks("devices.2")?,
+            push_tokens: ks("push_tokens.2")?,
+            access: ks("access.2")?,
+            org_users: ks("org_users.2")?,
+            pending_logouts: ks("pending_logouts.2")?,
+            audit: ks("audit.2")?,
+            housekeeping,
+            keyring,
+            ids,
+            db: db.clone(),
+        })
+    }
+
     fn all(&self) -> [&Keyspace; 9] {
         [
             &self.inbox,
@@ -122,11 +156,41 @@ const LAST_BACKUP: &str = "last-backup";
 
 /// fjall-backed [`MessageStore`].
 pub struct EmbeddedStore {
-    pub(super) tables: Tables,
+    slot: Arc<Slot>,
     ops: WriterQueue,
-    healthy: Arc<AtomicBool>,
+    status: Arc<Status>,
     /// Serializes read-modify-writes of access rows.
     access_lock: Arc<std::sync::Mutex<()>>,
+}
+
+/// The open tables, shared by readers and the writer; empty while the writer reopens the
+/// database (see [`Reopen`]).
+struct Slot(RwLock<Option<Tables>>);
+
+impl Slot {
+    fn get(&self) -> Result<Tables, StoreError> {
+        let tables = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        tables.ok_or_else(|| StoreError::Unavailable("store reopening".into()))
+    }
+
+    fn set(&self, tables: Option<Tables>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = tables;
+    }
+}
+
+/// What `/readyz` and the metrics say about the store.
+struct Status {
+    /// The last commit succeeded.
+    healthy: AtomicBool,
+    /// Writes failed and the data directory's file system is (still) short of space.
+    disk_full: AtomicBool,
+}
+
+impl Status {
+    fn set_disk_full(&self, full: bool) {
+        self.disk_full.store(full, Ordering::Relaxed);
+        metrics::gauge!("relay_store_disk_full").set(if full { 1.0 } else { 0.0 });
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -154,33 +218,7 @@ impl EmbeddedStore {
         keyring: Arc<Keyring>,
         sink: Arc<dyn DeliverySink>,
     ) -> Result<Self, StoreError> {
-        let db = Database::builder(path)
-            .cache_size(memory.cache_bytes)
-            .open()
-            .map_err(unavailable)?;
-        let ks = |name: &str| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(memory.memtable_bytes)
-            })
-            .map_err(unavailable)
-        };
-        let housekeeping = ks("housekeeping")?;
-        let ids = Arc::new(ids_key(&db, &housekeeping, &keyring)?);
-        let tables = Tables {
-            inbox: ks("inbox.2")?,
-            archive: ks("archive")?,
-            idempotency: ks("idempotency.2")?,
-            devices: ks("devices.2")?,
-            push_tokens: ks("push_tokens.2")?,
-            access: ks("access.2")?,
-            org_users: ks("org_users.2")?,
-            pending_logouts: ks("pending_logouts.2")?,
-            audit: ks("audit.2")?,
-            housekeeping,
-            keyring: keyring.clone(),
-            ids,
-            db: db.clone(),
-        };
+        let tables = Tables::open(path, memory, keyring.clone())?;
         super::migrate::embedded_layout_1(&tables)?;
         let last_seq = match tables.archive.last_key_value() {
             Some(guard) => {
@@ -192,25 +230,40 @@ impl EmbeddedStore {
         let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
         // The writer thread waits on its queues through the runtime that opened the store.
         let runtime = tokio::runtime::Handle::try_current().map_err(unavailable)?;
-        let healthy = Arc::new(AtomicBool::new(true));
+        let slot = Arc::new(Slot(RwLock::new(Some(tables.clone()))));
+        let status = Arc::new(Status {
+            healthy: AtomicBool::new(true),
+            disk_full: AtomicBool::new(false),
+        });
         let writer = Writer {
-            t: tables.clone(),
+            t: tables,
             sink,
             clock: SeqClock::new(0, last_seq),
             devices: HashMap::new(),
-            healthy: healthy.clone(),
+            status: status.clone(),
             idle_flush: memory.idle_flush,
+            reopen: Reopen {
+                path: path.to_owned(),
+                memory,
+                keyring,
+                slot: slot.clone(),
+            },
         };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx, &runtime))
+            .spawn(move || write_loop(writer, rx, &runtime))
             .map_err(unavailable)?;
         Ok(EmbeddedStore {
-            tables,
+            slot,
             ops: tx,
-            healthy,
+            status,
             access_lock: Arc::default(),
         })
+    }
+
+    /// The open tables; `Unavailable` while the writer reopens the database.
+    pub(super) fn tables(&self) -> Result<Tables, StoreError> {
+        self.slot.get()
     }
 
     fn read_page(
@@ -312,8 +365,9 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Tables) -> Result<T, StoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || f(&t))
                 .await
                 .map_err(unavailable)?
@@ -362,8 +416,9 @@ impl MessageStore for EmbeddedStore {
         &self,
         device: DeviceRef,
     ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || {
                 let aad = record::device_key(&device);
                 match t
@@ -388,8 +443,9 @@ impl MessageStore for EmbeddedStore {
         device: DeviceRef,
         token: Option<push::DeviceToken>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || {
                 let key = rows::device_key(&t.ids, &device);
                 let aad = record::device_key(&device);
@@ -415,8 +471,9 @@ impl MessageStore for EmbeddedStore {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || {
                 Self::read_page(&t, &device, after, limit, max_bytes)
             })
@@ -435,8 +492,9 @@ impl MessageStore for EmbeddedStore {
         seq: u64,
         id: uuid::Uuid,
     ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || {
                 let key = record::archive_key(seq, &id);
                 match t.archive.get(&key).map_err(unavailable)? {
@@ -457,8 +515,9 @@ impl MessageStore for EmbeddedStore {
         now_ms: u64,
         retention: Retention,
     ) -> BoxFuture<'_, Result<Expired, StoreError>> {
-        let t = self.tables.clone();
+        let t = self.tables();
         async move {
+            let t = t?;
             tokio::task::spawn_blocking(move || Self::expire_blocking(&t, now_ms, retention))
                 .await
                 .map_err(unavailable)?
@@ -715,7 +774,11 @@ impl MessageStore for EmbeddedStore {
     }
 
     fn ready(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.ops.is_closed()
+        self.status.healthy.load(Ordering::Relaxed) && !self.ops.is_closed()
+    }
+
+    fn disk_full(&self) -> bool {
+        self.status.disk_full.load(Ordering::Relaxed)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -730,8 +793,139 @@ struct Writer {
     clock: SeqClock,
     /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
     devices: HashMap<Arc<str>, Vec<DeviceRef>>,
-    healthy: Arc<AtomicBool>,
+    status: Arc<Status>,
     idle_flush: Duration,
+    reopen: Reopen,
+}
+
+/// Why the writer stopped.
+enum Stop {
+    Closed,
+    /// A write failed and fjall refuses every later one ("poisoned": after a failed journal
+    /// write or fsync, what is in memory can no longer be trusted to match the disk).
+    Poisoned,
+}
+
+/// Runs the writer; when the database is poisoned (a full disk, an I/O error), reopens it from
+/// disk as a restart would, once there is room, and goes on with the same sequence clock.
+fn write_loop(mut writer: Writer, mut batches: Batches, runtime: &tokio::runtime::Handle) {
+    while let Stop::Poisoned = writer.run(&mut batches, runtime) {
+        let Writer {
+            t,
+            sink,
+            clock,
+            status,
+            idle_flush,
+            reopen,
+            ..
+        } = writer;
+        let Some(t) = reopen.wait(t, &mut batches, runtime, &status) else {
+            return;
+        };
+        writer = Writer {
+            t,
+            sink,
+            clock,
+            devices: HashMap::new(),
+            status,
+            idle_flush,
+            reopen,
+        };
+    }
+}
+
+/// What reopening the database needs.
+struct Reopen {
+    path: PathBuf,
+    memory: Memory,
+    keyring: Arc<Keyring>,
+    slot: Arc<Slot>,
+}
+
+impl Reopen {
+    /// Whether the data directory's file system lacks the room to reopen (unknown: no).
+    fn disk_full(&self) -> bool {
+        let need = (2 * self.memory.memtable_bytes).max(MIN_FREE_TO_REOPEN);
+        rustix::fs::statvfs(&self.path).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) < need)
+    }
+
+    /// Refuses writes (retryable) until there is room and the poisoned database `old` opens
+    /// again; `None` when the store is closed meanwhile. Reads go on from `old` until then.
+    fn wait(
+        &self,
+        old: Tables,
+        batches: &mut Batches,
+        runtime: &tokio::runtime::Handle,
+        status: &Status,
+    ) -> Option<Tables> {
+        let mut old = Some(old);
+        let mut backoff = Duration::from_secs(1);
+        let mut next_try = Instant::now();
+        loop {
+            let full = self.disk_full();
+            status.set_disk_full(full);
+            if !full && Instant::now() >= next_try {
+                // fjall locks its directory until the last handle goes: readers get
+                // `Unavailable` from now, and the ones reading finish with the old handles.
+                if old.take().is_some() {
+                    self.slot.set(None);
+                }
+                match Tables::open(&self.path, self.memory, self.keyring.clone()) {
+                    Ok(t) => {
+                        self.slot.set(Some(t.clone()));
+                        status.healthy.store(true, Ordering::Relaxed);
+                        metrics::counter!("relay_store_reopens_total").increment(1);
+                        tracing::warn!("store reopened after failed writes");
+                        return Some(t);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reopening the store failed");
+                        next_try = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            let why = if full { "disk full" } else { "store reopening" };
+            let tick = Duration::from_millis(if full { 1000 } else { 200 });
+            match runtime.block_on(async { tokio::time::timeout(tick, batches.next()).await }) {
+                Ok(Some(batch)) => {
+                    if refuse(batch, why, old.as_ref()) {
+                        return None;
+                    }
+                }
+                Ok(None) => return None,
+                Err(_tick) => {}
+            }
+        }
+    }
+}
+
+/// Answers a batch taken while the database refuses writes: refused, retryable, except that a
+/// device already registered is (its session starts; nothing to write). True when it asked the
+/// store to close (what was committed before is on disk already).
+fn refuse(Batch { ops, acks }: Batch, why: &str, old: Option<&Tables>) -> bool {
+    let err = || StoreError::Unavailable(why.into());
+    for ack in acks {
+        let _ = ack.done.send(Err(err()));
+    }
+    for op in ops {
+        match op {
+            Op::Append(_, reply) => {
+                let _ = reply.send(Err(err()));
+            }
+            Op::Register(device, reply) => {
+                let known = old.and_then(|t| list_devices(t, &device.user).ok());
+                let known = known.is_some_and(|list| list.contains(&device));
+                let _ = reply.send(if known { Ok(()) } else { Err(err()) });
+            }
+            Op::Seen(_) => {}
+            Op::Close(reply) => {
+                let _ = reply.send(Ok(()));
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The devices an appended message goes to, and the message.
@@ -745,7 +939,7 @@ struct Done {
 }
 
 impl Writer {
-    fn run(mut self, mut batches: Batches, runtime: &tokio::runtime::Handle) {
+    fn run(&mut self, batches: &mut Batches, runtime: &tokio::runtime::Handle) -> Stop {
         // Write buffers written out by the last idle flush whose memory is not released yet.
         let mut unreleased = false;
         let mut gauges_at = Instant::now();
@@ -756,11 +950,13 @@ impl Writer {
             match next {
                 Ok(Some(batch)) => {
                     unreleased = false;
-                    if self.commit(batch) {
-                        break;
+                    if let Some(stop) = self.commit(batch) {
+                        return stop;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => return Stop::Closed,
+                // Another writer (access rows, audit) may have met the failure.
+                Err(_idle) if self.poisoned() => return Stop::Poisoned,
                 Err(_idle) if unreleased => unreleased = !self.release_flushed_buffers(),
                 Err(_idle) => unreleased = self.flush_write_buffers(),
             }
@@ -772,7 +968,14 @@ impl Writer {
                 metrics::gauge!("relay_store_cache_bytes").set(self.t.db.cache_size() as f64);
             }
         }
-        // Dropping the receiver fails any later request with `Closed`.
+    }
+
+    /// Whether fjall refuses writes for good (see [`Stop::Poisoned`]).
+    fn poisoned(&self) -> bool {
+        matches!(
+            self.t.db.persist(PersistMode::Buffer),
+            Err(fjall::Error::Poisoned)
+        )
     }
 
     /// A quiet store writes its buffers out (in the background) instead of holding up to
@@ -824,8 +1027,8 @@ impl Writer {
         Ok(self.devices.get(user).map_or(&[], Vec::as_slice))
     }
 
-    /// Commits one batch of requests. Returns true when asked to close.
-    fn commit(&mut self, Batch { ops, acks }: Batch) -> bool {
+    /// Commits one batch of requests. Returns why to stop, if the writer must.
+    fn commit(&mut self, Batch { ops, acks }: Batch) -> Option<Stop> {
         let started = Instant::now();
         let mut batch = self.t.db.batch();
         let mut done: Vec<Done> = Vec::new();
@@ -906,7 +1109,7 @@ impl Writer {
 
         match failed {
             None => {
-                self.healthy.store(true, Ordering::Relaxed);
+                self.status.healthy.store(true, Ordering::Relaxed);
                 for d in done {
                     if let Some((devices, entry)) = &d.fanout {
                         self.sink.deliver(devices, entry);
@@ -921,7 +1124,8 @@ impl Writer {
                 }
             }
             Some(e) => {
-                self.healthy.store(false, Ordering::Relaxed);
+                self.status.healthy.store(false, Ordering::Relaxed);
+                self.status.set_disk_full(self.reopen.disk_full());
                 metrics::counter!("relay_store_errors_total", "op" => "commit").increment(1);
                 tracing::error!(error = %e, "store commit failed");
                 // The cache may now list devices that were never written: reload on next use.
@@ -943,9 +1147,9 @@ impl Writer {
         }
         if let Some(reply) = close {
             let _ = reply.send(Ok(()));
-            return true;
+            return Some(Stop::Closed);
         }
-        false
+        (!self.status.healthy.load(Ordering::Relaxed) && self.poisoned()).then_some(Stop::Poisoned)
     }
 
     fn stage_append(

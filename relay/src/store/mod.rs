@@ -270,6 +270,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Whether the store can take writes now.
     fn ready(&self) -> bool;
 
+    /// Whether writes fail for lack of disk space (the embedded store's own disk).
+    fn disk_full(&self) -> bool {
+        false
+    }
+
     /// Finishes queued writes, makes everything durable and stops.
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
