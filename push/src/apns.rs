@@ -157,13 +157,8 @@ impl Apns {
             Ok(r) => r,
             Err(outcome) => return outcome,
         };
-        let status = resp.status().as_u16();
-        let retry_after = crate::dispatch::retry_after(resp.headers());
-        let reason = serde_json::from_slice::<serde_json::Value>(resp.body())
-            .ok()
-            .and_then(|v| v.get("reason")?.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let outcome = classify(status, &reason, retry_after);
+        let (outcome, reason) =
+            response_outcome(resp.status().as_u16(), resp.headers(), resp.body());
         if matches!(
             reason.as_str(),
             "ExpiredProviderToken" | "InvalidProviderToken"
@@ -172,6 +167,16 @@ impl Apns {
         }
         outcome
     }
+}
+
+/// What to do after an APNs answer, and the answer's `reason` (empty if none).
+pub fn response_outcome(status: u16, headers: &hyper::HeaderMap, body: &[u8]) -> (Outcome, String) {
+    let reason = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("reason")?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let retry_after = crate::dispatch::retry_after(headers);
+    (classify(status, &reason, retry_after), reason)
 }
 
 /// Maps an APNs status and `reason` to what to do (Apple's "Handling notification responses").

@@ -152,12 +152,10 @@ impl Fcm {
         if !resp.status().is_success() {
             return Err(format!("token endpoint answered {}", resp.status()));
         }
-        let t: TokenResponse =
-            serde_json::from_slice(resp.body()).map_err(|e| format!("token response: {e}"))?;
+        let (token, expires) = parse_token_response(resp.body(), Instant::now())?;
         metrics::counter!(metric::AUTH_REFRESHES, "provider" => "fcm").increment(1);
-        let expires = Instant::now() + Duration::from_secs(t.expires_in);
-        *access = Some((t.access_token.clone(), expires));
-        Ok(t.access_token)
+        *access = Some((token.clone(), expires));
+        Ok(token)
     }
 
     async fn forget_token(&self, rejected: &str) {
@@ -195,14 +193,30 @@ impl Fcm {
             Err(outcome) => return outcome,
         };
         let status = resp.status().as_u16();
-        let retry_after = crate::dispatch::retry_after(resp.headers());
-        let error = serde_json::from_slice::<Value>(resp.body()).unwrap_or(Value::Null);
-        let outcome = classify(status, &error, retry_after);
+        let outcome = response_outcome(status, resp.headers(), resp.body());
         if status == 401 {
             self.forget_token(&token).await;
         }
         outcome
     }
+}
+
+/// What to do after an FCM answer.
+pub fn response_outcome(status: u16, headers: &hyper::HeaderMap, body: &[u8]) -> Outcome {
+    let error = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+    classify(status, &error, crate::dispatch::retry_after(headers))
+}
+
+/// The access token in a token endpoint's answer, and when it expires: at most an hour on (the
+/// assertion's own lifetime; Google's tokens last 3,599 s), so no answer can overflow the clock
+/// or keep a token past what Google grants.
+pub fn parse_token_response(body: &[u8], now: Instant) -> Result<(String, Instant), String> {
+    let t: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("token response: {e}"))?;
+    Ok((
+        t.access_token,
+        now + Duration::from_secs(t.expires_in.min(3600)),
+    ))
 }
 
 /// The `errorCode` of an FCM error body (`error.details[].errorCode`), if any.
@@ -253,6 +267,21 @@ pub fn classify(status: u16, error: &Value, retry_after: Option<Duration>) -> Ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_response_cannot_overflow_the_clock() {
+        let now = Instant::now();
+        let body = br#"{"access_token":"ya29.x","expires_in":18446744073709551615}"#;
+        let (token, expires) = parse_token_response(body, now).expect("parses");
+        assert_eq!(token, "ya29.x");
+        assert!(expires <= now + Duration::from_secs(3600));
+        let body = br#"{"access_token":"ya29.y","expires_in":3599}"#;
+        assert_eq!(
+            parse_token_response(body, now).expect("parses").1,
+            now + Duration::from_secs(3599)
+        );
+        assert!(parse_token_response(br#"{"access_token":1}"#, now).is_err());
+    }
     use serde_json::json;
 
     fn err(code: &str) -> Value {

@@ -481,10 +481,15 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
             )
         })?
         .to_bytes();
+    parse_json(&body)
+}
+
+/// A JSON request body (empty: the defaults).
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or("invalid JSON");
         Refusal::new(
@@ -791,6 +796,24 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// Everything the API makes of a query string and an action body before it acts on them, for
+/// the fuzz target `admin_inputs` (no store, no network): the refusal's code and detail, if any.
+#[doc(hidden)]
+pub fn check_inputs(query: &str, body: &[u8]) -> Result<(), (&'static str, String)> {
+    let refused = |r: Refusal| (r.1, r.2);
+    let params = parse_query(query);
+    parse_range(&params, REPORT_MAX_DAYS).map_err(refused)?;
+    parse_page(&params, 100, MAX_PAGE).map_err(refused)?;
+    if let Some(d) = param(&params, "device") {
+        check_id("device", d).map_err(refused)?;
+    }
+    let body: ActionBody = parse_json(body).map_err(refused)?;
+    for id in [&body.except_device, &body.user].into_iter().flatten() {
+        check_id("id", id).map_err(refused)?;
+    }
+    Ok(())
+}
+
 fn parse_query(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|kv| !kv.is_empty())
@@ -849,11 +872,30 @@ fn parse_time_any(s: &str) -> Option<u64> {
     }
     let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
     let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
-    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    // Unsigned fields of at most `max` digits: no sign, and nothing below can overflow.
+    let num = |p: &str, max: usize| {
+        ((1..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse::<i64>().ok())
+            .flatten()
+    };
+    let three = |s: &str, sep: char, max: [usize; 3]| {
+        let mut it = s.split(sep);
+        let parts = [it.next()?, it.next()?, it.next()?];
+        if it.next().is_some() {
+            return None;
+        }
+        Some([
+            num(parts[0], max[0])?,
+            num(parts[1], max[1])?,
+            num(parts[2], max[2])?,
+        ])
+    };
+    let [y, m, day] = three(date, '-', [4, 2, 2])?;
+    let (hms, frac) = match time.split_once('.') {
+        Some((hms, frac)) => (hms, num(frac, 9).map(|_| frac)?),
+        None => (time, ""),
+    };
+    let [h, min, sec] = three(hms, ':', [2, 2, 2])?;
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
         return None;
     }
@@ -888,6 +930,24 @@ mod tests {
         );
         assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn times_out_of_range_are_refused_not_overflowed() {
+        // Found by the fuzz target `admin_inputs`: a year this large overflowed the arithmetic
+        // (a panic in debug builds, a wrong time in release ones).
+        assert_eq!(parse_time("211111111111-1-3T3:03:03:1010Z"), None);
+        assert_eq!(parse_time("9223372036854775807-01-01T00:00:00Z"), None);
+        // Negative fields and fractions are not times either.
+        assert_eq!(parse_time("2026-11-28T-1:00:00Z"), None);
+        assert_eq!(parse_time("2026-11-28T10:-5:00Z"), None);
+        assert_eq!(parse_time("2026-11-28T10:00:00.-5Z"), None);
+        assert_eq!(parse_time("2026-11-28T10:00:00.+5Z"), None);
+        assert_eq!(parse_time("-2026-11-28T10:00:00Z"), None);
+        assert_eq!(
+            parse_time("2026-11-28T10:00:00.5Z"),
+            Some(1_795_860_000_500)
+        );
     }
 
     #[test]

@@ -818,17 +818,33 @@ impl Config {
         overrides: &[(String, String)],
     ) -> Result<Config, ConfigError> {
         let mut errors = Vec::new();
+        let file = file.and_then(|path| match std::fs::read_to_string(path) {
+            Ok(text) => Some((path.display().to_string(), text)),
+            Err(e) => {
+                errors.push(format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        });
+        let file = file
+            .as_ref()
+            .map(|(name, text)| (name.as_str(), text.as_str()));
+        Self::parse(file, env, overrides, errors)
+    }
+
+    /// [`Config::load`] with the file's name and text given (the fuzz target `config` drives
+    /// it), after `errors` found so far.
+    #[doc(hidden)]
+    pub fn parse(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+        mut errors: Vec<String>,
+    ) -> Result<Config, ConfigError> {
         let mut table = match file {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => text.parse::<toml::Table>().unwrap_or_else(|e| {
-                    errors.push(format!("{}: {e}", path.display()));
-                    toml::Table::new()
-                }),
-                Err(e) => {
-                    errors.push(format!("cannot read {}: {e}", path.display()));
-                    toml::Table::new()
-                }
-            },
+            Some((name, text)) => text.parse::<toml::Table>().unwrap_or_else(|e| {
+                errors.push(format!("{name}: {e}"));
+                toml::Table::new()
+            }),
             None => toml::Table::new(),
         };
         let mut env: Vec<_> = env

@@ -5,6 +5,7 @@ the database's disk is the database's concern.
 """
 
 import asyncio
+import glob
 import os
 import subprocess
 import time
@@ -12,7 +13,11 @@ import urllib.error
 import urllib.request
 import uuid
 
+from websockets.exceptions import InvalidStatus
+
 from conftest import RELAY_BIN, Relay, run
+
+FAKETIME = (glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + [None])[0]
 
 
 def readyz(relay):
@@ -97,3 +102,78 @@ async def test_a_full_disk_refuses_sends_as_retryable_loses_nothing_and_recovers
         if relay:
             relay.stop()
         subprocess.run(["umount", str(disk)], check=False)
+
+
+async def sends(dev, to, n):
+    """n pipelined sends; their sequence numbers in send order."""
+    ids = [await dev.send([to], f"m{i}".encode()) for i in range(n)]
+    seqs = {}
+    while len(seqs) < n:
+        frame = await dev.expect("accepted", 15)
+        seqs[frame["id"]] = frame["seq"]
+    return ids, [seqs[i] for i in ids]
+
+
+@run
+async def test_a_clock_that_jumps_while_running_keeps_sequences_and_logs_off_on_real_time(tmp_path):
+    assert FAKETIME, "libfaketime missing: apt-get install faketime (scripts/test does)"
+    clock = tmp_path / "clock"
+    clock.write_text("+0s\n")
+    relay = Relay(tmp_path / "data", {"RELAY_SESSION__IDLE_TIMEOUT": "20s", "RELAY_SESSION__PING_INTERVAL": "2s"})
+    # The wall clock (of the relay and of `relay token`) follows the file, read at every call
+    # (libfaketime's cached reading missed the second change); the monotonic clock is the
+    # machine's.
+    relay.env.update(LD_PRELOAD=FAKETIME, FAKETIME_TIMESTAMP_FILE=str(clock), FAKETIME_NO_CACHE="1",
+                     FAKETIME_DONT_FAKE_MONOTONIC="1")
+    relay.start()
+    try:
+        await relay.register_offline("bob", "phone")
+        idle = await relay.online("carol", "phone")
+        idle_since = time.monotonic()
+        alice = await relay.online("alice", "phone")
+
+        ids, seqs = await sends(alice, "bob", 300)
+        clock.write_text("-60s\n")  # back a minute
+        await asyncio.sleep(1.5)
+        half_hour = relay.token("dave", "phone", "--ttl", "30m")
+        more_ids, more = await sends(alice, "bob", 300)
+        ids, seqs = ids + more_ids, seqs + more
+        clock.write_text("+3600s\n")  # forward an hour
+        await asyncio.sleep(1.5)
+        more_ids, more = await sends(alice, "bob", 300)
+        ids, seqs = ids + more_ids, seqs + more
+
+        # Unique and increasing through both jumps.
+        assert len(set(seqs)) == len(seqs), "a sequence number was issued twice"
+        assert seqs == sorted(seqs), "sequence numbers went back with the clock"
+        # The jumps happened (a sequence number holds its accept time, ms, above 12 bits): the
+        # minute back held the clock at the last time issued through 1.5 s of real time, and
+        # the hour forward shows.
+        ms = [s >> 12 for s in seqs]
+        assert ms[599] - ms[299] < 1000, ms
+        assert ms[600] - ms[599] > 3_500_000, ms
+
+        # Tokens are checked against the wall clock, as documented: the half-hour token
+        # minted before the hour jump has expired; one minted now is good.
+        try:
+            await relay.connect("dave", "phone", token=half_hour)
+            raise AssertionError("a token expired by the clock was accepted")
+        except InvalidStatus as e:
+            assert e.response.status_code == 401
+            assert b"token_expired" in e.response.body, e.response.body
+        await (await relay.online("dave", "phone")).close()
+
+        # The inactivity logoff counts real time: the hour jump did not log carol off; 20 s
+        # without activity did.
+        frame = await idle.recv(timeout=30)
+        assert frame == {"type": "session_expired", "idle_timeout_s": 20}, frame
+        idle_for = time.monotonic() - idle_since
+        assert 19 <= idle_for <= 26, f"logged off after {idle_for:.1f} s"
+
+        # Every message reaches bob once, in order.
+        bob = await relay.connect("bob", "phone")
+        assert [d["id"] for d in await bob.handshake()] == ids
+        await bob.close()
+        await alice.close()
+    finally:
+        relay.stop()
