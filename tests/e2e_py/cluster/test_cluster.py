@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -330,6 +331,29 @@ def test_kill_a_node_under_load_loses_nothing(cluster):
     report, err = loadtest(cluster, *LOAD, "--duration", "20", "--prefix", "kill", during=kill)
     check_total_queue(report, err)
     assert report["reconnects"] >= 40, report  # the killed node's third of the devices
+
+
+def test_nodes_killed_again_and_again_under_load_lose_nothing(cluster):
+    """SIGKILL at random moments, on random nodes: between the database write and `accepted`,
+    between fan-out and the bus publish, mid-replay of the devices that moved over."""
+    seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    kills = []
+
+    def crashes(proc):
+        time.sleep(4)
+        end = time.monotonic() + 16
+        while time.monotonic() < end:
+            node = rng.choice(cluster.nodes)
+            node.kill()
+            kills.append(node.port)
+            node.start()
+            time.sleep(rng.uniform(0.1, 0.6) if rng.random() < 0.5 else rng.uniform(0.6, 2.5))
+
+    report, err = loadtest(cluster, *LOAD, "--duration", "24", "--prefix", "crash", during=crashes)
+    print(f"seed {seed}: {len(kills)} kills")
+    check_total_queue(report, err)
+    assert len(kills) >= 5, kills
 
 
 def test_rolling_restart_under_load_loses_nothing(cluster):
