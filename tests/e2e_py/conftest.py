@@ -92,16 +92,20 @@ class Relay:
         self.log_path = data_dir.parent / f"relay-{self.port}.log"
         self.keyspace = "e2e_" + uuid.uuid4().hex[:16]
         self.migrated = BACKEND != "cassandra"
+        # Where it listens, and what runs it: a partition test puts a relay in a network
+        # namespace of its own (`ip netns exec NS`) with an address there.
+        self.host = "127.0.0.1"
+        self.wrap = []
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
+        return f"ws://{self.host}:{self.port}/v1/ws"
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         env.update(
-            RELAY_LISTEN=f"127.0.0.1:{self.port}",
-            RELAY_ADMIN_LISTEN=f"127.0.0.1:{self.admin_port}",
+            RELAY_LISTEN=f"{self.host}:{self.port}",
+            RELAY_ADMIN_LISTEN=f"{self.host}:{self.admin_port}",
             RELAY_DATA_DIR=str(self.data_dir),
             RELAY_SHUTDOWN_GRACE="5s",
             RELAY_LIMITS__SEND_RATE_PER_S="10000",
@@ -143,13 +147,13 @@ class Relay:
             subprocess.run([str(RELAY_BIN), "migrate"], env=self._env(), check=True, capture_output=True, timeout=120)
             self.migrated = True
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(RELAY_BIN)], env=self._env(), stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([*self.wrap, str(RELAY_BIN)], env=self._env(), stdout=self.log, stderr=self.log)
         deadline = time.time() + 20
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.logs()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1) as r:
+                with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/readyz", timeout=1) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -184,7 +188,7 @@ class Relay:
     def admin(self, method, path, body=None, as_="support-desk", token=None):
         """Calls the admin API; returns (status, parsed JSON body)."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method)
+        req = urllib.request.Request(f"http://{self.host}:{self.admin_port}{path}", data=data, method=method)
         bearer = token if token is not None else ADMIN_TOKENS.get(as_)
         if bearer:
             req.add_header("Authorization", f"Bearer {bearer}")
@@ -195,7 +199,7 @@ class Relay:
             return e.code, json.loads(e.read() or b"null")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
     async def online(self, user, device, **kw):

@@ -29,26 +29,27 @@ DISPLACED = 4002
 class Nats:
     """A nats-server on a free loopback port, stoppable and restartable on the same port."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, host="127.0.0.1"):
         self.bin = shutil.which("nats-server") or "/usr/sbin/nats-server"
         assert shutil.which(self.bin), "nats-server missing: install Debian's nats-server (scripts/test does)"
+        self.host = host
         self.port = free_port()
         self.log = directory / f"nats-{self.port}.log"
         self.proc = None
 
     @property
     def url(self):
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def start(self):
         self.proc = subprocess.Popen(
-            [self.bin, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(self.log)],
+            [self.bin, "-a", self.host, "-p", str(self.port), "-l", str(self.log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
@@ -64,32 +65,39 @@ class Cluster:
     """Three nodes: node 0 (dev mode) makes the keys, the others share them and the keyspace."""
 
     def __init__(self, tmp_path, nats, n=3, extra=None):
+        self.tmp_path, self.nats, self.extra = tmp_path, nats, extra or {}
         self.nodes = []
-        first = None
-        for i in range(n):
-            env = {
-                "RELAY_NODE_ID": "auto",  # leased from Cassandra
-                "RELAY_CLUSTER__NATS": f'["{nats.url}"]',
-                "RELAY_CLUSTER__DRAIN_SPREAD": "1s",
-                "RELAY_SHUTDOWN_GRACE": "10s",
-                **(extra or {}),
-            }
-            if first is not None:
-                secrets = first.data_dir / "dev-secrets"
-                env.update(
-                    RELAY_AUTH__PUBLIC_KEYS_FILE=str(secrets / "token-signing-key.pub.pem"),
-                    RELAY_AT_REST__KEYS_FILE=str(secrets / "at-rest.keys"),
-                    RELAY_AT_REST__ACTIVE="dev1",
-                    RELAY_AUDIT__KEYS_FILE=str(secrets / "audit.keys"),
-                    RELAY_AUDIT__ACTIVE="dev1",
-                    RELAY_STORAGE__SCYLLA__KEYSPACE=first.keyspace,
-                )
-            node = Relay(tmp_path / f"node{i}", env)
-            if first is not None:
-                node.keyspace, node.migrated = first.keyspace, True
-            node.start()
-            first = first or node
-            self.nodes.append(node)
+        for _ in range(n):
+            self.add()
+
+    def add(self, env=None, host="127.0.0.1", wrap=()):
+        """Starts one more node; `host` and `wrap` place it (a network namespace of a test's)."""
+        first = self.nodes[0] if self.nodes else None
+        env = {
+            "RELAY_NODE_ID": "auto",  # leased from Cassandra
+            "RELAY_CLUSTER__NATS": f'["{self.nats.url}"]',
+            "RELAY_CLUSTER__DRAIN_SPREAD": "1s",
+            "RELAY_SHUTDOWN_GRACE": "10s",
+            **self.extra,
+            **(env or {}),
+        }
+        if first is not None:
+            secrets = first.data_dir / "dev-secrets"
+            env.update(
+                RELAY_AUTH__PUBLIC_KEYS_FILE=str(secrets / "token-signing-key.pub.pem"),
+                RELAY_AT_REST__KEYS_FILE=str(secrets / "at-rest.keys"),
+                RELAY_AT_REST__ACTIVE="dev1",
+                RELAY_AUDIT__KEYS_FILE=str(secrets / "audit.keys"),
+                RELAY_AUDIT__ACTIVE="dev1",
+                RELAY_STORAGE__SCYLLA__KEYSPACE=first.keyspace,
+            )
+        node = Relay(self.tmp_path / f"node{len(self.nodes)}", env)
+        node.host, node.wrap = host, list(wrap)
+        if first is not None:
+            node.keyspace, node.migrated = first.keyspace, True
+        node.start()
+        self.nodes.append(node)
+        return node
 
     def __getitem__(self, i):
         return self.nodes[i]
@@ -289,11 +297,11 @@ async def test_presence_follows_devices_and_forgets_a_killed_node(cluster):
     assert metric(cluster[0], "relay_cluster_nodes_lost_total") >= 1
 
 
-def loadtest(cluster, *args, during=None, timeout=240):
-    """Runs the load-test tool against every node; `during(proc)` runs while it sends."""
+def loadtest(cluster, *args, during=None, timeout=240, urls=None):
+    """Runs the load-test tool against every node (or `urls`); `during(proc)` runs while it sends."""
     assert LOADTEST.exists(), f"{LOADTEST} missing: cargo build --workspace (scripts/test does)"
     key = cluster[0].data_dir / "dev-secrets" / "token-signing-key.pem"
-    urls = ",".join(n.url for n in cluster.nodes)
+    urls = ",".join(urls or [n.url for n in cluster.nodes])
     cmd = [str(LOADTEST), "--url", urls, "--key", str(key), "--reconnect", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if during:
@@ -376,7 +384,7 @@ def test_bus_outage_under_load_loses_nothing(cluster, nats):
         time.sleep(2)
         for n in cluster.nodes:
             assert metric(n, "relay_bus_connected") == 0
-            with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{n.host}:{n.admin_port}/readyz", timeout=2) as r:
                 assert r.status == 200 and b"degraded" in r.read()
         time.sleep(4)
         nats.start()
