@@ -31,7 +31,8 @@ pub const REASONS: &[&str] = &[
     "security",
 ];
 
-/// A revocation: tokens issued at or before `at` are refused.
+/// A revocation: tokens issued at or before `at` are refused, and up to
+/// [`ISSUER_SKEW_S`](crate::auth::ISSUER_SKEW_S) after it (see [`covers`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     /// When, ms since the Unix epoch.
@@ -48,8 +49,15 @@ pub struct Revocation {
 impl Revocation {
     /// Whether a token issued at `iat` (Unix seconds) is revoked by this.
     pub fn covers(&self, iat: u64) -> bool {
-        iat.saturating_mul(1000) <= self.at
+        covers(self.at, iat)
     }
+}
+
+/// Whether a revocation made at `at_ms` revokes a token issued at `iat` (Unix seconds): one
+/// issued by its clock up to `ISSUER_SKEW_S` later may have been issued before it by ours. So
+/// a login after a logout needs a token issued more than that after it.
+pub fn covers(at_ms: u64, iat: u64) -> bool {
+    iat.saturating_mul(1000) <= at_ms.saturating_add(crate::auth::ISSUER_SKEW_S * 1000)
 }
 
 /// An account lock.
@@ -648,7 +656,7 @@ mod tests {
     }
 
     #[test]
-    fn tokens_issued_up_to_the_revocation_second_are_refused() {
+    fn tokens_issued_up_to_the_revocation_and_the_issuer_skew_are_refused() {
         let dev = AccessRow {
             revoked: Some(rev(100, None)),
             ..Default::default()
@@ -665,7 +673,25 @@ mod tests {
             verdict(&user, &dev, "d", 100),
             Verdict::LoggedOut { .. }
         ));
-        assert_eq!(verdict(&user, &dev, "d", 101), Verdict::Allowed);
+        assert_eq!(verdict(&user, &dev, "d", 103), Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_revocation_covers_what_an_issuer_running_ahead_issued_before_it() {
+        // The account service's clock may run up to ISSUER_SKEW_S ahead: a token it issued
+        // just before the logout can carry an `iat` after it, and must not outlive it.
+        let dev = AccessRow {
+            revoked: Some(rev(100, None)), // at 100.5 s
+            ..Default::default()
+        };
+        let user = AccessRow::default();
+        for ahead in [101, 102] {
+            assert!(
+                matches!(verdict(&user, &dev, "d", ahead), Verdict::LoggedOut { .. }),
+                "iat {ahead}"
+            );
+        }
+        assert_eq!(verdict(&user, &dev, "d", 103), Verdict::Allowed);
     }
 
     #[test]
@@ -741,14 +767,14 @@ mod tests {
         let user = AccessRow::default();
         assert_eq!(start_of(&user, &dev, 50), Start::Open { floor_ms: 0 });
         dev.apply(Change::Revoke(rev(100, None)));
-        let (first, record) = start(&user, &dev, "d", 102, 10_000_000);
-        assert_eq!(first, Start::Open { floor_ms: 102_000 });
-        assert_eq!(record, Some(Change::Fresh(102_000)));
-        dev.apply(Change::Fresh(102_000));
+        let (first, record) = start(&user, &dev, "d", 103, 10_000_000);
+        assert_eq!(first, Start::Open { floor_ms: 103_000 });
+        assert_eq!(record, Some(Change::Fresh(103_000)));
+        dev.apply(Change::Fresh(103_000));
         // A refreshed token of the same login keeps the floor; nothing more is recorded.
         assert_eq!(
             start(&user, &dev, "d", 500, 10_000_000),
-            (Start::Open { floor_ms: 102_000 }, None)
+            (Start::Open { floor_ms: 103_000 }, None)
         );
         // A token whose iat lies ahead of the clock starts the login now, not in the future.
         dev.apply(Change::Revoke(rev(600, None)));

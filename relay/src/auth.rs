@@ -15,6 +15,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, erro
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{self, valid_id};
+
+/// How far ahead of the relay's clock a token issuer's clock may run (seconds): a token's `iat`
+/// may lie this far in the future, no further, and a revocation covers tokens issued up to this
+/// long after it, since an issuer running ahead dates what it issued before the revocation
+/// later than it. `leeway` (for `exp` and `nbf`) is larger: it only shortens or extends a
+/// token's life, and cannot let one outlive a logout.
+pub const ISSUER_SKEW_S: u64 = 2;
 use crate::store::DeviceRef;
 
 /// Claims of a device token.
@@ -148,7 +155,7 @@ fn pem_blocks(pem: &str) -> Vec<String> {
 
 impl Verifier {
     /// Loads every public key (Ed25519 or P-256, SPKI PEM) from `pem`. Tokens may live at most
-    /// `max_lifetime_s` (`exp - iat`); `leeway_s` is the clock skew allowed on every time.
+    /// `max_lifetime_s` (`exp - iat`); `leeway_s` is the clock skew allowed on `exp` and `nbf`.
     pub fn new(
         pem: &str,
         audience: &str,
@@ -188,7 +195,7 @@ impl Verifier {
     /// longer than the maximum would outlive its purpose.
     fn verify_at(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
         let id = self.verify_signed(token)?;
-        if id.issued_at > now.saturating_add(self.leeway_s)
+        if id.issued_at > now.saturating_add(ISSUER_SKEW_S)
             || id.expires_at.saturating_sub(id.issued_at) > self.max_lifetime_s
         {
             return Err(AuthError::BadClaims);
@@ -642,8 +649,13 @@ mod tests {
             minter.mint(&c).expect("mint")
         };
         assert!(
-            v.verify(&mint(t + 20, t + 3600, None)).is_ok(),
-            "within the leeway"
+            v.verify(&mint(t + ISSUER_SKEW_S, t + 3600, None)).is_ok(),
+            "an issuer a little ahead"
+        );
+        // Further ahead would outlive a logout made before it (the leeway is for `exp`).
+        assert_eq!(
+            v.verify(&mint(t + ISSUER_SKEW_S + 2, t + 3600, None)).err(),
+            Some(AuthError::BadClaims)
         );
         assert_eq!(
             v.verify(&mint(t + 120, t + 3600, None)).err(),

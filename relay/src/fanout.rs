@@ -212,7 +212,7 @@ impl Hub {
     ) -> usize {
         let mut n = 0;
         for conn in self.conns.iter() {
-            let revoked = conn.issued_at.saturating_mul(1000) <= at;
+            let revoked = crate::access::covers(at, conn.issued_at);
             if revoked && &*conn.key().user == target.user() && target.includes(&conn.key().device)
             {
                 *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -325,17 +325,21 @@ mod tests {
             except: Some("laptop".into()),
         };
         let old = hub.register(&DeviceRef::new("u", "phone"), 4, 100);
-        let newer = hub.register(&DeviceRef::new("u", "tablet"), 4, 101);
+        // Issued before the logout by an account service whose clock runs a second ahead.
+        let ahead = hub.register(&DeviceRef::new("u", "watch"), 4, 101);
+        let newer = hub.register(&DeviceRef::new("u", "tablet"), 4, 103);
         let spared = hub.register(&DeviceRef::new("u", "laptop"), 4, 1);
         let other = hub.register(&DeviceRef::new("v", "phone"), 4, 1);
         assert_eq!(
             hub.logout(&target, "lost_device", uuid::Uuid::nil(), 100_500),
-            1
+            2
         );
-        assert_eq!(
-            old.outbox.evict_code.load(Ordering::Relaxed),
-            close::LOGGED_OUT
-        );
+        for gone in [old, ahead] {
+            assert_eq!(
+                gone.outbox.evict_code.load(Ordering::Relaxed),
+                close::LOGGED_OUT
+            );
+        }
         for kept in [newer, spared, other] {
             assert!(!kept.outbox.evict.is_cancelled());
         }

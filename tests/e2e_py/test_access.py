@@ -102,7 +102,7 @@ async def test_live_device_is_logged_out_within_a_second_and_its_token_refused(r
     # The old token is refused before the upgrade; a new login (a newer token) works.
     assert await upgrade_status(relay, token) == 401
     assert 'relay_handshakes_total{outcome="revoked"} 1' in relay.metrics()
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(3.1)  # a token issued more than 2 s after the logout
     again = await relay.online("drbob", "iphone")
     await again.close()
 
@@ -207,7 +207,7 @@ async def test_lock_refuses_connections_and_unlock_does_not_revive_old_sessions(
     assert status == 200 and out["locked"] is True and out["logout"]["live"] == ["phone"], out
     frames, code = await frames_until_close(phone)
     assert [f["type"] for f in frames] == ["logout"] and frames[0]["reason"] == "locked" and code == LOGGED_OUT
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(3.1)  # past the logout the lock made (and its 2 s issuer skew)
     fresh = relay.token("drdan", "phone")
     assert await upgrade_status(relay, fresh) == 403
     _, view = relay.admin("GET", "/v1/users/drdan/devices")
@@ -468,7 +468,7 @@ async def test_org_access_report_is_scoped_paged_exported_and_audited(relay):
     expired = relay.token("dra", "phone", "--org", "clinic-a", "--expires-at", str(int(time.time()) - 3600))
     assert await upgrade_status(relay, expired) == 401
     assert relay.admin("POST", "/v1/users/dra/lock", {"reason": "audit"}, as_="clinic-a-admin")[0] == 200
-    await asyncio.sleep(1.1)  # a token issued after the lock's logout: refused for the lock
+    await asyncio.sleep(3.1)  # a token issued after the lock's logout (and its 2 s issuer skew): refused for the lock
     assert await upgrade_status(relay, relay.token("dra", "phone", "--org", "clinic-a")) == 403
     assert relay.admin("POST", "/v1/users/dra/unlock", {}, as_="clinic-a-admin")[0] == 200
     # drb in clinic-b, never in clinic-a's report.

@@ -197,7 +197,10 @@ async def test_tokens_from_the_future_too_long_lived_or_not_yet_valid_are_refuse
     assert await upgrade_status(relay, mint(relay, "drf", "p", exp=now + 31 * 86400)) == 401
     assert await upgrade_status(relay, mint(relay, "drf", "p", nbf=now + 600)) == 401
     assert await upgrade_status(relay, mint(relay, "drf", "p", nbf=now - 5)) == 101
-    assert await upgrade_status(relay, mint(relay, "drf", "p", iat=now + 10)) == 101  # within the leeway
+    # `iat` may be ahead by the issuer skew only (2 s), not the 30 s leeway: a token dated
+    # further ahead would outlive a logout made before its date.
+    assert await upgrade_status(relay, mint(relay, "drf", "p", iat=now + 10)) == 401
+    assert await upgrade_status(relay, mint(relay, "drf", "p", iat=now + 2)) == 101
 
     def body(token):
         with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
@@ -223,6 +226,22 @@ async def test_a_token_with_an_enormous_exp_neither_panics_nor_leaks_the_connect
 
 
 @run
+async def test_a_token_dated_ahead_by_its_issuer_does_not_outlive_a_logout(relay):
+    """The account service's clock runs 2 s ahead: the token it issued just before the logout
+    carries an `iat` after it. The device is still logged out, live and at every reconnect."""
+    ahead = mint(relay, "drahead", "phone", iat=int(time.time()) + 2)
+    phone = await relay.connect("drahead", "phone", token=ahead)
+    await phone.handshake()
+    status, out = relay.admin("POST", "/v1/devices/phone/logout", {"user": "drahead", "reason": "lost_device"})
+    assert status == 200 and out["live"] == ["phone"], out
+    assert await phone.recv() == {"type": "logout", "reason": "lost_device", "signal": out["signal"]}
+    await phone.close()
+    again = await relay.connect("drahead", "phone", token=ahead)
+    frames, code = await frames_until_close(again)
+    assert [f["type"] for f in frames] == ["logout"] and code == LOGGED_OUT
+
+
+@run
 async def test_a_new_login_after_a_logout_starts_afresh(relay):
     old = relay.token("drfresh", "iphone")
     await (await relay.connect("drfresh", "iphone", token=old)).handshake()
@@ -237,7 +256,7 @@ async def test_a_new_login_after_a_logout_starts_afresh(relay):
     frames, code = await frames_until_close(phone)
     assert [f["type"] for f in frames] == ["logout"] and code == LOGGED_OUT
     during = await nurse.send_ok(["drfresh"], b"sent while logged out")
-    await asyncio.sleep(1.2)  # the new token's iat is a later second
+    await asyncio.sleep(3.1)  # the new token is issued more than 2 s after the logout
     again = await relay.connect("drfresh", "iphone")
     assert await again.handshake() == [], "nothing from before the new login"
     after = await nurse.send_ok(["drfresh"], b"after the new login")

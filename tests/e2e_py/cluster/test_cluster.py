@@ -458,7 +458,7 @@ async def test_a_replayed_logout_on_the_bus_cannot_end_a_newer_login(cluster, na
     await phone.ws.send(json.dumps({"type": "logout_ack", "signal": frame["signal"]}))
     await asyncio.wait_for(phone.ws.wait_closed(), 3)
 
-    await asyncio.sleep(1.1)  # a new login: a token of a later second
+    await asyncio.sleep(3.1)  # a new login: a token issued more than 2 s after the logout
     again = await cluster[1].online("dr-replay", "phone", token=cluster.token("dr-replay", "phone"))
     await settle(cluster, 1)
     for _ in range(3):
