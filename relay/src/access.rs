@@ -31,8 +31,15 @@ pub const REASONS: &[&str] = &[
     "security",
 ];
 
-/// A revocation: tokens issued at or before `at` are refused, and up to
-/// [`ISSUER_SKEW_S`](crate::auth::ISSUER_SKEW_S) after it (see [`covers`]).
+/// How far ahead of the relay's clock a token issuer's clock may run (seconds): a token's `iat`
+/// may lie this far in the future, no further (`auth` refuses it), and a revocation covers
+/// tokens issued up to this long after it, since an issuer running ahead dates what it issued
+/// before the revocation later than it. `auth.leeway` (for `exp` and `nbf`) is larger: it only
+/// shortens or extends a token's life, and cannot let one outlive a logout.
+pub const ISSUER_SKEW_S: u64 = 2;
+
+/// A revocation: tokens issued at or before `at` are refused, and up to [`ISSUER_SKEW_S`]
+/// after it (see [`covers`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     /// When, ms since the Unix epoch.
@@ -57,7 +64,7 @@ impl Revocation {
 /// issued by its clock up to `ISSUER_SKEW_S` later may have been issued before it by ours. So
 /// a login after a logout needs a token issued more than that after it.
 pub fn covers(at_ms: u64, iat: u64) -> bool {
-    iat.saturating_mul(1000) <= at_ms.saturating_add(crate::auth::ISSUER_SKEW_S * 1000)
+    iat.saturating_mul(1000) <= at_ms.saturating_add(ISSUER_SKEW_S * 1000)
 }
 
 /// An account lock.

@@ -14,14 +14,8 @@ use hyper::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::access::ISSUER_SKEW_S;
 use crate::protocol::{self, valid_id};
-
-/// How far ahead of the relay's clock a token issuer's clock may run (seconds): a token's `iat`
-/// may lie this far in the future, no further, and a revocation covers tokens issued up to this
-/// long after it, since an issuer running ahead dates what it issued before the revocation
-/// later than it. `leeway` (for `exp` and `nbf`) is larger: it only shortens or extends a
-/// token's life, and cannot let one outlive a logout.
-pub const ISSUER_SKEW_S: u64 = 2;
 use crate::store::DeviceRef;
 
 /// Claims of a device token.

@@ -565,7 +565,7 @@ pub struct AuthConfig {
     pub public_keys_file: Option<PathBuf>,
     /// Required `aud` claim.
     pub audience: String,
-    /// Clock skew tolerated on `exp` and `nbf` (`iat`: `auth::ISSUER_SKEW_S`).
+    /// Clock skew tolerated on `exp` and `nbf` (`iat`: `access::ISSUER_SKEW_S`).
     pub leeway: Dur,
     /// Longest token lifetime (`exp - iat`) accepted.
     pub max_token_lifetime: Dur,

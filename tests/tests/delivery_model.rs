@@ -29,8 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use relay::access::{Access, Start, Target, Verdict, split};
-use relay::auth::ISSUER_SKEW_S;
+use relay::access::{Access, ISSUER_SKEW_S, Start, Target, Verdict, split};
 use relay::fanout::Hub;
 use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
 use relay_tests::{Kind, Place, Recorder};
