@@ -198,6 +198,16 @@ class Relay:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
+    def readyz(self):
+        """(status, body) of /readyz; (0, why) when the admin listener does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/readyz", timeout=2) as r:
+                return r.status, r.read().decode().strip()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode().strip()
+        except OSError as e:
+            return 0, str(e)
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/metrics", timeout=5) as r:
             return r.read().decode()

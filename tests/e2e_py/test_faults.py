@@ -11,9 +11,6 @@ import os
 import random
 import subprocess
 import time
-import urllib.error
-import urllib.request
-import uuid
 
 from websockets.exceptions import InvalidStatus
 
@@ -21,14 +18,6 @@ from conftest import RELAY_BIN, ROOT, Relay, run
 
 LOADTEST = ROOT / "target" / "debug" / "loadtest"
 FAKETIME = (glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + [None])[0]
-
-
-def readyz(relay):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/readyz", timeout=2) as r:
-            return r.status, r.read().decode().strip()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode().strip()
 
 
 def gauge(relay, name):
@@ -60,7 +49,7 @@ async def test_a_full_disk_refuses_sends_as_retryable_loses_nothing_and_recovers
         assert refused is not None, "40 MiB took 400 sends of 200 KB"
         assert len(accepted) > 20, f"refused after {len(accepted)} sends"
         assert (refused["type"], refused["code"], refused["retry"]) == ("rejected", "unavailable", True), refused
-        status, why = readyz(relay)
+        status, why = relay.readyz()
         assert status == 503 and "disk full" in why, (status, why)
         assert gauge(relay, "relay_store_disk_full") == 1
         # Reads go on: bob's phone signs in and gets everything accepted so far.
@@ -71,12 +60,12 @@ async def test_a_full_disk_refuses_sends_as_retryable_loses_nothing_and_recovers
         # Space comes back (an operator grows the volume, or old files go): no restart.
         subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
         started = time.monotonic()
-        while readyz(relay)[0] != 200:
-            assert time.monotonic() - started < 30, f"still {readyz(relay)} 30 s after space returned"
+        while relay.readyz()[0] != 200:
+            assert time.monotonic() - started < 30, f"still {relay.readyz()} 30 s after space returned"
             await asyncio.sleep(0.2)
         recovered = time.monotonic() - started
         print(f"{len(accepted)} accepted before the disk filled; ready again {recovered:.1f} s after space returned")
-        assert readyz(relay) == (200, "ready")
+        assert relay.readyz() == (200, "ready")
         assert gauge(relay, "relay_store_disk_full") == 0
 
         # The refused message, sent again as the `retry` told the app, and one more.

@@ -144,6 +144,12 @@ struct Model {
 }
 
 impl Model {
+    /// Device `device` (mod how many it has) of user `user`.
+    fn device(&self, user: usize, device: usize) -> DeviceRef {
+        let devices = &self.devices[USERS[user]];
+        devices[device % devices.len()].clone()
+    }
+
     /// The logouts that apply to `d`'s tokens (its own, and its user's unless it was spared).
     fn logouts(&self, d: &DeviceRef) -> Vec<&Logout> {
         let own = self.logins[d].logout.as_ref();
@@ -324,8 +330,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 picks,
                 stale,
             } => {
-                let devices = &model.devices[USERS[user]];
-                let d = devices[device % devices.len()].clone();
+                let d = model.device(user, device);
                 let unacked: Vec<u64> = model.inbox[&d].keys().copied().collect();
                 let mut seqs: Vec<u64> = if unacked.is_empty() {
                     Vec::new()
@@ -367,8 +372,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 w = World::new(open().await);
             }
             Op::Logout { user, device } => {
-                let devices = &model.devices[USERS[user]];
-                let d = devices[device % devices.len()].clone();
+                let d = model.device(user, device);
                 let out = w
                     .access
                     .logout(Target::Device(d.clone()), "lost_device", "model")
@@ -385,8 +389,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.pending.insert(d);
             }
             Op::LogoutOthers { user, device } => {
-                let devices = model.devices[USERS[user]].clone();
-                let spared = devices[device % devices.len()].clone();
+                let spared = model.device(user, device);
                 if model.verdict(&spared) != Verdict::Allowed {
                     continue; // the password is changed from a signed-in device
                 }
@@ -428,8 +431,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 device,
                 ahead,
             } => {
-                let devices = &model.devices[USERS[user]];
-                let d = devices[device % devices.len()].clone();
+                let d = model.device(user, device);
                 let logged_out = match model.verdict(&d) {
                     Verdict::LoggedOut {
                         revocation,

@@ -21,8 +21,6 @@ import os
 import random
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -86,16 +84,6 @@ def netns():
         for link in LINKS:
             subprocess.run(["ip", "link", "del", host_dev(link)], capture_output=True)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-
-
-def readyz(node):
-    try:
-        with urllib.request.urlopen(f"http://{node.host}:{node.admin_port}/readyz", timeout=2) as r:
-            return r.status, r.read().decode().strip()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode().strip()
-    except OSError as e:
-        return 0, str(e)
 
 
 def wait_for(fn, timeout, what):
@@ -236,7 +224,7 @@ def test_a_node_cut_from_the_bus_the_database_and_both_then_healed_loses_nothing
         for link in links:
             heal(link)
         healed = time.monotonic()
-        ready = await asyncio.to_thread(wait_for, lambda: readyz(far) == (200, "ready") and metric(far, "relay_bus_connected") == 1,
+        ready = await asyncio.to_thread(wait_for, lambda: far.readyz() == (200, "ready") and metric(far, "relay_bus_connected") == 1,
                                         60, f"{name}: the node ready and on the bus again")
         # The device on the cut node gets its logout: live (over the bus, or from the store's
         # check once the node reads it again), or, if the node sent it away because it could not
