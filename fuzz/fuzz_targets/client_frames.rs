@@ -9,7 +9,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use relay::protocol::{MAX_ACKS_PER_FRAME, valid_id};
 use relay::session::state::{Action, Limits, State};
-use relay::store::DeviceRef;
+use relay::store::{Accepted, DeviceRef};
 use serde_json::{Value, json};
 
 #[derive(Arbitrary, Debug)]
@@ -75,6 +75,7 @@ fn limits() -> Limits {
         inbound_burst_bytes: 16384.0,
         ping_interval: Duration::from_secs(25),
         idle_timeout: Duration::from_secs(7200),
+        max_pipelined_sends: 4,
     }
 }
 
@@ -173,6 +174,7 @@ fuzz_target!(|input: (bool, Vec<Step>)| {
     // What the session was given and not yet acknowledged, as the model sees it.
     let mut unacked = BTreeSet::new();
     let mut delivered = Vec::new();
+    let mut sent = std::collections::VecDeque::new();
     for step in steps.iter().take(200) {
         now += Duration::from_millis(step.after_ms.into());
         if let Frame::Deliver(seq) = step.frame {
@@ -203,6 +205,23 @@ fuzz_target!(|input: (bool, Vec<Step>)| {
                 );
                 assert!(msg.to.iter().all(|u| valid_id(u)), "{:?}", msg.to);
                 assert!(may_page || !msg.urgent, "urgent without the claim");
+                // Handed to the store; at the pipeline limit, the oldest is answered first.
+                s.appending(now, msg.id, msg.body.len() as u64);
+                sent.push_back(msg.id);
+                if !s.may_read() {
+                    let oldest = sent.pop_front().expect("outstanding");
+                    let accepted = Accepted {
+                        seq: 1,
+                        ts: 1,
+                        duplicate: false,
+                    };
+                    let answer = s.handle_appended(now, Ok(accepted)).expect("an answer");
+                    assert!(
+                        answer.frame.contains(&oldest.to_string()),
+                        "answered out of order"
+                    );
+                    assert!(s.may_read());
+                }
             }
             Action::Ack(seqs) => {
                 assert!(!seqs.is_empty() && seqs.len() <= MAX_ACKS_PER_FRAME);

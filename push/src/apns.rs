@@ -175,7 +175,7 @@ pub fn response_outcome(status: u16, headers: &hyper::HeaderMap, body: &[u8]) ->
         .ok()
         .and_then(|v| v.get("reason")?.as_str().map(str::to_owned))
         .unwrap_or_default();
-    let retry_after = crate::dispatch::retry_after(headers);
+    let retry_after = crate::origin::retry_after(headers);
     (classify(status, &reason, retry_after), reason)
 }
 

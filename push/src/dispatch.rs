@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::HeaderMap;
 use tokio::sync::Notify;
 
 use crate::apns::Apns;
@@ -323,18 +322,6 @@ async fn work<O: Clone + Send + Sync + 'static>(inner: Arc<Inner<O>>) {
     }
 }
 
-/// Reads `Retry-After` as delay-seconds (the form Apple and Google send).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get("retry-after")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,13 +387,5 @@ mod tests {
             let cap = q.cfg.backoff_base * (1u32 << (attempt - 1).min(16));
             assert!(d <= cap);
         }
-        let mut h = HeaderMap::new();
-        h.insert("retry-after", "7".parse().expect("header"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(
-            "retry-after",
-            "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
-        );
-        assert_eq!(retry_after(&h), None);
     }
 }

@@ -204,7 +204,7 @@ impl Fcm {
 /// What to do after an FCM answer.
 pub fn response_outcome(status: u16, headers: &hyper::HeaderMap, body: &[u8]) -> Outcome {
     let error = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
-    classify(status, &error, crate::dispatch::retry_after(headers))
+    classify(status, &error, crate::origin::retry_after(headers))
 }
 
 /// The access token in a token endpoint's answer, and when it expires: at most an hour on (the

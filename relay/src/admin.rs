@@ -4,6 +4,7 @@
 //! actor. Shapes and error codes: README, "Admin API".
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,14 +16,26 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use crate::access::{self, Target};
-use crate::audit::{self, Event};
+use crate::access::{self, Access, LogoutReason, Target};
+use crate::audit::{self, Event, EventKind};
 use crate::config::{AdminCredential, AdminRole};
-use crate::listener::App;
 use crate::protocol::valid_id;
-use crate::store::{DeviceRef, StoreError, now_ms};
+use crate::store::{DeviceRef, MessageStore, StoreError, now_ms};
 
 type Body = Full<Bytes>;
+
+/// What the admin API works with: the access service (logout, lock, presence, the audit trail),
+/// the store it reads views from, and its own settings. Nothing of the listener.
+pub struct Admin {
+    /// Logout, lock and presence; its auditor records every call.
+    pub access: Arc<Access>,
+    /// Device lists, org members and audit records.
+    pub store: Arc<dyn MessageStore>,
+    /// Who may call, with which role.
+    pub credentials: Vec<AdminCredential>,
+    /// How long a device has to confirm its wipe before the devices view flags it.
+    pub confirm_within: Duration,
+}
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 16 * 1024;
@@ -94,7 +107,7 @@ impl Caller<'_> {
     }
 
     /// An org admin acts only on users of their organisation.
-    async fn may_touch(&self, app: &App, user: &str) -> Result<(), Refusal> {
+    async fn may_touch(&self, app: &Admin, user: &str) -> Result<(), Refusal> {
         let Some(org) = &self.cred.org else {
             return Ok(());
         };
@@ -110,7 +123,7 @@ impl Caller<'_> {
     }
 }
 
-fn authenticate<'a>(req: &Request<Incoming>, app: &'a App) -> Option<Caller<'a>> {
+fn authenticate<'a>(req: &Request<Incoming>, app: &'a Admin) -> Option<Caller<'a>> {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)?
@@ -119,9 +132,7 @@ fn authenticate<'a>(req: &Request<Incoming>, app: &'a App) -> Option<Caller<'a>>
         .strip_prefix("Bearer ")?
         .trim();
     let digest = hex(&Sha256::digest(token.as_bytes()));
-    app.config
-        .admin
-        .credentials
+    app.credentials
         .iter()
         .find(|c| {
             constant_time_eq(
@@ -153,7 +164,7 @@ pub fn new_credential() -> (String, String) {
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Handles a `/v1/...` request on the admin listener.
-pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<Body> {
+pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &Admin) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let caller = authenticate(&req, app);
@@ -187,7 +198,7 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
             Reply::Json(json!({ "error": code, "detail": detail })),
         ),
     };
-    let audit = &app.sessions.access.audit;
+    let audit = &app.access.audit;
     audit.record(Event {
         user: routed.subject,
         actor: caller.as_ref().map(Caller::actor),
@@ -196,7 +207,7 @@ pub async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Resp
         status: Some(status.as_u16()),
         from: routed.range.map(|r| r.0),
         to: routed.range.map(|r| r.1),
-        ..Event::new("admin_request")
+        ..Event::new(EventKind::AdminRequest)
     });
     metrics::counter!("relay_admin_requests_total", "status" => status_class(status)).increment(1);
     match reply {
@@ -265,189 +276,23 @@ impl Routed {
     }
 }
 
-async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed {
+async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &Admin) -> Routed {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    use AdminRole::*;
     match (method, segments.as_slice()) {
         (Method::POST, ["v1", "users", user, action @ ("logout" | "lock" | "unlock")]) => {
-            let user = user.to_string();
-            let action = action.to_string();
-            let result = async {
-                check_id("user", &user)?;
-                let body: ActionBody = read_json(req).await?;
-                match action.as_str() {
-                    "logout" => {
-                        caller.require(&[Support, OrgAdmin, AccountService])?;
-                        caller.may_touch(app, &user).await?;
-                        let reason = check_reason(body.reason.as_deref())?;
-                        if let Some(d) = &body.except_device {
-                            check_id("except_device", d)?;
-                        }
-                        let target = Target::User {
-                            user: user.clone(),
-                            except: body.except_device,
-                        };
-                        let outcome = app
-                            .sessions
-                            .access
-                            .logout(target, reason, &caller.actor())
-                            .await?;
-                        Ok((StatusCode::OK, json!(outcome)))
-                    }
-                    "lock" => {
-                        caller.require(&[OrgAdmin, AccountService])?;
-                        caller.may_touch(app, &user).await?;
-                        let reason = body.reason.unwrap_or_else(|| "admin".into());
-                        if reason.len() > 200 {
-                            return Err(Refusal::new(
-                                StatusCode::BAD_REQUEST,
-                                "bad_request",
-                                "reason: at most 200 characters",
-                            ));
-                        }
-                        let outcome = app
-                            .sessions
-                            .access
-                            .lock(&user, &reason, &caller.actor())
-                            .await?;
-                        Ok((StatusCode::OK, json!({ "locked": true, "logout": outcome })))
-                    }
-                    _ => {
-                        caller.require(&[OrgAdmin, AccountService])?;
-                        caller.may_touch(app, &user).await?;
-                        app.sessions.access.unlock(&user, &caller.actor()).await?;
-                        Ok((StatusCode::OK, json!({ "locked": false })))
-                    }
-                }
-            }
-            .await;
-            Routed::new(Some(user), result)
+            user_action(req, caller, app, user, action).await
         }
         (Method::POST, ["v1", "devices", device, "logout"]) => {
-            let device = device.to_string();
-            let mut subject = None;
-            let result = async {
-                check_id("device", &device)?;
-                caller.require(&[Support, OrgAdmin, AccountService])?;
-                let body: ActionBody = read_json(req).await?;
-                let user = body.user.ok_or_else(|| {
-                    Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "`user` is required: device ids are unique per user",
-                    )
-                })?;
-                check_id("user", &user)?;
-                subject = Some(user.clone());
-                caller.may_touch(app, &user).await?;
-                let reason = check_reason(body.reason.as_deref())?;
-                let target = Target::Device(DeviceRef::new(&user, &device));
-                let outcome = app
-                    .sessions
-                    .access
-                    .logout(target, reason, &caller.actor())
-                    .await?;
-                Ok((StatusCode::OK, json!(outcome)))
-            }
-            .await;
-            Routed::new(subject, result)
+            device_logout(req, caller, app, device).await
         }
-        (Method::GET, ["v1", "users", user, "devices"]) => {
-            let user = user.to_string();
-            let result = async {
-                check_id("user", &user)?;
-                caller.require(&[Support, OrgAdmin, AccountService])?;
-                caller.may_touch(app, &user).await?;
-                devices_view(app, &user).await
-            }
-            .await;
-            Routed::new(Some(user), result)
-        }
-        (Method::GET, ["v1", "orgs", org, "presence"]) => {
-            let org = org.to_string();
-            let result = async {
-                check_id("org", &org)?;
-                caller.require(&[Support, OrgAdmin])?;
-                caller.own_org(&org)?;
-                presence_view(app, &org).await
-            }
-            .await;
-            Routed::new(Some(audit::org_subject(&org)), result)
-        }
+        (Method::GET, ["v1", "users", user, "devices"]) => devices(caller, app, user).await,
+        (Method::GET, ["v1", "orgs", org, "presence"]) => presence(caller, app, org).await,
         (Method::GET, ["v1", "orgs", org, "access-report"]) => {
-            let org = org.to_string();
-            let params = parse_query(req.uri().query().unwrap_or_default());
-            let mut range = None;
-            let result = async {
-                check_id("org", &org)?;
-                caller.require(&[Support, OrgAdmin])?;
-                caller.own_org(&org)?;
-                let (from, to) = parse_range(&params, REPORT_MAX_DAYS)?;
-                range = Some((from, to));
-                org_report(app, &org, from, to, &params).await
-            }
-            .await;
-            Routed {
-                subject: Some(audit::org_subject(&org)),
-                range,
-                result,
-            }
+            access_report(req, caller, app, org).await
         }
-        (Method::GET, ["v1", "audit"]) => {
-            let params = parse_query(req.uri().query().unwrap_or_default());
-            let user = param(&params, "user").map(str::to_string);
-            let org = param(&params, "org").map(str::to_string);
-            let mut range = None;
-            let subject = match (&user, &org) {
-                (Some(u), _) => Some(u.clone()).filter(|u| valid_id(u)),
-                (None, Some(o)) => Some(audit::org_subject(o)).filter(|_| valid_id(o)),
-                (None, None) => None,
-            };
-            let result = async {
-                caller.require(&[Support, OrgAdmin])?;
-                let subject = match (user, org) {
-                    (Some(user), None) if user == audit::ANONYMOUS => {
-                        if caller.cred.role != Support {
-                            return Err(Refusal::new(
-                                StatusCode::FORBIDDEN,
-                                "forbidden",
-                                "only support reads failed logins of unknown users",
-                            ));
-                        }
-                        user
-                    }
-                    (Some(user), None) => {
-                        check_id("user", &user)?;
-                        caller.may_touch(app, &user).await?;
-                        user
-                    }
-                    // The org's own partition: who called org-wide views and reports.
-                    (None, Some(org)) => {
-                        check_id("org", &org)?;
-                        caller.own_org(&org)?;
-                        audit::org_subject(&org)
-                    }
-                    _ => {
-                        return Err(Refusal::new(
-                            StatusCode::BAD_REQUEST,
-                            "bad_request",
-                            "give `user` (device ids are unique per user) or `org`",
-                        ));
-                    }
-                };
-                let (from, to) = parse_range(&params, 366)?;
-                range = Some((from, to));
-                audit_view(app, &subject, from, to, &params).await
-            }
-            .await;
-            Routed {
-                subject,
-                range,
-                result: result.map(|(status, body)| (status, Reply::Json(body))),
-            }
-        }
+        (Method::GET, ["v1", "audit"]) => audit_query(req, caller, app).await,
         _ => Routed::new(
             None,
             Err(Refusal::new(
@@ -456,6 +301,205 @@ async fn route(req: Request<Incoming>, caller: &Caller<'_>, app: &App) -> Routed
                 "no such admin endpoint",
             )),
         ),
+    }
+}
+
+/// The user-wide logout, lock and unlock.
+async fn user_action(
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+    app: &Admin,
+    user: &str,
+    action: &str,
+) -> Routed {
+    use AdminRole::*;
+    let user = user.to_string();
+    let action = action.to_string();
+    let result = async {
+        check_id("user", &user)?;
+        let body: ActionBody = read_json(req).await?;
+        match action.as_str() {
+            "logout" => {
+                caller.require(&[Support, OrgAdmin, AccountService])?;
+                caller.may_touch(app, &user).await?;
+                let reason = check_reason(body.reason.as_deref())?;
+                if let Some(d) = &body.except_device {
+                    check_id("except_device", d)?;
+                }
+                let target = Target::User {
+                    user: user.clone(),
+                    except: body.except_device,
+                };
+                let outcome = app.access.logout(target, reason, &caller.actor()).await?;
+                Ok((StatusCode::OK, json!(outcome)))
+            }
+            "lock" => {
+                caller.require(&[OrgAdmin, AccountService])?;
+                caller.may_touch(app, &user).await?;
+                let reason = body.reason.unwrap_or_else(|| "admin".into());
+                if reason.len() > 200 {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "reason: at most 200 characters",
+                    ));
+                }
+                let outcome = app.access.lock(&user, &reason, &caller.actor()).await?;
+                Ok((StatusCode::OK, json!({ "locked": true, "logout": outcome })))
+            }
+            _ => {
+                caller.require(&[OrgAdmin, AccountService])?;
+                caller.may_touch(app, &user).await?;
+                app.access.unlock(&user, &caller.actor()).await?;
+                Ok((StatusCode::OK, json!({ "locked": false })))
+            }
+        }
+    }
+    .await;
+    Routed::new(Some(user), result)
+}
+
+/// The logout of one device.
+async fn device_logout(
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+    app: &Admin,
+    device: &str,
+) -> Routed {
+    use AdminRole::*;
+    let device = device.to_string();
+    let mut subject = None;
+    let result = async {
+        check_id("device", &device)?;
+        caller.require(&[Support, OrgAdmin, AccountService])?;
+        let body: ActionBody = read_json(req).await?;
+        let user = body.user.ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "`user` is required: device ids are unique per user",
+            )
+        })?;
+        check_id("user", &user)?;
+        subject = Some(user.clone());
+        caller.may_touch(app, &user).await?;
+        let reason = check_reason(body.reason.as_deref())?;
+        let target = Target::Device(DeviceRef::new(&user, &device));
+        let outcome = app.access.logout(target, reason, &caller.actor()).await?;
+        Ok((StatusCode::OK, json!(outcome)))
+    }
+    .await;
+    Routed::new(subject, result)
+}
+
+/// The devices view of a user.
+async fn devices(caller: &Caller<'_>, app: &Admin, user: &str) -> Routed {
+    use AdminRole::*;
+    let user = user.to_string();
+    let result = async {
+        check_id("user", &user)?;
+        caller.require(&[Support, OrgAdmin, AccountService])?;
+        caller.may_touch(app, &user).await?;
+        devices_view(app, &user).await
+    }
+    .await;
+    Routed::new(Some(user), result)
+}
+
+/// The presence view of an organisation.
+async fn presence(caller: &Caller<'_>, app: &Admin, org: &str) -> Routed {
+    use AdminRole::*;
+    let org = org.to_string();
+    let result = async {
+        check_id("org", &org)?;
+        caller.require(&[Support, OrgAdmin])?;
+        caller.own_org(&org)?;
+        presence_view(app, &org).await
+    }
+    .await;
+    Routed::new(Some(audit::org_subject(&org)), result)
+}
+
+/// An organisation's access report.
+async fn access_report(
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+    app: &Admin,
+    org: &str,
+) -> Routed {
+    use AdminRole::*;
+    let org = org.to_string();
+    let params = parse_query(req.uri().query().unwrap_or_default());
+    let mut range = None;
+    let result = async {
+        check_id("org", &org)?;
+        caller.require(&[Support, OrgAdmin])?;
+        caller.own_org(&org)?;
+        let (from, to) = parse_range(&params, REPORT_MAX_DAYS)?;
+        range = Some((from, to));
+        org_report(app, &org, from, to, &params).await
+    }
+    .await;
+    Routed {
+        subject: Some(audit::org_subject(&org)),
+        range,
+        result,
+    }
+}
+
+/// The audit trail of a user or an organisation.
+async fn audit_query(req: Request<Incoming>, caller: &Caller<'_>, app: &Admin) -> Routed {
+    use AdminRole::*;
+    let params = parse_query(req.uri().query().unwrap_or_default());
+    let user = param(&params, "user").map(str::to_string);
+    let org = param(&params, "org").map(str::to_string);
+    let mut range = None;
+    let subject = match (&user, &org) {
+        (Some(u), _) => Some(u.clone()).filter(|u| valid_id(u)),
+        (None, Some(o)) => Some(audit::org_subject(o)).filter(|_| valid_id(o)),
+        (None, None) => None,
+    };
+    let result = async {
+        caller.require(&[Support, OrgAdmin])?;
+        let subject = match (user, org) {
+            (Some(user), None) if user == audit::ANONYMOUS => {
+                if caller.cred.role != Support {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "only support reads failed logins of unknown users",
+                    ));
+                }
+                user
+            }
+            (Some(user), None) => {
+                check_id("user", &user)?;
+                caller.may_touch(app, &user).await?;
+                user
+            }
+            // The org's own partition: who called org-wide views and reports.
+            (None, Some(org)) => {
+                check_id("org", &org)?;
+                caller.own_org(&org)?;
+                audit::org_subject(&org)
+            }
+            _ => {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "give `user` (device ids are unique per user) or `org`",
+                ));
+            }
+        };
+        let (from, to) = parse_range(&params, 366)?;
+        range = Some((from, to));
+        audit_view(app, &subject, from, to, &params).await
+    }
+    .await;
+    Routed {
+        subject,
+        range,
+        result: result.map(|(status, body)| (status, Reply::Json(body))),
     }
 }
 
@@ -512,30 +556,24 @@ fn check_id(name: &str, id: &str) -> Result<(), Refusal> {
     }
 }
 
-fn check_reason(reason: Option<&str>) -> Result<&'static str, Refusal> {
-    let reason = reason.unwrap_or("admin");
-    access::REASONS
-        .iter()
-        .find(|r| **r == reason && reason != "locked")
-        .copied()
-        .ok_or_else(|| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad_reason",
-                "reason: password_changed, lost_device, admin or security",
-            )
-        })
+fn check_reason(reason: Option<&str>) -> Result<LogoutReason, Refusal> {
+    LogoutReason::requested(reason.unwrap_or("admin")).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_reason",
+            "reason: password_changed, lost_device, admin or security",
+        )
+    })
 }
 
-async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refusal> {
-    let store = &app.sessions.store;
+async fn devices_view(app: &Admin, user: &str) -> Result<(StatusCode, Value), Refusal> {
+    let store = &app.store;
     let (user_row, rows) = access::split(store.access(user.into(), None).await?);
     let mut ids = store.devices(user.into()).await?;
     ids.extend(rows.iter().map(|(d, _)| d.clone()));
     ids.sort();
     ids.dedup();
-    let overdue_before =
-        now_ms().saturating_sub(app.config.access.logout_confirm_within.0.as_millis() as u64);
+    let overdue_before = now_ms().saturating_sub(app.confirm_within.as_millis() as u64);
     let mut devices = Vec::new();
     for id in ids {
         let dref = DeviceRef::new(user, &id);
@@ -571,7 +609,7 @@ async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refu
             "device": id,
             "platform": platform,
             "last_seen": row.last_seen,
-            "online": app.sessions.access.presence.is_online(&dref),
+            "online": app.access.presence.is_online(&dref),
             "logout": logout,
         }));
     }
@@ -583,17 +621,13 @@ async fn devices_view(app: &App, user: &str) -> Result<(StatusCode, Value), Refu
 
 /// The organisation `user` belongs to now: the `org` of their newest token. The org index
 /// remembers every org a user was ever seen in, so membership is always read from here.
-async fn current_org(app: &App, user: &str) -> Result<Option<String>, StoreError> {
-    let rows = app
-        .sessions
-        .store
-        .access(user.into(), Some(String::new()))
-        .await?;
+async fn current_org(app: &Admin, user: &str) -> Result<Option<String>, StoreError> {
+    let rows = app.store.access(user.into(), Some(String::new())).await?;
     Ok(access::split(rows).0.org)
 }
 
-async fn presence_view(app: &App, org: &str) -> Result<(StatusCode, Value), Refusal> {
-    let store = &app.sessions.store;
+async fn presence_view(app: &Admin, org: &str) -> Result<(StatusCode, Value), Refusal> {
+    let store = &app.store;
     let mut online = Vec::new();
     for user in store.org_users(org.into()).await? {
         if current_org(app, &user).await?.as_deref() != Some(org) {
@@ -603,12 +637,7 @@ async fn presence_view(app: &App, org: &str) -> Result<(StatusCode, Value), Refu
             .devices(user.clone())
             .await?
             .into_iter()
-            .filter(|d| {
-                app.sessions
-                    .access
-                    .presence
-                    .is_online(&DeviceRef::new(&user, d))
-            })
+            .filter(|d| app.access.presence.is_online(&DeviceRef::new(&user, d)))
             .collect();
         if !devices.is_empty() {
             online.push(json!({ "user": user, "devices": devices }));
@@ -680,7 +709,7 @@ fn parse_page(
 }
 
 async fn audit_view(
-    app: &App,
+    app: &Admin,
     subject: &str,
     from: u64,
     to: u64,
@@ -692,18 +721,14 @@ async fn audit_view(
     }
     let (limit, cursor) = parse_page(params, 100, MAX_PAGE)?;
     // This node's own recent events first, so a query right after an action sees it.
-    app.sessions
-        .access
-        .audit
-        .flush(Duration::from_secs(2))
-        .await;
-    let store = &*app.sessions.store;
+    app.access.audit.flush(Duration::from_secs(2)).await;
+    let store = &*app.store;
     let page = audit::query(store, subject, device, from, to, limit, cursor).await?;
     Ok((StatusCode::OK, json!(page)))
 }
 
 async fn org_report(
-    app: &App,
+    app: &Admin,
     org: &str,
     from: u64,
     to: u64,
@@ -719,12 +744,8 @@ async fn org_report(
     } else {
         parse_page(params, 100, MAX_PAGE)?
     };
-    app.sessions
-        .access
-        .audit
-        .flush(Duration::from_secs(2))
-        .await;
-    let page = audit::org_report(&*app.sessions.store, org, from, to, limit, cursor).await?;
+    app.access.audit.flush(Duration::from_secs(2)).await;
+    let page = audit::org_report(&*app.store, org, from, to, limit, cursor).await?;
     if !csv {
         return Ok((StatusCode::OK, Reply::Json(json!(page))));
     }
@@ -750,7 +771,7 @@ fn report_csv(events: &[Event]) -> String {
         let fields = [
             rfc3339(e.ts),
             e.ts.to_string(),
-            e.event.clone(),
+            e.event.name().to_string(),
             e.user.clone().unwrap_or_default(),
             e.device.clone().unwrap_or_default(),
             e.org.clone().unwrap_or_default(),
@@ -969,7 +990,7 @@ mod tests {
         let csv = report_csv(&[Event {
             user: Some("dra".into()),
             reason: Some("line\nbreak".into()),
-            ..Event::new("lock")
+            ..Event::new(EventKind::Lock)
         }]);
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(lines[0], CSV_COLUMNS);

@@ -14,7 +14,7 @@ use hyper::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::access::ISSUER_SKEW_S;
+use crate::access::model::ISSUER_SKEW_S;
 use crate::protocol::{self, valid_id};
 use crate::store::DeviceRef;
 

@@ -12,57 +12,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::ids::{Dur, YEAR_S, parse_duration};
+pub use crate::store::scylla::ScyllaConfig;
+
 /// A configuration problem; the process exits with code 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigError(pub Vec<String>);
-
-/// A duration written as `250ms`, `25s`, `5m`, `2h`, `30d` or `6y` (365 days), or as seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    const fn secs(s: u64) -> Dur {
-        Dur(Duration::from_secs(s))
-    }
-}
-
-/// Parses a duration string such as `25s` or `6y`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        "y" => secs(YEAR_S),
-        _ => None,
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Dur::secs(s)),
-            Raw::Text(t) => parse_duration(&t).map(Dur).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "`{t}` is not a duration (use e.g. 500ms, 25s, 2h, 30d, 6y)"
-                ))
-            }),
-        }
-    }
-}
 
 /// Dev mode generates its own keys and stays on loopback; production requires real keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -491,56 +447,12 @@ impl Default for EmbeddedConfig {
     }
 }
 
-/// ScyllaDB / Cassandra connection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScyllaConfig {
-    /// Contact points, `host:port`.
-    pub nodes: Vec<String>,
-    /// Keyspace.
-    pub keyspace: String,
-    /// Data centre to prefer (token-aware, DC-aware routing); none = all.
-    pub local_dc: Option<String>,
-    /// `one`, `local_quorum`, `quorum`, `all`, …
-    pub consistency: String,
-    /// Per-request timeout.
-    pub request_timeout: Dur,
-    /// Replication used by `relay migrate` when it creates the keyspace: data centre → factor
-    /// (NetworkTopologyStrategy).
-    pub replication: std::collections::BTreeMap<String, u32>,
-    /// Username (PasswordAuthenticator).
-    pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
-    /// CA certificate (PEM) to verify the cluster; enables TLS.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Archive partitions per hour (spreads writes; see schema/0001_initial.cql).
-    pub archive_shards: u16,
-}
-
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             backend: Backend::Embedded,
             embedded: EmbeddedConfig::default(),
             scylla: ScyllaConfig::default(),
-        }
-    }
-}
-
-impl Default for ScyllaConfig {
-    fn default() -> Self {
-        ScyllaConfig {
-            nodes: vec!["127.0.0.1:9042".into()],
-            keyspace: "relay".into(),
-            local_dc: None,
-            consistency: "local_quorum".into(),
-            request_timeout: Dur::secs(5),
-            replication: [("datacenter1".to_string(), 3)].into(),
-            username: None,
-            password: None,
-            tls_ca_file: None,
-            archive_shards: 32,
         }
     }
 }
@@ -722,8 +634,6 @@ impl Default for SessionConfig {
     }
 }
 
-/// A year in durations (`6y`): 365.25 days, so six of them cover the leap days.
-pub const YEAR_S: u64 = 31_557_600;
 /// The shortest audit retention production mode accepts: six years.
 pub const AUDIT_RETENTION_MIN_S: u64 = 6 * YEAR_S;
 
@@ -892,7 +802,22 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut e = Vec::new();
-        let l = &self.limits;
+        self.check_deployment(&mut e);
+        self.check_limits(&mut e);
+        self.check_retention(&mut e);
+        self.check_access(&mut e);
+        self.check_push(&mut e);
+        self.check_cluster(&mut e);
+        self.check_storage(&mut e);
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(e))
+        }
+    }
+
+    /// The mode and its keys, TLS, the listeners.
+    fn check_deployment(&self, e: &mut Vec<String>) {
         if self.mode == Mode::Dev
             && !(self.listen.ip().is_loopback() && self.admin_listen.ip().is_loopback())
         {
@@ -924,6 +849,11 @@ impl Config {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             e.push("listen and admin_listen must differ".into());
         }
+    }
+
+    /// Sizes, rates, caps and the periods that must be positive.
+    fn check_limits(&self, e: &mut Vec<String>) {
+        let l = &self.limits;
         if l.max_body_bytes == 0 || l.max_body_bytes > 16 * 1024 * 1024 {
             e.push("limits.max_body_bytes must be between 1 and 16 MiB".into());
         }
@@ -972,6 +902,10 @@ impl Config {
                 e.push(format!("{name} must be positive"));
             }
         }
+    }
+
+    /// Retention: nothing that names a sequence number outlives the archive.
+    fn check_retention(&self, e: &mut Vec<String>) {
         // The archive holds every accepted message, so it is where a restarted embedded store
         // finds the highest sequence number issued; nothing that names one may outlive it.
         let r = &self.retention;
@@ -981,6 +915,10 @@ impl Config {
                     .into(),
             );
         }
+    }
+
+    /// Sign-in limits, logout waits and the admin credentials.
+    fn check_access(&self, e: &mut Vec<String>) {
         let a = &self.access;
         for (name, d) in [
             ("access.logout_ack_wait", a.logout_ack_wait),
@@ -1010,6 +948,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// Push providers and the pager.
+    fn check_push(&self, e: &mut Vec<String>) {
         let p = &self.push;
         for (name, d) in [
             ("push.coalesce_window", p.coalesce_window),
@@ -1036,6 +978,10 @@ impl Config {
         if p.fcm.as_ref().is_some_and(|f| f.connections == 0) {
             e.push("push.fcm.connections must be positive".into());
         }
+    }
+
+    /// Cluster mode and node ids.
+    fn check_cluster(&self, e: &mut Vec<String>) {
         let c = &self.cluster;
         if c.enabled() {
             if self.storage.backend != Backend::Scylla {
@@ -1065,6 +1011,10 @@ impl Config {
             }
             _ => {}
         }
+    }
+
+    /// The ScyllaDB options and the browser origins.
+    fn check_storage(&self, e: &mut Vec<String>) {
         if self.storage.backend == Backend::Scylla {
             let sc = &self.storage.scylla;
             if sc.nodes.is_empty() {
@@ -1100,11 +1050,6 @@ impl Config {
                     "allowed origin `{origin}` must start with http:// or https://"
                 ));
             }
-        }
-        if e.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(e))
         }
     }
 

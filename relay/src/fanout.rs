@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::model::{Target, covers};
 use crate::protocol::{self, ServerFrame, close};
 use crate::store::{DeliverySink, DeviceRef, InboxEntry};
 
@@ -103,6 +104,19 @@ pub struct Registration {
     /// Changes to a sequence floor when deliveries may have been lost (cluster bus trouble):
     /// the session re-reads its inbox from there.
     pub catch_up: watch::Receiver<u64>,
+}
+
+/// Where a stored logout reaches live sessions: the hub closes this node's, the cluster closes
+/// this node's and tells the other nodes. The access service calls it once per logout.
+pub trait LiveLogout: Send + Sync + 'static {
+    /// Closes the sessions `target` covers whose token the revocation at `at` (ms) revokes.
+    fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64);
+}
+
+impl LiveLogout for Hub {
+    fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) {
+        self.logout(target, reason, signal, at);
+    }
 }
 
 /// Whether a device is connected (to this node, or anywhere in a cluster).
@@ -203,16 +217,10 @@ impl Hub {
     /// at `at` (ms) revokes: each session sends the `logout` frame, waits briefly for
     /// `logout_ack`, and closes with [`close::LOGGED_OUT`]. A session of a newer login is left
     /// alone, so a stale or replayed logout signal cannot end it.
-    pub fn logout(
-        &self,
-        target: &crate::access::Target,
-        reason: &str,
-        signal: uuid::Uuid,
-        at: u64,
-    ) -> usize {
+    pub fn logout(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) -> usize {
         let mut n = 0;
         for conn in self.conns.iter() {
-            let revoked = crate::access::covers(at, conn.issued_at);
+            let revoked = covers(at, conn.issued_at);
             if revoked && &*conn.key().user == target.user() && target.includes(&conn.key().device)
             {
                 *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -320,7 +328,7 @@ mod tests {
     #[test]
     fn a_logout_closes_only_sessions_whose_token_it_revokes() {
         let hub = Hub::default();
-        let target = crate::access::Target::User {
+        let target = Target::User {
             user: "u".into(),
             except: Some("laptop".into()),
         };

@@ -8,8 +8,9 @@
 //! Layout:
 //! - [`config`]: the typed configuration and its loading;
 //! - [`auth`]: device tokens, checked before the upgrade, and failed-login limits;
-//! - [`access`]: remote logout and account lock (revocations, checked at the upgrade);
-//! - [`audit`]: the tamper-evident access audit trail;
+//! - [`ids`]: the vocabulary: devices, time, sequence numbers, durations;
+//! - [`access`]: remote logout and account lock (`access::model`: the rows and verdicts);
+//! - [`audit`]: the tamper-evident access audit trail (`audit::model`: events and records);
 //! - [`admin`]: the admin API (logout, lock, devices, presence, audit queries);
 //! - [`protocol`]: frame shapes, codes and close codes (the only place that knows them);
 //! - [`session`]: one device's session: `state` (logic, no IO) and `driver` (the socket);
@@ -21,6 +22,8 @@
 //! - [`listener`]: HTTP/WebSocket/TLS listeners; [`server`]: wiring and shutdown;
 //! - [`control`]: the local socket `relay backup` reaches a running relay through;
 //! - [`metrics`]: the Prometheus recorder.
+//!
+//! The modules form layers, checked by `scripts/layers`: see ARCHITECTURE.md, "Layers".
 
 #![warn(missing_docs)]
 
@@ -32,6 +35,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod fanout;
+pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod pager;

@@ -27,12 +27,17 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::Verdict;
-use crate::audit::Event;
-use crate::auth::{self, FailureLimits, TokenSource, Verifier};
+use crate::access::{Revocation, Verdict};
+use crate::audit::{Event, EventKind};
+use crate::auth::{self, FailureLimits, Identity, TokenSource, Verifier};
 use crate::config::Config;
 use crate::protocol;
 use crate::session::{SessionContext, driver};
+
+/// Pause after a failed accept (out of file descriptors and similar) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long an admin connection has to finish its request once the relay stops.
+const ADMIN_GRACEFUL_CLOSE: Duration = Duration::from_secs(1);
 
 /// Largest request head read (request line and headers), bytes.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -66,6 +71,8 @@ pub struct App {
     pub failures: FailureLimits,
     /// This node's id (audit records).
     pub node_id: u8,
+    /// The admin API (`/v1/…` on the admin listener).
+    pub admin: crate::admin::Admin,
 }
 
 type Body = Full<Bytes>;
@@ -165,7 +172,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, tls: Option<TlsAcceptor
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -306,7 +313,7 @@ async fn serve_conn<IO>(
         }
         _ = app.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            let _ = tokio::time::timeout(ADMIN_GRACEFUL_CLOSE, conn).await;
         }
     }
 }
@@ -344,7 +351,7 @@ async fn admin(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<
         return r;
     }
     if req.uri().path().starts_with("/v1/") {
-        return crate::admin::handle(req, peer, app).await;
+        return crate::admin::handle(req, peer, &app.admin).await;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
@@ -372,46 +379,11 @@ async fn public(
     if req.uri().path() != WS_PATH {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
-    let outcome =
-        |o: &'static str| metrics::counter!("relay_handshakes_total", "outcome" => o).increment(1);
-    let h = req.headers();
-    let header_has = |name: header::HeaderName, token: &str| {
-        h.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
-        })
+    let key = match upgrade_key(&req, &app, peer) {
+        Ok(key) => key,
+        Err(refused) => return refused,
     };
-    let key = h.get(header::SEC_WEBSOCKET_KEY).cloned();
-    if req.method() != Method::GET
-        || !header_has(header::UPGRADE, "websocket")
-        || !header_has(header::CONNECTION, "upgrade")
-        || key.is_none()
-    {
-        outcome("bad_request");
-        return json_error(StatusCode::BAD_REQUEST, "websocket_upgrade_required");
-    }
-    if h.get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        outcome("bad_request");
-        let mut r = json_error(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported_websocket_version",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return r;
-    }
-    if let Some(origin) = h.get(header::ORIGIN)
-        && !origin.to_str().is_ok_and(|o| app.config.origin_allowed(o))
-    {
-        outcome("forbidden_origin");
-        tracing::info!(peer = %peer.ip(), "upgrade refused: origin not allowed");
-        return json_error(StatusCode::FORBIDDEN, "origin_not_allowed");
-    }
+    let h = req.headers();
     let ip = app.client_ip(&req, peer);
     let token = auth::token_from_headers(h);
     let claimed = token.map(|(t, _)| auth::claimed(t)).unwrap_or_default();
@@ -444,6 +416,104 @@ async fn public(
     } else {
         None
     };
+    let (revocation, user_org) = match check_access(&app, &identity, ip).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    // Everything the session logs names its device and node.
+    let span = tracing::info_span!("session", user = %identity.device.user, device = %identity.device.device, node = app.node_id);
+    let admitted = Admitted {
+        identity,
+        revocation,
+        user_org,
+        ip,
+        held: (permit, client_slot),
+    };
+    app.tracker.spawn(tracing::Instrument::instrument(
+        session(app.clone(), upgrade, admitted),
+        span,
+    ));
+    switching_protocols(&key, offers)
+}
+
+/// Counts a handshake's outcome.
+fn outcome(o: &'static str) {
+    metrics::counter!("relay_handshakes_total", "outcome" => o).increment(1);
+}
+
+/// Checks that the request is a WebSocket upgrade this relay accepts (version 13, an allowed
+/// browser origin); its `Sec-WebSocket-Key`, or the refusal.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+fn upgrade_key(
+    req: &Request<Incoming>,
+    app: &App,
+    peer: SocketAddr,
+) -> Result<HeaderValue, Response<Body>> {
+    let h = req.headers();
+    let header_has = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let key = h.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let Some(key) = key.filter(|_| {
+        req.method() == Method::GET
+            && header_has(header::UPGRADE, "websocket")
+            && header_has(header::CONNECTION, "upgrade")
+    }) else {
+        outcome("bad_request");
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "websocket_upgrade_required",
+        ));
+    };
+    if h.get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        outcome("bad_request");
+        let mut r = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_websocket_version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    if let Some(origin) = h.get(header::ORIGIN)
+        && !origin.to_str().is_ok_and(|o| app.config.origin_allowed(o))
+    {
+        outcome("forbidden_origin");
+        tracing::info!(peer = %peer.ip(), "upgrade refused: origin not allowed");
+        return Err(json_error(StatusCode::FORBIDDEN, "origin_not_allowed"));
+    }
+    Ok(key)
+}
+
+/// A device past authentication and the access check, on its way to a session.
+struct Admitted {
+    identity: Identity,
+    /// Revoked credentials whose device has not confirmed its wipe: a session that only sends
+    /// `logout`.
+    revocation: Option<Revocation>,
+    /// The user's organisation now (for a token that names none).
+    user_org: Option<String>,
+    ip: IpAddr,
+    /// The connection's slots, given back when the session ends.
+    held: (Option<Arc<Slot>>, Option<SourceSlot>),
+}
+
+/// The stored access state's verdict on a genuine token: admitted (with the revocation to
+/// deliver, if any, and the user's organisation), or the refusal.
+async fn check_access(
+    app: &App,
+    identity: &Identity,
+    ip: IpAddr,
+) -> Result<(Option<Revocation>, Option<String>), Response<Body>> {
     let audit = &app.sessions.access.audit;
     let (verdict, user_org) = match app
         .sessions
@@ -455,7 +525,10 @@ async fn public(
         Err(e) => {
             outcome("store_unavailable");
             tracing::warn!(error = %e, "access check failed");
-            return json_error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
+            return Err(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+            ));
         }
     };
     let revocation = match verdict {
@@ -467,9 +540,9 @@ async fn public(
                 reason: Some("account_locked".into()),
                 org: user_org,
                 org_known: true,
-                ..Event::new("auth_failed").device(&identity.device)
+                ..Event::new(EventKind::AuthFailed).device(&identity.device)
             });
-            return json_error(StatusCode::FORBIDDEN, "account_locked");
+            return Err(json_error(StatusCode::FORBIDDEN, "account_locked"));
         }
         Verdict::LoggedOut {
             confirmed: true, ..
@@ -478,45 +551,67 @@ async fn public(
                 Some(identity.device.user.to_string()),
                 Some(identity.device.device.to_string()),
             );
-            return failed_login(&app, ip, claimed, "revoked", true).await;
+            return Err(failed_login(app, ip, claimed, "revoked", true).await);
         }
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
         Verdict::LoggedOut { revocation, .. } => Some(revocation),
     };
-    let Some(key) = key else {
-        return json_error(StatusCode::BAD_REQUEST, "websocket_upgrade_required");
+    Ok((revocation, user_org))
+}
+
+/// Once the `101` is out: the session, recorded in the audit trail from connect to its end.
+async fn session(app: Arc<App>, upgrade: hyper::upgrade::OnUpgrade, admitted: Admitted) {
+    let Ok(upgraded) = upgrade.await else {
+        outcome("upgrade_failed");
+        return;
     };
-
-    let upgrade = hyper::upgrade::on(&mut req);
-    let app2 = app.clone();
-    app.tracker.spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            outcome("upgrade_failed");
-            return;
-        };
-        let _held = (permit, client_slot);
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(app2.ws_config)).await;
-        let device = identity.device.clone();
-        if let Some(revocation) = revocation {
-            outcome("logged_out");
-            tracing::info!(user = %device.user, device = %device.device, peer = %ip, "revoked credentials: sending logout");
-            driver::logged_out(ws, app2.sessions.clone(), identity, revocation).await;
-            return;
-        }
-        outcome("ok");
-        let audit = &app2.sessions.access.audit;
-        // A connect counts for the organisation its token names (a token without one: the
-        // user's current organisation).
-        let org = identity.org.clone().or(user_org);
-        audit.record(Event { ip: Some(ip.to_string()), org: org.clone(), org_known: true, ..Event::new("connect").device(&device) });
-        tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
-        let _gauge = ConnectionGauge::up();
-        let ended = driver::run(ws, app2.sessions.clone(), identity, app2.shutdown.clone()).await;
-        let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) { "idle_logoff" } else { "disconnect" };
-        audit.record(Event { ip: Some(ip.to_string()), org, org_known: true, ..Event::new(kind).device(&device).reason(ended.reason) });
-        tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
+    let Admitted {
+        identity,
+        revocation,
+        user_org,
+        ip,
+        held: _held,
+    } = admitted;
+    let ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(app.ws_config))
+            .await;
+    let device = identity.device.clone();
+    if let Some(revocation) = revocation {
+        outcome("logged_out");
+        tracing::info!(user = %device.user, device = %device.device, peer = %ip, "revoked credentials: sending logout");
+        driver::logged_out(ws, app.sessions.clone(), identity, revocation).await;
+        return;
+    }
+    outcome("ok");
+    let audit = &app.sessions.access.audit;
+    // A connect counts for the organisation its token names (a token without one: the user's
+    // current organisation).
+    let org = identity.org.clone().or(user_org);
+    audit.record(Event {
+        ip: Some(ip.to_string()),
+        org: org.clone(),
+        org_known: true,
+        ..Event::new(EventKind::Connect).device(&device)
     });
+    tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
+    let _gauge = ConnectionGauge::up();
+    let ended = driver::run(ws, app.sessions.clone(), identity, app.shutdown.clone()).await;
+    let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) {
+        EventKind::IdleLogoff
+    } else {
+        EventKind::Disconnect
+    };
+    audit.record(Event {
+        ip: Some(ip.to_string()),
+        org,
+        org_known: true,
+        ..Event::new(kind).device(&device).reason(ended.reason)
+    });
+    tracing::info!(user = %device.user, device = %device.device, code = ended.code, reason = ended.reason, "session ended");
+}
 
+/// The `101 Switching Protocols` answer (`relay.v1` when the client offered it).
+fn switching_protocols(key: &HeaderValue, offers: bool) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hm = r.headers_mut();
@@ -560,7 +655,7 @@ async fn failed_login(
         true => (user, device, None),
         false => (None, None, user.map(|u| (u, device))),
     };
-    let event = |kind: &str, reason: &str| Event {
+    let event = |kind: EventKind, reason: &str| Event {
         ip: Some(ip.to_string()),
         user: user.clone(),
         device: device.clone(),
@@ -575,7 +670,7 @@ async fn failed_login(
         metrics::counter!("relay_auth_throttled_total", "scope" => t.scope.name()).increment(1);
         if t.first {
             tracing::warn!(peer = %ip, scope = t.scope.name(), "too many failed logins: answering 429");
-            audit.record(event("auth_throttled", t.scope.name()));
+            audit.record(event(EventKind::AuthThrottled, t.scope.name()));
         }
         let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "too_many_failed_logins");
         if let Ok(v) = HeaderValue::from_str(&t.retry_after_s.to_string()) {
@@ -584,7 +679,7 @@ async fn failed_login(
         return r;
     }
     metrics::counter!("relay_handshakes_total", "outcome" => code).increment(1);
-    audit.record(event("auth_failed", code));
+    audit.record(event(EventKind::AuthFailed, code));
     let mut r = json_error(StatusCode::UNAUTHORIZED, code);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
@@ -610,25 +705,42 @@ impl Drop for ConnectionGauge {
     }
 }
 
+/// Why the public listener's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file that is unreadable or not PEM.
+    #[error("{path}: {source}")]
+    Pem {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A certificate and key rustls refuses.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
 /// Builds the TLS acceptor for the public listener: TLS 1.2+, ALPN `http/1.1` only.
 pub fn tls_acceptor(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
-) -> Result<TlsAcceptor, String> {
+) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| TlsError::Pem { path, source }
+    };
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        .map_err(pem(cert_file))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(pem(key_file))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -85,7 +85,8 @@ const WAKEUP_RESULTS: &[&str] = &[
 const ESCALATION_RESULTS: &[&str] = &["repaged", "acknowledged", "exhausted"];
 const STORE_OPS: &[&str] = &["commit", "write", "ack"];
 const TABLES: &[&str] = &["archive", "inbox", "idempotency", "audit"];
-const AUDIT_EVENTS: &[&str] = &[
+/// The audit event kinds (`audit::model::EventKind`, whose test holds them together).
+pub(crate) const AUDIT_EVENTS: &[&str] = &[
     "connect",
     "disconnect",
     "idle_logoff",

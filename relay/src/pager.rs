@@ -253,21 +253,43 @@ impl Shared {
     }
 }
 
+/// Why the configured push providers could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// A key, service-account or CA file that could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// An endpoint that is not a URL.
+    #[error("`{0}` is not a URL")]
+    Url(String),
+    /// Credentials or trust roots a provider client refused (`push.apns`, `push.fcm`).
+    #[error("{0}: {1}")]
+    Provider(&'static str, push::ConfigError),
+}
+
 /// Builds the provider clients configured in `[push]`, reading their keys. Fails on unreadable
 /// or invalid credentials, so a misconfigured relay does not start.
 pub fn providers(
     cfg: &crate::config::PushConfig,
-) -> Result<(Option<push::apns::Apns>, Option<push::fcm::Fcm>), String> {
+) -> Result<(Option<push::apns::Apns>, Option<push::fcm::Fcm>), ProviderError> {
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        std::fs::read(p).map_err(|source| ProviderError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
     };
-    let roots = |ca: &Option<std::path::PathBuf>| -> Result<_, String> {
+    let roots = |ca: &Option<std::path::PathBuf>, name| -> Result<_, ProviderError> {
         let pem = ca.as_deref().map(read).transpose()?;
-        push::origin::roots(pem.as_deref()).map_err(|e| e.to_string())
+        push::origin::roots(pem.as_deref()).map_err(|e| ProviderError::Provider(name, e))
     };
     let url = |u: &str| {
         u.parse::<hyper::Uri>()
-            .map_err(|_| format!("`{u}` is not a URL"))
+            .map_err(|_| ProviderError::Url(u.to_string()))
     };
     let apns = match &cfg.apns {
         None => None,
@@ -284,16 +306,16 @@ pub fn providers(
                     critical_entitlement: a.critical_entitlement,
                     expiration_secs: a.expiration.0.as_secs(),
                 },
-                roots(&a.ca_file)?,
+                roots(&a.ca_file, "push.apns")?,
             )
-            .map_err(|e| format!("push.apns: {e}"))?,
+            .map_err(|e| ProviderError::Provider("push.apns", e))?,
         ),
     };
     let fcm = match &cfg.fcm {
         None => None,
         Some(f) => {
             let account = push::fcm::ServiceAccount::from_json(&read(&f.service_account_file)?)
-                .map_err(|e| format!("push.fcm: {e}"))?;
+                .map_err(|e| ProviderError::Provider("push.fcm", e))?;
             Some(
                 push::fcm::Fcm::new(
                     push::fcm::FcmConfig {
@@ -309,9 +331,9 @@ pub fn providers(
                             }
                         },
                     },
-                    roots(&f.ca_file)?,
+                    roots(&f.ca_file, "push.fcm")?,
                 )
-                .map_err(|e| format!("push.fcm: {e}"))?,
+                .map_err(|e| ProviderError::Provider("push.fcm", e))?,
             )
         }
     };
@@ -335,7 +357,11 @@ pub async fn run(
     });
     let mut last_wake: HashMap<DeviceRef, Instant> = HashMap::new();
     let mut pruned = Instant::now();
+    // Wake-ups and escalations in flight: owned by this task, so they end with it (the relay
+    // aborts the pager at shutdown, after the dispatcher took what was queued).
+    let mut tasks = tokio::task::JoinSet::new();
     while let Some(event) = rx.recv().await {
+        while tasks.try_join_next().is_some() {}
         let now = Instant::now();
         match event {
             Event::Online(device) => {
@@ -363,7 +389,7 @@ pub async fn run(
                     }
                     last_wake.insert(device.clone(), now);
                     let shared = shared.clone();
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         let push = Push::Wake {
                             message: id,
                             badge: None,
@@ -376,7 +402,7 @@ pub async fn run(
                 }
                 for device in all {
                     if !shared.join(&device, id, seq) {
-                        tokio::spawn(shared.clone().escalate(device));
+                        tasks.spawn(shared.clone().escalate(device));
                     }
                 }
             }

@@ -315,6 +315,9 @@ pub mod close {
     pub const INVALID_DATA: u16 = 1007;
     /// The relay restarts or drains; reconnect (with jitter).
     pub const RESTART: u16 = 1012;
+    /// The store cannot serve the session now (access check, registration, replay, acks): try
+    /// again later, with backoff.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Inactivity logoff.
     pub const SESSION_EXPIRED: u16 = 4001;
     /// Another connection of the same device replaced this one.

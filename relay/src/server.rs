@@ -22,7 +22,7 @@ use crate::audit::{AuditKeys, Auditor, Checkpoints};
 use crate::auth::{self, FailureLimits, Verifier};
 use crate::cluster::Cluster;
 use crate::config::{Backend, Config, Mode, NodeId};
-use crate::fanout::{Hub, Presence};
+use crate::fanout::{Hub, LiveLogout, Presence};
 use crate::listener::{self, App, Side};
 use crate::pager::{self, Pager};
 use crate::protocol::close;
@@ -39,22 +39,47 @@ use crate::store::{DeviceRef, MAX_NODES, MessageStore, now_ms};
 pub enum StartError {
     /// Key material missing or unreadable.
     #[error("keys: {0}")]
-    Keys(String),
+    Keys(#[from] KeysError),
     /// TLS certificate or key unusable.
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] listener::TlsError),
     /// The store would not open.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     /// Push provider credentials unusable.
     #[error("push: {0}")]
-    Push(String),
+    Push(#[from] pager::ProviderError),
     /// Cluster mode could not start.
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
     /// A listener would not bind.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+}
+
+/// Why the relay's keys could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// A key file that could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// Keys that are required and not configured (production mode generates none).
+    #[error("{0} not configured")]
+    Missing(&'static str),
+    /// Token keys that do not parse or could not be generated.
+    #[error(transparent)]
+    Token(#[from] auth::KeyError),
+    /// At-rest keys that do not parse.
+    #[error("at-rest keys: {0}")]
+    AtRest(#[from] crate::seal::SealError),
+    /// Audit keys that do not parse.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::KeyError),
 }
 
 /// Where dev mode keeps its generated keys: beside the store, never inside it.
@@ -68,11 +93,23 @@ pub fn dev_signing_key_path(data_dir: &Path) -> PathBuf {
 }
 
 fn read(path: &Path) -> Result<String, StartError> {
-    std::fs::read_to_string(path).map_err(|e| StartError::Keys(format!("{}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|source| {
+        KeysError::File {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    })
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<(), StartError> {
-    let err = |e: std::io::Error| StartError::Keys(format!("{}: {e}", path.display()));
+    let err = |source: std::io::Error| -> StartError {
+        KeysError::File {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -95,14 +132,14 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
             let private = dev_signing_key_path(&config.data_dir);
             let public = secrets.join("token-signing-key.pub.pem");
             if !private.exists() {
-                let key = auth::generate_ed25519().map_err(|e| StartError::Keys(e.to_string()))?;
+                let key = auth::generate_ed25519().map_err(KeysError::from)?;
                 write_secret(&private, &key.private_pem)?;
                 write_secret(&public, &key.public_pem)?;
                 tracing::warn!(path = %private.display(), "DEV MODE: generated a token-signing key; not for production");
             }
             read(&public)?
         }
-        (None, None) => return Err(StartError::Keys("no token public keys configured".into())),
+        (None, None) => return Err(KeysError::Missing("token public keys").into()),
     };
     let verifier = Verifier::new(
         &public_pem,
@@ -110,7 +147,7 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
         config.auth.leeway.0.as_secs(),
         config.auth.max_token_lifetime.0.as_secs(),
     )
-    .map_err(|e| StartError::Keys(e.to_string()))?;
+    .map_err(KeysError::from)?;
 
     let (spec, active) = match (&config.at_rest.keys, &config.at_rest.keys_file) {
         (Some(spec), _) => (spec.clone(), config.at_rest.active.clone()),
@@ -126,11 +163,10 @@ pub fn resolve_keys(config: &Config) -> Result<(Verifier, Keyring), StartError> 
                 config.at_rest.active.clone().or(Some("dev1".into())),
             )
         }
-        (None, None) => return Err(StartError::Keys("no at-rest keys configured".into())),
+        (None, None) => return Err(KeysError::Missing("at-rest keys").into()),
     };
-    let active = active.ok_or_else(|| StartError::Keys("at_rest.active is not set".into()))?;
-    let keyring =
-        Keyring::parse(spec.trim(), &active).map_err(|e| StartError::Keys(e.to_string()))?;
+    let active = active.ok_or(KeysError::Missing("at_rest.active"))?;
+    let keyring = Keyring::parse(spec.trim(), &active).map_err(KeysError::from)?;
     Ok((verifier, keyring))
 }
 
@@ -148,10 +184,10 @@ pub fn resolve_audit_keys(config: &Config) -> Result<AuditKeys, StartError> {
             }
             (read(&path)?, a.active.clone().or(Some("dev1".into())))
         }
-        (None, None) => return Err(StartError::Keys("no audit keys configured".into())),
+        (None, None) => return Err(KeysError::Missing("audit keys").into()),
     };
-    let active = active.ok_or_else(|| StartError::Keys("audit.active is not set".into()))?;
-    AuditKeys::parse(spec.trim(), &active).map_err(|e| StartError::Keys(e.to_string()))
+    let active = active.ok_or(KeysError::Missing("audit.active"))?;
+    Ok(AuditKeys::parse(spec.trim(), &active).map_err(KeysError::from)?)
 }
 
 /// Receives nothing: for tools that open the store without serving devices.
@@ -222,6 +258,222 @@ pub struct Server {
     audit_task: tokio::task::JoinHandle<()>,
 }
 
+/// Where the store hands committed messages: this node's hub, or the cluster (the hub and the
+/// bus); through the pager first when push is configured.
+fn delivery_sink(
+    hub: &Arc<Hub>,
+    cluster: &Option<Arc<Cluster>>,
+    pager: Option<&Arc<Pager>>,
+) -> Arc<dyn DeliverySink> {
+    let (delivery, presence): (Arc<dyn DeliverySink>, Arc<dyn Presence>) = match cluster {
+        Some(c) => (c.clone(), c.clone()),
+        None => (hub.clone(), hub.clone()),
+    };
+    match pager {
+        Some(pager) => Arc::new(pager::PagingSink {
+            delivery,
+            presence,
+            pager: pager.clone(),
+        }),
+        None => delivery,
+    }
+}
+
+/// Opens the configured backend with `sink` for its committed messages: the store, this node's
+/// id (leased from ScyllaDB with `node_id = "auto"`), and the embedded store again for the
+/// control socket.
+async fn open_store(
+    config: &Config,
+    keyring: Arc<Keyring>,
+    sink: Arc<dyn DeliverySink>,
+) -> Result<(Arc<dyn MessageStore>, u8, Option<Arc<EmbeddedStore>>), StartError> {
+    let fixed_id = match config.node_id {
+        NodeId::Fixed(id) => Some(id),
+        NodeId::Auto => None,
+    };
+    match config.storage.backend {
+        Backend::Embedded => {
+            let store = Arc::new(EmbeddedStore::open(
+                &config.data_dir.join("store"),
+                embedded_memory(config),
+                keyring,
+                sink,
+            )?);
+            Ok((store.clone(), fixed_id.unwrap_or(0), Some(store)))
+        }
+        Backend::Scylla => {
+            let sc = &config.storage.scylla;
+            tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
+            let store = ScyllaStore::open(sc, fixed_id, keyring, config.retention(), sink).await?;
+            let id = store.node_id();
+            Ok((Arc::new(store), id, None))
+        }
+    }
+}
+
+/// The per-session limits from configuration.
+fn session_limits(config: &Config) -> Limits {
+    let l = &config.limits;
+    Limits {
+        max_body_bytes: l.max_body_bytes,
+        max_recipients: l.max_recipients,
+        send_rate_per_s: l.send_rate_per_s,
+        send_burst: l.send_burst,
+        max_errors_per_minute: l.max_errors_per_minute,
+        max_refused_per_minute: l.max_refused_per_minute,
+        urgent_per_minute: l.urgent_per_minute,
+        inbound_bytes_per_s: l.inbound_bytes_per_s as f64,
+        // Room for the largest frame twice: one maximal send never waits.
+        inbound_burst_bytes: (2 * config.max_frame_bytes()).max(l.inbound_bytes_per_s) as f64,
+        ping_interval: config.session.ping_interval.0,
+        idle_timeout: config.session.idle_timeout.0,
+        max_pipelined_sends: l.max_pipelined_sends,
+    }
+}
+
+/// WebSocket settings. Small buffers: most connections sit idle, and tungstenite's default
+/// 128 KiB read buffer per connection would dominate memory. The buffer grows on demand for
+/// large frames.
+fn ws_config(config: &Config) -> WebSocketConfig {
+    let max_frame = config.max_frame_bytes();
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame.max(1 << 20) * 4)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Starts the push dispatcher and the pager task that feeds it, when push is configured.
+fn start_push(
+    config: &Config,
+    providers: Option<(Option<push::apns::Apns>, Option<push::fcm::Fcm>)>,
+    store: &Arc<dyn MessageStore>,
+    pager: &Arc<Pager>,
+    pager_inbox: pager::Inbox,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<Arc<push::Dispatcher<DeviceRef>>> {
+    let (apns, fcm) = providers?;
+    let p = &config.push;
+    let for_gone = store.clone();
+    let dispatcher = Arc::new(push::Dispatcher::start(
+        push::DispatcherConfig {
+            capacity: p.queue_capacity,
+            workers: p.workers,
+            max_attempts: p.max_attempts,
+            ..Default::default()
+        },
+        apns,
+        fcm,
+        Arc::new(move |device: &DeviceRef, dead: &push::DeviceToken| {
+            pager::forget_token(for_gone.clone(), device, dead)
+        }),
+    ));
+    background.push(tokio::spawn(pager::run(
+        pager_inbox,
+        pager.clone(),
+        store.clone(),
+        dispatcher.clone(),
+        pager::Timing {
+            coalesce_window: p.coalesce_window.0,
+            urgent_ack_timeout: p.urgent_ack_timeout.0,
+            urgent_repeats: p.urgent_repeats,
+        },
+    )));
+    tracing::info!(
+        apns = p.apns.is_some(),
+        fcm = p.fcm.is_some(),
+        "push enabled"
+    );
+    Some(dispatcher)
+}
+
+/// Binds the control socket `relay backup` reaches the running relay through.
+fn spawn_control(
+    config: &Config,
+    embedded: Arc<EmbeddedStore>,
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    let path = crate::control::socket_path(&config.data_dir);
+    match crate::control::bind(&path) {
+        Ok(socket) => background.push(tokio::spawn(crate::control::serve(
+            socket,
+            embedded,
+            config.checkpoint_file(),
+        ))),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "control socket not bound: `relay backup` cannot reach this relay")
+        }
+    }
+}
+
+/// The audit writer of this node, with its keys and checkpoint file.
+fn start_audit(
+    config: &Config,
+    store: &Arc<dyn MessageStore>,
+    node_id: u8,
+) -> Result<(Arc<Auditor>, tokio::task::JoinHandle<()>), StartError> {
+    let audit_keys = Arc::new(resolve_audit_keys(config)?);
+    tracing::info!(active_key = audit_keys.active_id(), checkpoint_file = %config.checkpoint_file().display(), "audit keys loaded");
+    Ok(Auditor::start(
+        store.clone(),
+        node_id,
+        audit_keys,
+        Checkpoints {
+            interval: config.audit.checkpoint_interval.0,
+            file: Some(config.checkpoint_file()),
+        },
+        Some(crate::access::org_lookup(store.clone())),
+    ))
+}
+
+/// Binds a listener; the address it got (port 0 picks one).
+fn bind_at(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = bind(addr).map_err(|e| StartError::Bind(addr, e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(addr, e))?;
+    Ok((listener, local))
+}
+
+/// What the listeners share: the sessions' context, token checks, sign-in limits, connection
+/// caps, the admin API and the drain signals.
+fn listener_state(
+    config: Config,
+    verifier: Verifier,
+    metrics: PrometheusHandle,
+    node_id: u8,
+    sessions: Arc<SessionContext>,
+    tracker: TaskTracker,
+) -> App {
+    let l = &config.limits;
+    let a = &config.access;
+    App {
+        failures: FailureLimits::new(
+            a.failed_auth_per_ip,
+            a.failed_auth_per_account,
+            a.failed_auth_window.0,
+        ),
+        node_id,
+        admin: crate::admin::Admin {
+            access: sessions.access.clone(),
+            store: sessions.store.clone(),
+            credentials: config.admin.credentials.clone(),
+            confirm_within: a.logout_confirm_within.0,
+        },
+        connections: Arc::new(Semaphore::new(l.max_connections)),
+        sources: listener::SourceCounts::new(l.max_connections_per_ip),
+        ws_config: ws_config(&config),
+        verifier,
+        sessions,
+        metrics,
+        draining: CancellationToken::new(),
+        shutdown: CancellationToken::new(),
+        tracker,
+        config,
+    }
+}
+
 /// Starts the relay: everything is bound and serving when this returns.
 pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, StartError> {
     if config.mode == Mode::Dev {
@@ -232,157 +484,65 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     let (verifier, keyring) = resolve_keys(&config)?;
     tracing::info!(active_key = keyring.active_id(), "at-rest keyring loaded");
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(c), Some(k)) => Some(listener::tls_acceptor(c, k).map_err(StartError::Tls)?),
+        (Some(c), Some(k)) => Some(listener::tls_acceptor(c, k)?),
         _ => None,
     };
     let hub = Arc::new(Hub::default());
     let keyring = Arc::new(keyring);
     let providers = if config.push.enabled() {
-        Some(pager::providers(&config.push).map_err(StartError::Push)?)
+        Some(pager::providers(&config.push)?)
     } else {
         None
     };
     let (pager, pager_inbox) = Pager::new();
-    let mut cluster_tasks = None;
-    let cluster = if config.cluster.enabled() {
-        let (cluster, tasks) =
-            Cluster::start(&config.cluster, keyring.clone(), hub.clone()).await?;
-        cluster_tasks = Some(tasks);
-        Some(cluster)
+    let (cluster, cluster_tasks) = if config.cluster.enabled() {
+        let (c, tasks) = Cluster::start(&config.cluster, keyring.clone(), hub.clone()).await?;
+        (Some(c), Some(tasks))
     } else {
-        None
+        (None, None)
     };
-    let (delivery, presence): (Arc<dyn DeliverySink>, Arc<dyn Presence>) = match &cluster {
-        Some(c) => (c.clone(), c.clone()),
-        None => (hub.clone(), hub.clone()),
-    };
-    let sink: Arc<dyn DeliverySink> = match providers {
-        Some(_) => Arc::new(pager::PagingSink {
-            delivery,
-            presence,
-            pager: pager.clone(),
-        }),
-        None => delivery,
-    };
-    let fixed_id = match config.node_id {
-        NodeId::Fixed(id) => Some(id),
-        NodeId::Auto => None,
-    };
-    let mut embedded = None;
-    let (store, node_id): (Arc<dyn MessageStore>, u8) = match config.storage.backend {
-        Backend::Embedded => {
-            let store = Arc::new(EmbeddedStore::open(
-                &config.data_dir.join("store"),
-                embedded_memory(&config),
-                keyring,
-                sink,
-            )?);
-            embedded = Some(store.clone());
-            (store, fixed_id.unwrap_or(0))
-        }
-        Backend::Scylla => {
-            let sc = &config.storage.scylla;
-            tracing::info!(nodes = ?sc.nodes, keyspace = %sc.keyspace, consistency = %sc.consistency, "connecting to ScyllaDB");
-            let store = ScyllaStore::open(sc, fixed_id, keyring, config.retention(), sink).await?;
-            let id = store.node_id();
-            (Arc::new(store), id)
-        }
-    };
+    let sink = delivery_sink(&hub, &cluster, providers.is_some().then_some(&pager));
+    let (store, node_id, embedded) = open_store(&config, keyring, sink).await?;
 
     if let Some(c) = &cluster {
         c.set_store(store.clone(), node_id);
     }
     let mut background = Vec::new();
-    let dispatcher = providers.map(|(apns, fcm)| {
-        let p = &config.push;
-        let for_gone = store.clone();
-        let dispatcher = Arc::new(push::Dispatcher::start(
-            push::DispatcherConfig {
-                capacity: p.queue_capacity,
-                workers: p.workers,
-                max_attempts: p.max_attempts,
-                ..Default::default()
-            },
-            apns,
-            fcm,
-            Arc::new(move |device: &DeviceRef, dead: &push::DeviceToken| {
-                pager::forget_token(for_gone.clone(), device, dead)
-            }),
-        ));
-        background.push(tokio::spawn(pager::run(
-            pager_inbox,
-            pager.clone(),
-            store.clone(),
-            dispatcher.clone(),
-            pager::Timing {
-                coalesce_window: p.coalesce_window.0,
-                urgent_ack_timeout: p.urgent_ack_timeout.0,
-                urgent_repeats: p.urgent_repeats,
-            },
-        )));
-        tracing::info!(
-            apns = p.apns.is_some(),
-            fcm = p.fcm.is_some(),
-            "push enabled"
-        );
-        dispatcher
-    });
-
-    let audit_keys = Arc::new(resolve_audit_keys(&config)?);
-    tracing::info!(active_key = audit_keys.active_id(), checkpoint_file = %config.checkpoint_file().display(), "audit keys loaded");
-    let (auditor, audit_task) = Auditor::start(
-        store.clone(),
-        node_id,
-        audit_keys,
-        Checkpoints {
-            interval: config.audit.checkpoint_interval.0,
-            file: Some(config.checkpoint_file()),
-        },
-        Some(crate::access::org_lookup(store.clone())),
+    let dispatcher = start_push(
+        &config,
+        providers,
+        &store,
+        &pager,
+        pager_inbox,
+        &mut background,
     );
-    let presence: Arc<dyn Presence> = match &cluster {
-        Some(c) => c.clone(),
-        None => hub.clone(),
+
+    let (auditor, audit_task) = start_audit(&config, &store, node_id)?;
+    let (presence, live): (Arc<dyn Presence>, Arc<dyn LiveLogout>) = match &cluster {
+        Some(c) => (c.clone(), c.clone()),
+        None => (hub.clone(), hub.clone()),
     };
     let access = Arc::new(Access {
         store: store.clone(),
         hub: hub.clone(),
         presence,
-        cluster: cluster.clone(),
+        live,
         audit: auditor.clone(),
         dispatcher: dispatcher.clone(),
         ack_wait: config.access.logout_ack_wait.0,
     });
 
-    let public = bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
-    let admin = bind(config.admin_listen).map_err(|e| StartError::Bind(config.admin_listen, e))?;
-    let public_addr = public
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.listen, e))?;
-    let admin_addr = admin
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.admin_listen, e))?;
+    let (public, public_addr) = bind_at(config.listen)?;
+    let (admin, admin_addr) = bind_at(config.admin_listen)?;
 
     let l = &config.limits;
+    let tracker = TaskTracker::new();
     let sessions = Arc::new(SessionContext {
+        tasks: tracker.clone(),
         store: store.clone(),
         hub,
-        limits: Limits {
-            max_body_bytes: l.max_body_bytes,
-            max_recipients: l.max_recipients,
-            send_rate_per_s: l.send_rate_per_s,
-            send_burst: l.send_burst,
-            max_errors_per_minute: l.max_errors_per_minute,
-            max_refused_per_minute: l.max_refused_per_minute,
-            urgent_per_minute: l.urgent_per_minute,
-            inbound_bytes_per_s: l.inbound_bytes_per_s as f64,
-            // Room for the largest frame twice: one maximal send never waits.
-            inbound_burst_bytes: (2 * config.max_frame_bytes()).max(l.inbound_bytes_per_s) as f64,
-            ping_interval: config.session.ping_interval.0,
-            idle_timeout: config.session.idle_timeout.0,
-        },
+        limits: session_limits(&config),
         outbound_queue: l.outbound_queue,
-        max_pipelined: l.max_pipelined_sends,
         write_timeout: l.write_timeout.0,
         push_apps: config.push.app_ids.clone(),
         pager: dispatcher.as_ref().map(|_| pager.clone()),
@@ -391,35 +551,9 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
         replay_memory: ReplayMemory::new(l.replay_memory),
         quota: SenderQuota::new(l.sender_bytes_per_day),
     });
-    // Small buffers: most connections sit idle, and tungstenite's default 128 KiB read buffer
-    // per connection would dominate memory. The buffer grows on demand for large frames.
-    let max_frame = config.max_frame_bytes();
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(max_frame.max(1 << 20) * 4)
-        .max_message_size(Some(max_frame))
-        .max_frame_size(Some(max_frame));
-    let a = &config.access;
-    let failures = FailureLimits::new(
-        a.failed_auth_per_ip,
-        a.failed_auth_per_account,
-        a.failed_auth_window.0,
-    );
-    let app = Arc::new(App {
-        failures,
-        node_id,
-        connections: Arc::new(Semaphore::new(l.max_connections)),
-        sources: listener::SourceCounts::new(l.max_connections_per_ip),
-        config,
-        verifier,
-        sessions,
-        metrics,
-        ws_config,
-        draining: CancellationToken::new(),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-    });
+    let app = Arc::new(listener_state(
+        config, verifier, metrics, node_id, sessions, tracker,
+    ));
 
     background.push(tokio::spawn(listener::serve(
         public,
@@ -435,18 +569,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     )));
     background.push(tokio::spawn(upkeep(app.clone(), store.clone())));
     if let Some(embedded) = embedded {
-        // `relay backup` reaches the running relay here.
-        let path = crate::control::socket_path(&app.config.data_dir);
-        match crate::control::bind(&path) {
-            Ok(socket) => background.push(tokio::spawn(crate::control::serve(
-                socket,
-                embedded,
-                app.config.checkpoint_file(),
-            ))),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "control socket not bound: `relay backup` cannot reach this relay")
-            }
-        }
+        spawn_control(&app.config, embedded, &mut background);
     }
     tracing::info!(%public_addr, %admin_addr, path = listener::WS_PATH, "relay listening");
     Ok(Server {
@@ -475,13 +598,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// How often gauges are refreshed and expired sign-in counters pruned.
+const METRICS_TICK: Duration = Duration::from_secs(5);
+/// The safety net for logouts whose live signal was lost: how often this node reads the pending
+/// logouts and closes the local sessions they cover (ARCHITECTURE.md, "Remote logout").
+const LOGOUT_SAFETY_NET: Duration = Duration::from_secs(5);
+/// How often the time of the last good backup is read for its metric.
+const BACKUP_CHECK: Duration = Duration::from_secs(60);
+/// At shutdown: how long the audit writer has to store and checkpoint the last events, and the
+/// bus to carry the last deliveries.
+const AUDIT_FINAL_CHECKPOINT: Duration = Duration::from_secs(5);
+const BUS_FINAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// Periodic work: metrics upkeep and retention expiry.
 async fn upkeep(app: Arc<App>, store: Arc<dyn MessageStore>) {
     let retention = app.config.retention();
-    let mut metrics_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut metrics_tick = tokio::time::interval(METRICS_TICK);
     let mut sweep = tokio::time::interval(app.config.retention.sweep_interval.0);
-    let mut logouts = tokio::time::interval(Duration::from_secs(5));
-    let mut backups = tokio::time::interval(Duration::from_secs(60));
+    let mut logouts = tokio::time::interval(LOGOUT_SAFETY_NET);
+    let mut backups = tokio::time::interval(BACKUP_CHECK);
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
@@ -565,7 +700,7 @@ impl Server {
             .sessions
             .access
             .audit
-            .checkpoint(Duration::from_secs(5))
+            .checkpoint(AUDIT_FINAL_CHECKPOINT)
             .await;
         self.audit_task.abort();
         match self.store.close().await {
@@ -575,7 +710,7 @@ impl Server {
         if let Some(c) = &self.cluster {
             // Last deliveries out, then tell the others to forget this node's devices now.
             c.leave();
-            c.flush(Duration::from_secs(2)).await;
+            c.flush(BUS_FINAL_FLUSH).await;
         }
         if let Some(t) = self.cluster_tasks {
             t.abort();

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub mod fake_push;
+pub mod in_process;
 
 use relay::config::ScyllaConfig;
 use relay::seal::Keyring;

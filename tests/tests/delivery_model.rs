@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use relay::access::{Access, ISSUER_SKEW_S, Start, Target, Verdict, split};
+use relay::access::{Access, ISSUER_SKEW_S, LogoutReason, Start, Target, Verdict, split};
 use relay::fanout::Hub;
 use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
 use relay_tests::{Kind, Place, Recorder};
@@ -215,8 +215,8 @@ impl World {
         let access = Access {
             store: store.clone(),
             hub: hub.clone(),
-            presence: hub,
-            cluster: None,
+            presence: hub.clone(),
+            live: hub,
             audit,
             dispatcher: None,
             ack_wait: Duration::from_secs(5),
@@ -375,7 +375,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let d = model.device(user, device);
                 let out = w
                     .access
-                    .logout(Target::Device(d.clone()), "lost_device", "model")
+                    .logout(Target::Device(d.clone()), LogoutReason::LostDevice, "model")
                     .await
                     .expect("logout");
                 prop_assert_eq!(&out.devices, &vec![d.device.to_string()]);
@@ -399,7 +399,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 };
                 let out = w
                     .access
-                    .logout(target, "password_changed", "model")
+                    .logout(target, LogoutReason::PasswordChanged, "model")
                     .await
                     .expect("logout");
                 let at = w.logout_at(USERS[user], "").await;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
+use relay::store::{DeviceRef, Devices, MessageStore, Messages, NewMessage, Retention, now_ms};
 use relay_tests::{Kind, Place, Recorder, audit_keys, auditor, key_entry, keyring};
 use uuid::Uuid;
 
@@ -246,7 +246,10 @@ async fn retention_expires(kind: Kind) {
     let (_p, store, _sink) = setup(kind, short).await;
     let keys = audit_keys();
     let (audit, _task) = auditor(store.clone(), 0, keys.clone(), None);
-    audit.record(relay::audit::Event::new("connect").device(&DeviceRef::new("bob", "phone")));
+    audit.record(
+        relay::audit::Event::new(relay::audit::EventKind::Connect)
+            .device(&DeviceRef::new("bob", "phone")),
+    );
     audit.flush(Duration::from_secs(10)).await;
     let alice = DeviceRef::new("alice", "phone");
     let bob = DeviceRef::new("bob", "phone");
@@ -520,7 +523,7 @@ async fn access_state(kind: Kind) {
 }
 
 async fn audit_chain(kind: Kind) {
-    use relay::audit::{self, Checkpoint, Event};
+    use relay::audit::{self, Checkpoint, Event, EventKind};
     let (_p, store, _) = setup(kind, LONG).await;
     let keys = audit_keys();
     let dir = tempfile::tempdir().expect("tmp");
@@ -531,10 +534,10 @@ async fn audit_chain(kind: Kind) {
     for i in 0..20 {
         auditor.record(Event {
             ip: Some(format!("127.0.0.{i}")),
-            ..Event::new("connect").device(&phone)
+            ..Event::new(EventKind::Connect).device(&phone)
         });
     }
-    auditor.record(Event::new("auth_failed").reason("bad_signature"));
+    auditor.record(Event::new(EventKind::AuthFailed).reason("bad_signature"));
     auditor.checkpoint(Duration::from_secs(10)).await;
     let checkpoints = |file: &std::path::Path| -> Vec<Checkpoint> {
         std::fs::read_to_string(file)
@@ -591,7 +594,7 @@ async fn audit_chain(kind: Kind) {
     // A restarted writer continues the chain from the store.
     task.abort();
     let (auditor, _task) = relay_tests::auditor(store.clone(), 3, keys.clone(), Some(file.clone()));
-    auditor.record(Event::new("disconnect").device(&phone));
+    auditor.record(Event::new(EventKind::Disconnect).device(&phone));
     auditor.checkpoint(Duration::from_secs(10)).await;
     let cps = checkpoints(&file);
     let v = audit::verify(&*store, Some("erin"), LONG.audit_ms, &keys, &cps)
@@ -665,7 +668,7 @@ async fn audit_chain(kind: Kind) {
 /// The writer keeps few chain heads in memory and forgets them when full; forgetting them while
 /// a batch is queued must not re-read a stale head and overwrite a queued record.
 async fn audit_heads_forgotten_mid_batch(kind: Kind) {
-    use relay::audit::{self, Auditor, Checkpoints, Event};
+    use relay::audit::{self, Auditor, Checkpoints, Event, EventKind};
     let (_p, store, _) = setup(kind, LONG).await;
     let keys = audit_keys();
     let none = Checkpoints {
@@ -679,7 +682,7 @@ async fn audit_heads_forgotten_mid_batch(kind: Kind) {
         for u in users {
             auditor.record(Event {
                 ip: Some(format!("127.0.0.{round}")),
-                ..Event::new("connect").device(&DeviceRef::new(u, "phone"))
+                ..Event::new(EventKind::Connect).device(&DeviceRef::new(u, "phone"))
             });
         }
     }
@@ -720,7 +723,7 @@ async fn backups_recorded(kind: Kind) {
 /// An org's report lists its users' reported events while they belonged to it, named by the
 /// recorder or looked up when not; other orgs' events and unreported kinds stay out.
 async fn org_report(kind: Kind) {
-    use relay::audit::{self, Auditor, Checkpoints, Event};
+    use relay::audit::{self, Auditor, Checkpoints, Event, EventKind};
     let (_p, store, _) = setup(kind, LONG).await;
     let none = Checkpoints {
         interval: Duration::from_secs(3600),
@@ -740,24 +743,24 @@ async fn org_report(kind: Kind) {
     let (auditor, _task) = Auditor::start(store.clone(), 1, keys.clone(), none, Some(lookup));
     let t0 = now_ms() - 3 * 3_600_000;
     let at = |h: u64, m: u64| t0 + h * 3_600_000 + m;
-    let event = |kind: &str, user: &str, ts: u64, org: Option<&str>| Event {
+    let event = |kind: EventKind, user: &str, ts: u64, org: Option<&str>| Event {
         ts,
         org: org.map(str::to_string),
         ..Event::new(kind).device(&DeviceRef::new(user, "phone"))
     };
-    auditor.record(event("connect", "a1", at(0, 1), Some("org-a")));
-    auditor.record(event("disconnect", "a1", at(0, 2), Some("org-a")));
-    auditor.record(event("connect", "mover", at(0, 3), Some("org-a")));
-    auditor.record(event("auth_failed", "a1", at(1, 4), None));
-    auditor.record(event("connect", "b1", at(1, 5), Some("org-b")));
-    auditor.record(event("lock", "mover", at(2, 6), None));
-    auditor.record(event("idle_logoff", "quiet", at(2, 7), None));
+    auditor.record(event(EventKind::Connect, "a1", at(0, 1), Some("org-a")));
+    auditor.record(event(EventKind::Disconnect, "a1", at(0, 2), Some("org-a")));
+    auditor.record(event(EventKind::Connect, "mover", at(0, 3), Some("org-a")));
+    auditor.record(event(EventKind::AuthFailed, "a1", at(1, 4), None));
+    auditor.record(event(EventKind::Connect, "b1", at(1, 5), Some("org-b")));
+    auditor.record(event(EventKind::Lock, "mover", at(2, 6), None));
+    auditor.record(event(EventKind::IdleLogoff, "quiet", at(2, 7), None));
     auditor.flush(Duration::from_secs(20)).await;
     let to = now_ms() + 1;
     let rows = |page: audit::Page| -> Vec<(String, String)> {
         page.events
             .into_iter()
-            .map(|e| (e.event, e.user.unwrap_or_default()))
+            .map(|e| (e.event.name().to_string(), e.user.unwrap_or_default()))
             .collect()
     };
     let a = audit::org_report(&*store, "org-a", t0, to, 100, None)
@@ -1120,8 +1123,8 @@ async fn cassandra_a_cql_dump_does_not_tell_who_messaged_whom() {
         .await
         .expect("push");
     let (audit, _task) = auditor(store.clone(), 0, audit_keys(), None);
-    audit.record(relay::audit::Event::new("connect").device(&from));
-    audit.record(relay::audit::Event::new("connect").device(&to));
+    audit.record(relay::audit::Event::new(relay::audit::EventKind::Connect).device(&from));
+    audit.record(relay::audit::Event::new(relay::audit::EventKind::Connect).device(&to));
     audit.flush(Duration::from_secs(10)).await;
     assert_eq!(
         store.org_users(org.clone()).await.expect("org"),

@@ -32,8 +32,9 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::model::Target;
 use crate::config::ClusterConfig;
-use crate::fanout::{Hub, Presence};
+use crate::fanout::{Hub, LiveLogout, Presence};
 use crate::seal::Keyring;
 use crate::store::{DeliverySink, DeviceRef, InboxEntry, MessageStore, now_ms, seq_floor};
 use presence::{Directory, HeartbeatOutcome};
@@ -278,13 +279,7 @@ impl Cluster {
     }
 
     /// Tells every other node to close the sessions a logout covers (it is already stored).
-    pub fn logout(
-        &self,
-        target: &crate::access::Target,
-        reason: &str,
-        signal: uuid::Uuid,
-        at: u64,
-    ) {
+    fn tell_others_to_logout(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) {
         let (device, except) = target.parts();
         self.publish_control(
             "logout",
@@ -469,7 +464,7 @@ impl Cluster {
                 signal,
                 at,
             } if instance != self.instance => {
-                let target = crate::access::Target::from_parts(&user, device, except);
+                let target = Target::from_parts(&user, device, except);
                 let n = self.hub.logout(&target, &reason, signal, at);
                 if n > 0 {
                     tracing::info!(user = %user, sessions = n, "logged out by another node");
@@ -620,6 +615,13 @@ impl DeliverySink for Cluster {
             };
             self.publish(self.subjects.user(&group[0].user), delivery.encode());
         }
+    }
+}
+
+impl LiveLogout for Cluster {
+    fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) {
+        self.hub.logout(target, reason, signal, at);
+        self.tell_others_to_logout(target, reason, signal, at);
     }
 }
 

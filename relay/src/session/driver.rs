@@ -1,15 +1,15 @@
-//! Drives one WebSocket session: feeds frames and deadlines to [`State`], carries out its
-//! actions against the store and the socket, replays the inbox, then forwards live deliveries.
-//!
-//! Replay protocol: the session registers with the hub *before* reading the inbox, so a message
-//! committed during replay is either read from the store or queued live (or both: the cursor
-//! drops the second copy). Live deliveries wait in the bounded queue until replay ends.
+//! Drives one WebSocket session: the IO around [`State`]. It feeds the state the device's
+//! frames, deadlines, inbox pages, live deliveries and the store's answers, and carries out what
+//! the state decides against the socket, the store and the hub. Every write has the write
+//! timeout (`write`); in a running session one that fails closes the device as a slow
+//! consumer (`Io::send`).
 //!
 //! Replay reads a page bounded in entries and bytes, paid for from the node's replay memory
 //! before it is read, and writes it a frame or so at a time, each write within the write timeout,
 //! reading the device's frames (its acks) in between: a slow reader is slow, never cut off.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,16 +24,17 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::SessionContext;
 use super::budget::{Held, REPLAY_PAGE_BYTES, ReplayMemory};
-use super::state::{Action, State, Timeout};
+use super::state::{Action, Answer, Appended, Phase, State, Timeout};
 use crate::access::Start;
 use crate::auth::Identity;
-use crate::fanout::{Registration, deliver_frame};
+use crate::fanout::Registration;
 use crate::protocol::{self, RejectCode, ServerFrame, close};
-use crate::store::{AppendTicket, DeviceRef, MessageStore, StoreError};
+use crate::store::{Accepted, AppendTicket, DeviceRef, MessageStore, StoreError};
 
 /// Most inbox entries read per replay step (pages end sooner at [`REPLAY_PAGE_BYTES`]).
 const REPLAY_PAGE: usize = 128;
@@ -41,10 +42,10 @@ const REPLAY_PAGE: usize = 128;
 const WRITE_CHUNK_BYTES: usize = 64 * 1024;
 /// Live deliveries taken from the queue at once.
 const LIVE_BATCH: usize = 64;
+/// Longest wait for the peer's answer to our close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Longest time a session trusts its token's `exp` for (ten years).
 const MAX_TOKEN_LEFT_S: u64 = 10 * 365 * 86_400;
-/// Close code when the store cannot serve the replay: try again later.
-const TRY_AGAIN_LATER: u16 = 1013;
 
 /// Why a session ended, for logs and metrics.
 #[derive(Debug, Clone, Copy)]
@@ -55,20 +56,7 @@ pub struct Ended {
     pub reason: &'static str,
 }
 
-enum Phase {
-    Replaying,
-    Live,
-}
-
 type Ws<S> = WebSocketStream<S>;
-
-/// A send awaiting durability: its id, the store's answer, when it came, and the quota it holds.
-struct Pending {
-    id: Uuid,
-    ticket: AppendTicket,
-    started: Instant,
-    bytes: u64,
-}
 
 /// Room in the node's replay memory being waited for; kept across loop turns so the session keeps
 /// its place in line while it reads frames.
@@ -129,7 +117,7 @@ where
                 Err(e) => {
                     tracing::warn!(error = %e, "access check at registration failed");
                     Ended {
-                        code: Some(TRY_AGAIN_LATER),
+                        code: Some(close::TRY_AGAIN_LATER),
                         reason: "store unavailable",
                     }
                 }
@@ -142,7 +130,7 @@ where
         Err(e) => {
             tracing::warn!(error = %e, "device registration failed");
             Ended {
-                code: Some(TRY_AGAIN_LATER),
+                code: Some(close::TRY_AGAIN_LATER),
                 reason: "store unavailable",
             }
         }
@@ -155,6 +143,7 @@ where
     ended
 }
 
+/// A session past its access check: `hello`, the replay, then live traffic until it ends.
 async fn session<S>(
     ws: &mut Ws<S>,
     ctx: &SessionContext,
@@ -182,258 +171,423 @@ where
             reason: "write failed",
         };
     }
+    let mut io = Io {
+        acks: Acks::new(&ctx.store, &ctx.tasks, state.device().clone()),
+        ws,
+        ctx,
+        state,
+        tickets: VecDeque::new(),
+        out: VecDeque::new(),
+        page_held: None,
+    };
+    match io.run(reg, shutdown).await {
+        Ok(never) => match never {},
+        Err(ended) => ended,
+    }
+}
 
-    let mut phase = Phase::Replaying;
-    // Where the inbox read continues; moved back when the cluster asks for a catch-up.
-    let mut replay_from = 0u64;
-    // Sequences above this were delivered live (known once the first replay ends).
-    let mut live_after: Option<u64> = None;
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let replay_started = Instant::now();
-    let mut replayed = 0u64;
-    // Replayed frames not written yet, and the replay memory they hold.
-    let mut out: VecDeque<Message> = VecDeque::new();
-    let mut page_held: Option<Held> = None;
-    let mut reserving: Reserving<'_> = None;
-    let mut acks = Acks::new(&ctx.store, state.device().clone());
-    let page_estimate = REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes;
+/// The IO of a running session: the socket, the store's tickets and acks, and the frames
+/// waiting to be written. Every decision is the [`State`]'s.
+struct Io<'a, S> {
+    ws: &'a mut Ws<S>,
+    ctx: &'a SessionContext,
+    state: &'a mut State,
+    /// The store's answers to outstanding sends, in send order (the state holds their ids).
+    tickets: VecDeque<AppendTicket>,
+    acks: Acks<'a>,
+    /// Frames not written yet, and the replay memory the replayed ones hold.
+    out: VecDeque<Message>,
+    page_held: Option<Held>,
+}
 
-    loop {
-        let deadline = tokio::time::Instant::from_std(state.next_deadline());
-        let replaying = matches!(phase, Phase::Replaying);
-        let reading = pending.len() < ctx.max_pipelined;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                finish_pending(ws, &mut pending, ctx, state.device()).await;
-                return Ended { code: Some(close::RESTART), reason: "relay restarting" };
-            }
-            _ = reg.outbox.evict.cancelled() => {
-                finish_pending(ws, &mut pending, ctx, state.device()).await;
-                let code = reg.outbox.evict_code.load(Ordering::Relaxed);
-                let logout = reg.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let (close::LOGGED_OUT, Some((reason, signal))) = (code, logout) {
-                    return logout_phase(ws, ctx, state.device(), &reason, signal, "live").await;
+fn slow_consumer(reason: &'static str) -> Ended {
+    Ended {
+        code: Some(close::SLOW_CONSUMER),
+        reason,
+    }
+}
+
+fn store_unavailable() -> Ended {
+    Ended {
+        code: Some(close::TRY_AGAIN_LATER),
+        reason: "store unavailable",
+    }
+}
+
+impl<'a, S> Io<'a, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Runs until the session ends; the `Err` says how.
+    async fn run(
+        &mut self,
+        reg: &mut Registration,
+        shutdown: &CancellationToken,
+    ) -> Result<Infallible, Ended> {
+        let ctx = self.ctx;
+        let mut reserving: Reserving<'a> = None;
+        let page_estimate = REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes;
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.state.next_deadline());
+            let replaying = self.state.phase() == Phase::Replaying;
+            let reading = self.state.may_read();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.finish_pending().await;
+                    return Err(Ended { code: Some(close::RESTART), reason: "relay restarting" });
                 }
-                let reason = if code == close::RESTART { "relay restarting" } else { "displaced by a newer connection" };
-                return Ended { code: Some(code), reason };
-            }
-            Ok(()) = reg.catch_up.changed(), if !replaying => {
-                // Deliveries from other nodes may have been lost on the bus: re-read the inbox.
-                replay_from = (*reg.catch_up.borrow_and_update()).min(replay_from);
-                phase = Phase::Replaying;
-            }
-            result = acks.applied() => {
-                if result.is_err() {
-                    return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
+                _ = reg.outbox.evict.cancelled() => return Err(self.evicted(reg).await),
+                Ok(()) = reg.catch_up.changed(), if !replaying => {
+                    let floor = *reg.catch_up.borrow_and_update();
+                    self.state.handle_catch_up(floor);
                 }
-            }
-            result = next_reply(&mut pending) => {
-                let Some(p) = pending.pop_front() else { continue };
-                let frame = reply(ctx, state.device(), p, result);
-                if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
-                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
+                result = self.acks.applied() => result.map_err(|_| store_unavailable())?,
+                result = next_reply(&mut self.tickets) => {
+                    self.tickets.pop_front();
+                    self.answer(result).await?;
                 }
-            }
-            incoming = ws.next(), if reading => {
-                let now = Instant::now();
-                let mut pause_until = None;
-                let action = match incoming {
-                    None => return Ended { code: None, reason: "connection closed" },
-                    Some(Err(WsError::Capacity(_))) => {
-                        metrics::counter!("relay_frames_rejected_total", "reason" => "too_big").increment(1);
-                        return Ended { code: Some(close::TOO_BIG), reason: "frame too big" };
-                    }
-                    Some(Err(WsError::Utf8(_))) => {
-                        metrics::counter!("relay_frames_rejected_total", "reason" => "invalid_utf8").increment(1);
-                        return Ended { code: Some(close::INVALID_DATA), reason: "text frame is not utf-8" };
-                    }
-                    Some(Err(WsError::Protocol(_))) => {
-                        metrics::counter!("relay_frames_rejected_total", "reason" => "protocol_error").increment(1);
-                        return Ended { code: Some(close::PROTOCOL_ERROR), reason: "websocket protocol error" };
-                    }
-                    Some(Err(_)) => return Ended { code: None, reason: "io error" },
-                    Some(Ok(Message::Text(text))) => {
-                        pause_until = state.inbound(now, text.len());
-                        state.handle_text(now, &text)
-                    }
-                    Some(Ok(Message::Binary(b))) => {
-                        pause_until = state.inbound(now, b.len());
-                        state.handle_binary(now)
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; push it out.
-                        let _ = tokio::time::timeout(ctx.write_timeout, ws.flush()).await;
-                        return Ended { code: None, reason: "client closed" };
-                    }
-                    Some(Ok(_)) => { state.heard(now); Action::None } // ping, pong
-                };
-                // Over its byte budget: stop reading for a moment (at most about one frame's
-                // worth of time); TCP slows the sender, and nobody else waits for it.
-                if let Some(until) = pause_until {
-                    metrics::counter!("relay_inbound_paused_total").increment(1);
-                    tokio::time::sleep_until(until.into()).await;
+                incoming = self.ws.next(), if reading => self.on_frame(incoming).await?,
+                _ = tokio::time::sleep_until(deadline) => self.on_deadline().await?,
+                _ = std::future::ready(()), if !self.out.is_empty() => {
+                    self.write_out(!replaying && reg.outbox.overflowed.load(Ordering::Relaxed)).await?;
                 }
-                // The account's daily storage quota is shared by its sessions: checked here.
-                let action = match action {
-                    Action::Append(msg) if !ctx.quota.reserve(&msg.from.user, msg.body.len() as u64, crate::store::now_ms()) => {
-                        Action::Reject(msg.id, RejectCode::QuotaExceeded)
-                    }
-                    action => action,
-                };
-                match action {
-                    Action::None => {}
-                    Action::Append(msg) => {
-                        let (id, bytes) = (msg.id, msg.body.len() as u64);
-                        pending.push_back(Pending { id, ticket: ctx.store.append(msg), started: now, bytes });
-                    }
-                    Action::Reject(id, code) => {
-                        metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
-                        let frame = ServerFrame::Rejected { id, code, retry: code.retryable() }.to_json();
-                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
-                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
-                        }
-                    }
-                    Action::Ack(seqs) => {
-                        metrics::counter!("relay_messages_acked_total").increment(seqs.len() as u64);
-                        // The accept time is in the seq: accept → device ack, the delivery SLO.
-                        let now = crate::store::now_ms();
-                        for &seq in &seqs {
-                            let accepted = crate::store::seq_time_ms(seq);
-                            let path = if live_after.is_some_and(|c| seq > c) { "live" } else { "replay" };
-                            if accepted <= now {
-                                metrics::histogram!("relay_delivery_duration_seconds", "path" => path)
-                                    .record((now - accepted) as f64 / 1000.0);
-                            }
-                        }
-                        acks.add(seqs);
-                    }
-                    Action::SetPushToken(token) => {
-                        let frame = match set_push_token(ctx, state.device(), token).await {
-                            Ok(registered) => ServerFrame::PushTokenSaved { registered }.to_json(),
-                            Err((code, detail)) => ServerFrame::Error { code, message: &detail, id: None }.to_json(),
-                        };
-                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
-                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
-                        }
-                    }
-                    Action::Error(code, detail, id) => {
-                        metrics::counter!("relay_frames_rejected_total", "reason" => code.code()).increment(1);
-                        let frame = ServerFrame::Error { code, message: &detail, id }.to_json();
-                        if write(ws, vec![frame.into()], ctx.write_timeout).await.is_err() {
-                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
-                        }
-                    }
-                    Action::Close(code, reason) => return Ended { code: Some(code), reason },
+                held = reserve(&mut reserving, &ctx.replay_memory, page_estimate), if replaying && self.out.is_empty() => {
+                    self.replay_page(reg, held).await?;
                 }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                match state.poll_timeout(Instant::now()) {
-                    Timeout::None => {}
-                    Timeout::Ping => {
-                        if write(ws, vec![Message::Ping(Default::default())], ctx.write_timeout).await.is_err() {
-                            return Ended { code: Some(close::SLOW_CONSUMER), reason: "write timed out" };
-                        }
-                    }
-                    Timeout::IdleLogoff => {
-                        metrics::counter!("relay_idle_logoffs_total").increment(1);
-                        let frame = ServerFrame::SessionExpired { idle_timeout_s: ctx.limits.idle_timeout.as_secs() };
-                        let _ = write(ws, vec![frame.to_json().into()], ctx.write_timeout).await;
-                        return Ended { code: Some(close::SESSION_EXPIRED), reason: "session expired" };
-                    }
-                    Timeout::Close(code, reason) => return Ended { code: Some(code), reason },
+                _ = reg.outbox.ready.notified(), if !replaying && self.out.is_empty() => {
+                    let frames = self.state.handle_live(reg.outbox.take(LIVE_BATCH));
+                    metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
+                    self.out.extend(frames.into_iter().map(Message::Text));
                 }
-            }
-            // Replayed and live frames, a frame or so per write, each write within the timeout.
-            _ = std::future::ready(()), if !out.is_empty() => {
-                let mut frames = Vec::new();
-                let mut bytes = 0;
-                while let Some(frame) = out.front() {
-                    if !frames.is_empty() && bytes + frame.len() > WRITE_CHUNK_BYTES {
-                        break;
-                    }
-                    bytes += frame.len();
-                    frames.extend(out.pop_front());
-                }
-                // Live deliveries dropped on a full queue are lost to this session: it must
-                // reconnect and replay them (during replay they are read from the store again).
-                if write(ws, frames, ctx.write_timeout).await.is_err()
-                    || (!replaying && reg.outbox.overflowed.load(Ordering::Relaxed))
-                {
-                    metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
-                    return Ended { code: Some(close::SLOW_CONSUMER), reason: "slow consumer" };
-                }
-                if out.is_empty() {
-                    drop(page_held.take()); // the page is written: its memory goes back
-                }
-            }
-            mut held = reserve(&mut reserving, &ctx.replay_memory, page_estimate), if replaying && out.is_empty() => {
-                let page = match ctx.store.inbox_page(state.device().clone(), replay_from, REPLAY_PAGE, REPLAY_PAGE_BYTES).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "inbox replay failed");
-                        return Ended { code: Some(TRY_AGAIN_LATER), reason: "store unavailable" };
-                    }
-                };
-                let bodies: usize = page.iter().map(|e| e.body.len()).sum();
-                let full = page.len() == REPLAY_PAGE || bodies >= REPLAY_PAGE_BYTES;
-                replay_from = page.last().map_or(replay_from, |e| e.seq);
-                let mut before_login = Vec::new();
-                for entry in &page {
-                    if state.before_login(entry.seq) {
-                        before_login.push(entry.seq);
-                    } else if state.advance(entry.seq) {
-                        out.push_back(Message::Text(deliver_frame(entry)));
-                    }
-                }
-                drop(page);
-                // Not for this login: off the inbox (the archive keeps them), never delivered.
-                acks.add(before_login);
-                if !full {
-                    // Caught up with the store: whatever is queued live is newer or a duplicate.
-                    for (seq, frame) in reg.outbox.take(usize::MAX) {
-                        if state.advance(seq) {
-                            out.push_back(Message::Text(frame));
-                        }
-                    }
-                }
-                replayed += out.len() as u64;
-                metrics::counter!("relay_messages_delivered_total", "path" => "replay").increment(out.len() as u64);
-                // Deliveries dropped on a full queue during replay are in the store: read again.
-                let overflowed = !full && reg.outbox.overflowed.swap(false, Ordering::Relaxed);
-                if !full && !overflowed {
-                    phase = Phase::Live;
-                    if live_after.is_none() {
-                        live_after = Some(state.cursor());
-                        out.push_back(ServerFrame::Synced { seq: state.cursor() }.to_json().into());
-                        metrics::histogram!("relay_replay_duration_seconds").record(replay_started.elapsed().as_secs_f64());
-                        metrics::histogram!("relay_replay_messages").record(replayed as f64);
-                    }
-                }
-                held.shrink(out.iter().map(Message::len).sum());
-                if !out.is_empty() {
-                    page_held.replace(held);
-                }
-            }
-            _ = reg.outbox.ready.notified(), if !replaying && out.is_empty() => {
-                let before = out.len();
-                out.extend(
-                    reg.outbox
-                        .take(LIVE_BATCH)
-                        .into_iter()
-                        .filter(|(seq, _)| state.advance(*seq))
-                        .map(|(_, frame)| Message::Text(frame)),
-                );
-                metrics::counter!("relay_messages_delivered_total", "path" => "live").increment((out.len() - before) as u64);
             }
         }
+    }
+
+    /// Writes frames within the write timeout; a device that does not read them is closed.
+    async fn send(&mut self, frames: Vec<Message>) -> Result<(), Ended> {
+        write(self.ws, frames, self.ctx.write_timeout)
+            .await
+            .map_err(|()| slow_consumer("write timed out"))
+    }
+
+    /// The hub evicted the session: displaced, draining, or logged out.
+    async fn evicted(&mut self, reg: &Registration) -> Ended {
+        self.finish_pending().await;
+        let code = reg.outbox.evict_code.load(Ordering::Relaxed);
+        let logout = reg
+            .outbox
+            .logout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (close::LOGGED_OUT, Some((reason, signal))) = (code, logout) {
+            let device = self.state.device().clone();
+            return logout_phase(self.ws, self.ctx, &device, &reason, signal, "live").await;
+        }
+        let reason = if code == close::RESTART {
+            "relay restarting"
+        } else {
+            "displaced by a newer connection"
+        };
+        Ended {
+            code: Some(code),
+            reason,
+        }
+    }
+
+    /// The store answered the oldest outstanding send.
+    async fn answer(&mut self, result: Result<Accepted, StoreError>) -> Result<(), Ended> {
+        let Some(answer) = self.state.handle_appended(Instant::now(), result) else {
+            return Ok(());
+        };
+        let frame = self.settle(answer);
+        self.send(vec![frame.into()]).await
+    }
+
+    /// Quota and metrics of an answered send; its frame.
+    fn settle(&self, answer: Answer) -> String {
+        if answer.refund > 0 {
+            let user = &self.state.device().user;
+            self.ctx
+                .quota
+                .refund(user, answer.refund, crate::store::now_ms());
+        }
+        match answer.outcome {
+            Appended::Accepted { duplicate } => {
+                metrics::histogram!("relay_accept_duration_seconds")
+                    .record(answer.took.as_secs_f64());
+                if duplicate {
+                    metrics::counter!("relay_messages_duplicate_total").increment(1);
+                } else {
+                    metrics::counter!("relay_messages_accepted_total").increment(1);
+                }
+            }
+            Appended::Rejected(code) => {
+                metrics::counter!("relay_messages_rejected_total", "code" => code.code())
+                    .increment(1);
+            }
+        }
+        answer.frame
+    }
+
+    /// On shutdown: the store finishes every queued append; tell the device how each ended.
+    async fn finish_pending(&mut self) {
+        let mut frames = Vec::new();
+        while let Some(mut ticket) = self.tickets.pop_front() {
+            let result = (&mut ticket).await.unwrap_or(Err(StoreError::Closed));
+            if let Some(answer) = self.state.handle_appended(Instant::now(), result) {
+                frames.push(Message::Text(self.settle(answer).into()));
+            }
+        }
+        let _ = write(self.ws, frames, self.ctx.write_timeout).await;
+    }
+
+    /// One message (or the end) from the device.
+    async fn on_frame(&mut self, incoming: Option<Result<Message, WsError>>) -> Result<(), Ended> {
+        let now = Instant::now();
+        let rejected = |reason: &'static str, code: u16, why: &'static str| {
+            metrics::counter!("relay_frames_rejected_total", "reason" => reason).increment(1);
+            Ended {
+                code: Some(code),
+                reason: why,
+            }
+        };
+        let (action, pause_until) = match incoming {
+            None => {
+                return Err(Ended {
+                    code: None,
+                    reason: "connection closed",
+                });
+            }
+            Some(Err(WsError::Capacity(_))) => {
+                return Err(rejected("too_big", close::TOO_BIG, "frame too big"));
+            }
+            Some(Err(WsError::Utf8(_))) => {
+                return Err(rejected(
+                    "invalid_utf8",
+                    close::INVALID_DATA,
+                    "text frame is not utf-8",
+                ));
+            }
+            Some(Err(WsError::Protocol(_))) => {
+                return Err(rejected(
+                    "protocol_error",
+                    close::PROTOCOL_ERROR,
+                    "websocket protocol error",
+                ));
+            }
+            Some(Err(_)) => {
+                return Err(Ended {
+                    code: None,
+                    reason: "io error",
+                });
+            }
+            Some(Ok(Message::Text(text))) => {
+                let pause = self.state.inbound(now, text.len());
+                (self.state.handle_text(now, &text), pause)
+            }
+            Some(Ok(Message::Binary(b))) => {
+                let pause = self.state.inbound(now, b.len());
+                (self.state.handle_binary(now), pause)
+            }
+            Some(Ok(Message::Close(_))) => {
+                // tungstenite queued the close reply; push it out.
+                let _ = tokio::time::timeout(self.ctx.write_timeout, self.ws.flush()).await;
+                return Err(Ended {
+                    code: None,
+                    reason: "client closed",
+                });
+            }
+            Some(Ok(_)) => {
+                self.state.heard(now); // ping, pong
+                (Action::None, None)
+            }
+        };
+        // Over its byte budget: stop reading for a moment (at most about one frame's worth of
+        // time); TCP slows the sender, and nobody else waits for it.
+        if let Some(until) = pause_until {
+            metrics::counter!("relay_inbound_paused_total").increment(1);
+            tokio::time::sleep_until(until.into()).await;
+        }
+        self.act(now, action).await
+    }
+
+    /// Carries out what the state decided about a frame.
+    async fn act(&mut self, now: Instant, action: Action) -> Result<(), Ended> {
+        let ctx = self.ctx;
+        // The account's daily storage quota is shared by its sessions: checked here.
+        let action = match action {
+            Action::Append(msg)
+                if !ctx.quota.reserve(
+                    &msg.from.user,
+                    msg.body.len() as u64,
+                    crate::store::now_ms(),
+                ) =>
+            {
+                Action::Reject(msg.id, RejectCode::QuotaExceeded)
+            }
+            action => action,
+        };
+        let frame = match action {
+            Action::None => return Ok(()),
+            Action::Close(code, reason) => {
+                return Err(Ended {
+                    code: Some(code),
+                    reason,
+                });
+            }
+            Action::Append(msg) => {
+                self.state.appending(now, msg.id, msg.body.len() as u64);
+                self.tickets.push_back(ctx.store.append(msg));
+                return Ok(());
+            }
+            Action::Ack(seqs) => {
+                metrics::counter!("relay_messages_acked_total").increment(seqs.len() as u64);
+                // The accept time is in the seq: accept → device ack, the delivery SLO.
+                let now_ms = crate::store::now_ms();
+                for &seq in &seqs {
+                    let accepted = crate::store::seq_time_ms(seq);
+                    if accepted <= now_ms {
+                        let path = self.state.delivery_path(seq);
+                        metrics::histogram!("relay_delivery_duration_seconds", "path" => path)
+                            .record((now_ms - accepted) as f64 / 1000.0);
+                    }
+                }
+                self.acks.add(seqs);
+                return Ok(());
+            }
+            Action::Reject(id, code) => {
+                metrics::counter!("relay_messages_rejected_total", "code" => code.code())
+                    .increment(1);
+                ServerFrame::Rejected {
+                    id,
+                    code,
+                    retry: code.retryable(),
+                }
+                .to_json()
+            }
+            Action::SetPushToken(token) => {
+                match set_push_token(ctx, self.state.device(), token).await {
+                    Ok(registered) => ServerFrame::PushTokenSaved { registered }.to_json(),
+                    Err((code, detail)) => ServerFrame::Error {
+                        code,
+                        message: &detail,
+                        id: None,
+                    }
+                    .to_json(),
+                }
+            }
+            Action::Error(code, detail, id) => {
+                metrics::counter!("relay_frames_rejected_total", "reason" => code.code())
+                    .increment(1);
+                ServerFrame::Error {
+                    code,
+                    message: &detail,
+                    id,
+                }
+                .to_json()
+            }
+        };
+        self.send(vec![frame.into()]).await
+    }
+
+    /// A deadline of the state's came due.
+    async fn on_deadline(&mut self) -> Result<(), Ended> {
+        match self.state.poll_timeout(Instant::now()) {
+            Timeout::None => Ok(()),
+            Timeout::Ping => self.send(vec![Message::Ping(Default::default())]).await,
+            Timeout::IdleLogoff => {
+                metrics::counter!("relay_idle_logoffs_total").increment(1);
+                let frame = ServerFrame::SessionExpired {
+                    idle_timeout_s: self.ctx.limits.idle_timeout.as_secs(),
+                };
+                let _ = self.send(vec![frame.to_json().into()]).await;
+                Err(Ended {
+                    code: Some(close::SESSION_EXPIRED),
+                    reason: "session expired",
+                })
+            }
+            Timeout::Close(code, reason) => Err(Ended {
+                code: Some(code),
+                reason,
+            }),
+        }
+    }
+
+    /// Replayed and live frames, a frame or so per write, each write within the timeout. Live
+    /// deliveries dropped on a full queue (`overflowed`) are lost to this session: it must
+    /// reconnect and replay them (during replay they are read from the store again).
+    async fn write_out(&mut self, overflowed: bool) -> Result<(), Ended> {
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        while let Some(frame) = self.out.front() {
+            if !frames.is_empty() && bytes + frame.len() > WRITE_CHUNK_BYTES {
+                break;
+            }
+            bytes += frame.len();
+            frames.extend(self.out.pop_front());
+        }
+        if self.send(frames).await.is_err() || overflowed {
+            metrics::counter!("relay_slow_consumer_disconnects_total").increment(1);
+            return Err(slow_consumer("slow consumer"));
+        }
+        if self.out.is_empty() {
+            drop(self.page_held.take()); // the page is written: its memory goes back
+        }
+        Ok(())
+    }
+
+    /// Reads the next inbox page (its memory `held`) and queues what it delivers.
+    async fn replay_page(&mut self, reg: &Registration, mut held: Held) -> Result<(), Ended> {
+        let device = self.state.device().clone();
+        let from = self.state.replay_from();
+        let entries = self
+            .ctx
+            .store
+            .inbox_page(device, from, REPLAY_PAGE, REPLAY_PAGE_BYTES)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "inbox replay failed");
+                store_unavailable()
+            })?;
+        let bodies: usize = entries.iter().map(|e| e.body.len()).sum();
+        let full = entries.len() == REPLAY_PAGE || bodies >= REPLAY_PAGE_BYTES;
+        let page = self.state.handle_page(&entries, full);
+        drop(entries);
+        self.acks.add(page.before_login);
+        let mut frames = page.frames;
+        let mut synced = None;
+        if page.caught_up {
+            let queued = reg.outbox.take(usize::MAX);
+            // Deliveries dropped on a full queue during replay are in the store: read again.
+            let overflowed = reg.outbox.overflowed.swap(false, Ordering::Relaxed);
+            let live;
+            (live, synced) = self
+                .state
+                .handle_caught_up(Instant::now(), queued, overflowed);
+            frames.extend(live);
+        }
+        metrics::counter!("relay_messages_delivered_total", "path" => "replay")
+            .increment(frames.len() as u64);
+        if let Some(done) = synced {
+            metrics::histogram!("relay_replay_duration_seconds").record(done.took.as_secs_f64());
+            metrics::histogram!("relay_replay_messages").record(done.messages as f64);
+            frames.push(done.frame);
+        }
+        self.out.extend(frames.into_iter().map(Message::Text));
+        held.shrink(self.out.iter().map(Message::len).sum());
+        if !self.out.is_empty() {
+            self.page_held.replace(held);
+        }
+        Ok(())
     }
 }
 
 /// Records the device's last-seen time (and its user's organisation) in the background.
 fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option<(String, u64)>) {
     let (store, device) = (ctx.store.clone(), device.clone());
-    tokio::spawn(async move {
+    ctx.tasks.spawn(async move {
         let change = crate::access::Change::Seen {
             at: crate::store::now_ms(),
             org,
@@ -498,7 +652,7 @@ where
     ctx.access.audit.record(crate::audit::Event {
         via: Some(via.into()),
         signal: Some(signal),
-        ..crate::audit::Event::new("logout_delivered").device(device)
+        ..crate::audit::Event::new(crate::audit::EventKind::LogoutDelivered).device(device)
     });
     let wait = async {
         while let Some(Ok(msg)) = ws.next().await {
@@ -558,6 +712,7 @@ async fn set_push_token(
 /// gathered meanwhile and sent together when it is applied.
 struct Acks<'a> {
     store: &'a Arc<dyn MessageStore>,
+    tasks: &'a TaskTracker,
     device: DeviceRef,
     waiting: Vec<u64>,
     /// Owns what it needs, so a session that ends can leave it to a task.
@@ -565,9 +720,10 @@ struct Acks<'a> {
 }
 
 impl<'a> Acks<'a> {
-    fn new(store: &'a Arc<dyn MessageStore>, device: DeviceRef) -> Self {
+    fn new(store: &'a Arc<dyn MessageStore>, tasks: &'a TaskTracker, device: DeviceRef) -> Self {
         Acks {
             store,
+            tasks,
             device,
             waiting: Vec::new(),
             in_flight: None,
@@ -609,22 +765,23 @@ impl Drop for Acks<'_> {
     /// store's lane yet (a lost ack is only a redelivery, but one that need not happen).
     fn drop(&mut self) {
         if let Some(in_flight) = self.in_flight.take() {
-            tokio::spawn(in_flight);
+            self.tasks.spawn(in_flight);
         }
         if !self.waiting.is_empty() {
             let (store, device) = (self.store.clone(), self.device.clone());
             let seqs = std::mem::take(&mut self.waiting);
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = store.ack(device, seqs).await;
             });
         }
     }
 }
 
-/// Resolves with the oldest pending append's outcome; pending forever when there is none.
-async fn next_reply(pending: &mut VecDeque<Pending>) -> Result<crate::store::Accepted, StoreError> {
-    match pending.front_mut() {
-        Some(p) => (&mut p.ticket).await.unwrap_or(Err(StoreError::Closed)),
+/// Resolves with the oldest outstanding append's outcome (the caller pops it); pending forever
+/// when there is none.
+async fn next_reply(tickets: &mut VecDeque<AppendTicket>) -> Result<Accepted, StoreError> {
+    match tickets.front_mut() {
+        Some(ticket) => ticket.await.unwrap_or(Err(StoreError::Closed)),
         None => std::future::pending().await,
     }
 }
@@ -635,68 +792,6 @@ async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies:
     let held = waiting.as_mut().await;
     *slot = None;
     held
-}
-
-/// The frame that answers a send; a message that stored nothing new gives its quota back.
-fn reply(
-    ctx: &SessionContext,
-    device: &crate::store::DeviceRef,
-    p: Pending,
-    result: Result<crate::store::Accepted, StoreError>,
-) -> String {
-    if !matches!(result, Ok(a) if !a.duplicate) {
-        ctx.quota
-            .refund(&device.user, p.bytes, crate::store::now_ms());
-    }
-    let id = p.id;
-    match result {
-        Ok(a) => {
-            metrics::histogram!("relay_accept_duration_seconds")
-                .record(p.started.elapsed().as_secs_f64());
-            if a.duplicate {
-                metrics::counter!("relay_messages_duplicate_total").increment(1);
-            } else {
-                metrics::counter!("relay_messages_accepted_total").increment(1);
-            }
-            ServerFrame::Accepted {
-                id,
-                seq: a.seq,
-                ts: a.ts,
-                duplicate: a.duplicate,
-            }
-            .to_json()
-        }
-        Err(e) => {
-            let code = match e {
-                StoreError::Closed => RejectCode::ShuttingDown,
-                _ => RejectCode::Unavailable,
-            };
-            metrics::counter!("relay_messages_rejected_total", "code" => code.code()).increment(1);
-            ServerFrame::Rejected {
-                id,
-                code,
-                retry: true,
-            }
-            .to_json()
-        }
-    }
-}
-
-/// On shutdown: the store finishes every queued append; tell the device how each ended.
-async fn finish_pending<S>(
-    ws: &mut Ws<S>,
-    pending: &mut VecDeque<Pending>,
-    ctx: &SessionContext,
-    device: &crate::store::DeviceRef,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut frames = Vec::new();
-    while let Some(mut p) = pending.pop_front() {
-        let result = (&mut p.ticket).await.unwrap_or(Err(StoreError::Closed));
-        frames.push(Message::Text(reply(ctx, device, p, result).into()));
-    }
-    let _ = write(ws, frames, ctx.write_timeout).await;
 }
 
 /// Writes frames and flushes once, within `limit`.
@@ -735,7 +830,7 @@ where
         }
         Ok::<(), WsError>(())
     };
-    let _ = tokio::time::timeout(limit.min(Duration::from_secs(2)), handshake).await;
+    let _ = tokio::time::timeout(limit.min(CLOSE_HANDSHAKE), handshake).await;
 }
 
 #[cfg(test)]
@@ -787,7 +882,8 @@ mod tests {
 
         // One ack taken and the session gone before its loop came round to send it (the ack lane
         // was full, or the close frame was read first), one gathered behind it.
-        let mut acks = Acks::new(&store, bob.clone());
+        let tasks = TaskTracker::new();
+        let mut acks = Acks::new(&store, &tasks, bob.clone());
         acks.add(vec![seqs[0]]);
         acks.add(vec![seqs[1]]);
         drop(acks);

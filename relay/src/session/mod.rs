@@ -21,8 +21,6 @@ pub struct SessionContext {
     pub limits: state::Limits,
     /// Deliveries queued per connection.
     pub outbound_queue: usize,
-    /// Sends per connection awaiting durability.
-    pub max_pipelined: usize,
     /// Time a write may take before the device counts as a slow consumer.
     pub write_timeout: Duration,
     /// App ids devices may register push tokens for (empty: any).
@@ -37,4 +35,7 @@ pub struct SessionContext {
     pub replay_memory: budget::ReplayMemory,
     /// What each account may store per day.
     pub quota: budget::SenderQuota,
+    /// Tracks every session task and what sessions leave behind (acks, last-seen writes), so
+    /// the drain waits for them before the store closes.
+    pub tasks: tokio_util::task::TaskTracker,
 }

@@ -1,15 +1,27 @@
-//! Protocol state of one session, free of IO and clocks: the driver passes `now` in and carries
-//! out the [`Action`]s. Everything a device can get wrong is decided here and unit-tested
-//! without sockets.
+//! Protocol state of one session, free of IO and clocks: the driver passes `now` in, feeds it
+//! the device's frames, inbox pages, live deliveries and the store's answers, and carries out
+//! what it returns. Everything a device can get wrong, and every ordering the protocol promises
+//! (replay then live, each sequence once, answers in send order, deadlines), is decided here and
+//! tested without sockets (the two-sided harness at the bottom).
+//!
+//! Replay protocol: the session registers with the hub *before* reading the inbox, so a message
+//! committed during replay is either read from the store or queued live (or both: the cursor
+//! drops the second copy). Live deliveries wait in the hub's bounded queue until the replay
+//! catches up with the store; a catch-up (deliveries lost on the cluster bus) replays again from
+//! a floor.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
-use crate::protocol::{self, ClientFrame, FrameError, MAX_ACKS_PER_FRAME, RejectCode, close};
-use crate::store::{DeviceRef, NewMessage};
+use crate::fanout::deliver_frame;
+use crate::protocol::{
+    self, ClientFrame, FrameError, MAX_ACKS_PER_FRAME, RejectCode, ServerFrame, close,
+};
+use crate::store::{Accepted, DeviceRef, InboxEntry, NewMessage, StoreError};
 
 /// Per-session limits, from configuration.
 #[derive(Debug, Clone)]
@@ -36,6 +48,74 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// Inactivity logoff.
     pub idle_timeout: Duration,
+    /// Sends handed to the store and not answered yet; at this many, the device's frames wait.
+    pub max_pipelined_sends: usize,
+}
+
+/// Whether the session is reading its inbox from the store or forwarding live deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the inbox page by page; live deliveries wait in the hub's queue.
+    Replaying,
+    /// Caught up: live deliveries go out as they come.
+    Live,
+}
+
+/// What a page of the inbox gives the session.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// `deliver` frames to write, in order.
+    pub frames: Vec<Utf8Bytes>,
+    /// Entries accepted before this login: off the inbox (the archive keeps them), never
+    /// delivered.
+    pub before_login: Vec<u64>,
+    /// The page was not full: the replay has caught up with the store, and the driver hands
+    /// over what waited in the live queue ([`State::handle_caught_up`]).
+    pub caught_up: bool,
+}
+
+/// The end of a session's first replay: the `synced` frame, written after every delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synced {
+    /// The `synced` frame.
+    pub frame: Utf8Bytes,
+    /// Messages delivered by the replay.
+    pub messages: u64,
+    /// Since the session began.
+    pub took: Duration,
+}
+
+/// How the store answered a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Durable (`duplicate`: the id was accepted before; nothing new stored).
+    Accepted {
+        /// The id was accepted before.
+        duplicate: bool,
+    },
+    /// Not stored; the device may resend under the same id.
+    Rejected(RejectCode),
+}
+
+/// The answer to a send, in send order.
+#[derive(Debug)]
+pub struct Answer {
+    /// The `accepted` or `rejected` frame.
+    pub frame: String,
+    /// How it went.
+    pub outcome: Appended,
+    /// From the send to the store's answer.
+    pub took: Duration,
+    /// Quota bytes to give back: a send that stored nothing new costs nothing.
+    pub refund: u64,
+}
+
+/// A send handed to the store, awaiting its answer.
+#[derive(Debug)]
+struct Outstanding {
+    id: Uuid,
+    started: Instant,
+    bytes: u64,
 }
 
 /// What the driver must do after a frame.
@@ -92,7 +172,19 @@ pub struct State {
     delivered: Delivered,
     /// Sequences below this were accepted before this login (see [`State::start_at`]).
     login_floor: u64,
+    phase: Phase,
+    /// Where the inbox read continues; moved back by a catch-up.
+    replay_from: u64,
+    /// Sequences above this were delivered live (known once the first replay ends).
+    live_after: Option<u64>,
+    started: Instant,
+    replayed: u64,
+    /// Sends handed to the store, oldest first: answered in this order.
+    outstanding: VecDeque<Outstanding>,
 }
+
+/// The window of [`PerMinute`].
+const WINDOW: Duration = Duration::from_secs(60);
 
 /// Events counted in fixed one-minute windows.
 #[derive(Debug)]
@@ -108,7 +200,7 @@ impl PerMinute {
 
     /// Counts one event at `now`; how many there were in this window, this one included.
     fn count(&mut self, now: Instant) -> u32 {
-        if now >= self.since + Duration::from_secs(60) {
+        if now >= self.since + WINDOW {
             *self = PerMinute::new(now);
         }
         self.n = self.n.saturating_add(1);
@@ -201,6 +293,12 @@ impl State {
             refused: PerMinute::new(now),
             delivered: Delivered::default(),
             login_floor: 0,
+            phase: Phase::Replaying,
+            replay_from: 0,
+            live_after: None,
+            started: now,
+            replayed: 0,
+            outstanding: VecDeque::new(),
         }
     }
 
@@ -235,6 +333,151 @@ impl State {
             d.floor = oldest;
         }
         true
+    }
+
+    /// Replaying or live.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Where the next inbox page starts (after this sequence).
+    pub fn replay_from(&self) -> u64 {
+        self.replay_from
+    }
+
+    /// A page read from the inbox after [`State::replay_from`]; `full` when the read stopped at
+    /// its size limits (more may follow).
+    pub fn handle_page(&mut self, entries: &[InboxEntry], full: bool) -> Page {
+        let mut page = Page {
+            caught_up: !full,
+            ..Page::default()
+        };
+        self.replay_from = entries.last().map_or(self.replay_from, |e| e.seq);
+        for entry in entries {
+            if self.before_login(entry.seq) {
+                page.before_login.push(entry.seq);
+            } else if self.advance(entry.seq) {
+                page.frames.push(deliver_frame(entry));
+            }
+        }
+        self.replayed += page.frames.len() as u64;
+        page
+    }
+
+    /// The replay caught up with the store: what waited in the live queue is newer or a
+    /// duplicate. `overflowed`: deliveries were dropped on the full queue meanwhile; they are in
+    /// the store, so the replay reads on. Otherwise the session goes live, and the first time
+    /// it does, [`Synced`] follows the deliveries.
+    pub fn handle_caught_up(
+        &mut self,
+        now: Instant,
+        queued: Vec<(u64, Utf8Bytes)>,
+        overflowed: bool,
+    ) -> (Vec<Utf8Bytes>, Option<Synced>) {
+        let frames = self.handle_live(queued);
+        self.replayed += frames.len() as u64;
+        if overflowed {
+            return (frames, None);
+        }
+        self.phase = Phase::Live;
+        if self.live_after.is_some() {
+            return (frames, None);
+        }
+        let cursor = self.cursor();
+        self.live_after = Some(cursor);
+        let synced = Synced {
+            frame: ServerFrame::Synced { seq: cursor }.to_json().into(),
+            messages: self.replayed,
+            took: now.saturating_duration_since(self.started),
+        };
+        (frames, Some(synced))
+    }
+
+    /// Live deliveries from the hub's queue: the frames not delivered yet.
+    pub fn handle_live(&mut self, queued: Vec<(u64, Utf8Bytes)>) -> Vec<Utf8Bytes> {
+        queued
+            .into_iter()
+            .filter(|(seq, _)| self.advance(*seq))
+            .map(|(_, frame)| frame)
+            .collect()
+    }
+
+    /// Deliveries from other nodes may have been lost (cluster bus trouble): read the inbox
+    /// again from `floor`. Only while live; a replay under way reads on by itself.
+    pub fn handle_catch_up(&mut self, floor: u64) {
+        if self.phase == Phase::Live {
+            self.replay_from = floor.min(self.replay_from);
+            self.phase = Phase::Replaying;
+        }
+    }
+
+    /// How `seq` reached the device, for the delivery-time metric: `live` or `replay`.
+    pub fn delivery_path(&self, seq: u64) -> &'static str {
+        if self.live_after.is_some_and(|c| seq > c) {
+            "live"
+        } else {
+            "replay"
+        }
+    }
+
+    /// Whether the driver may read the device's next frame: not while
+    /// [`Limits::max_pipelined_sends`] sends await the store.
+    pub fn may_read(&self) -> bool {
+        self.outstanding.len() < self.limits.max_pipelined_sends
+    }
+
+    /// The driver handed the send `id` (`bytes` of body) to the store at `now`.
+    pub fn appending(&mut self, now: Instant, id: Uuid, bytes: u64) {
+        self.outstanding.push_back(Outstanding {
+            id,
+            started: now,
+            bytes,
+        });
+    }
+
+    /// The store answered the oldest outstanding send; `None` when none is outstanding.
+    pub fn handle_appended(
+        &mut self,
+        now: Instant,
+        result: Result<Accepted, StoreError>,
+    ) -> Option<Answer> {
+        let sent = self.outstanding.pop_front()?;
+        let took = now.saturating_duration_since(sent.started);
+        let (frame, outcome) = match result {
+            Ok(a) => (
+                ServerFrame::Accepted {
+                    id: sent.id,
+                    seq: a.seq,
+                    ts: a.ts,
+                    duplicate: a.duplicate,
+                },
+                Appended::Accepted {
+                    duplicate: a.duplicate,
+                },
+            ),
+            Err(e) => {
+                let code = match e {
+                    StoreError::Closed => RejectCode::ShuttingDown,
+                    _ => RejectCode::Unavailable,
+                };
+                let frame = ServerFrame::Rejected {
+                    id: sent.id,
+                    code,
+                    retry: true,
+                };
+                (frame, Appended::Rejected(code))
+            }
+        };
+        let refund = match outcome {
+            Appended::Accepted { duplicate: false } => 0,
+            _ => sent.bytes,
+        };
+        Some(Answer {
+            frame: frame.to_json(),
+            outcome,
+            took,
+            refund,
+        })
     }
 
     /// Lets this session send urgent messages (its token's `urgent` claim).
@@ -450,6 +693,7 @@ mod tests {
             inbound_burst_bytes: 2000.0,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(7200),
+            max_pipelined_sends: 4,
         }
     }
 
@@ -744,5 +988,378 @@ mod tests {
             s.advance(2 * DEDUP_WINDOW as u64 + 19),
             "inside the window, never delivered"
         );
+    }
+
+    /// The two-sided harness (after quinn-proto's `Pair`): a session's [`State`] on one side;
+    /// on the other, in memory, the device (what it was sent), the store (the device's inbox)
+    /// and the hub's bounded live queue, with the clock in the test's hands. [`Pair::step`] is
+    /// one turn of the driver's loop.
+    struct Pair {
+        state: State,
+        now: Instant,
+        inbox: std::collections::BTreeMap<u64, InboxEntry>,
+        queue: Vec<(u64, Utf8Bytes)>,
+        queue_cap: usize,
+        overflowed: bool,
+        page: usize,
+        /// Frames the device received in this session.
+        received: Vec<serde_json::Value>,
+        /// Every `deliver` the device received, over all sessions.
+        delivered: Vec<u64>,
+        sessions: usize,
+    }
+
+    fn entry(seq: u64) -> InboxEntry {
+        InboxEntry {
+            seq,
+            ts: seq,
+            id: Uuid::from_u64_pair(0, seq),
+            from: DeviceRef::new("bob", "phone"),
+            urgent: false,
+            body: Bytes::from_static(b"sealed"),
+        }
+    }
+
+    impl Pair {
+        fn new(page: usize, queue_cap: usize) -> Pair {
+            let now = Instant::now();
+            Pair {
+                state: state(now),
+                now,
+                inbox: Default::default(),
+                queue: Vec::new(),
+                queue_cap,
+                overflowed: false,
+                page,
+                received: Vec::new(),
+                delivered: Vec::new(),
+                sessions: 1,
+            }
+        }
+
+        /// A message for the device is committed: stored, and queued live unless `lost` (the
+        /// cluster bus dropped it). A full queue drops it and says so.
+        fn commit(&mut self, seq: u64, lost: bool) {
+            self.inbox.insert(seq, entry(seq));
+            if lost {
+                return;
+            }
+            if self.queue.len() < self.queue_cap {
+                self.queue.push((seq, deliver_frame(&entry(seq))));
+            } else {
+                self.overflowed = true;
+            }
+        }
+
+        fn receive(&mut self, frames: Vec<Utf8Bytes>) {
+            for f in frames {
+                let v: serde_json::Value = serde_json::from_str(&f).expect("JSON frame");
+                if v["type"] == "deliver" {
+                    self.delivered.push(v["seq"].as_u64().expect("seq"));
+                }
+                self.received.push(v);
+            }
+        }
+
+        /// One turn of the driver: a page while replaying, the live queue while live. False
+        /// when there was nothing to do. A live session whose queue overflowed is closed (slow
+        /// consumer) and the device reconnects.
+        fn step(&mut self) -> bool {
+            match self.state.phase() {
+                Phase::Replaying => {
+                    let from = self.state.replay_from();
+                    let entries: Vec<InboxEntry> = self
+                        .inbox
+                        .range(from + 1..)
+                        .take(self.page)
+                        .map(|(_, e)| e.clone())
+                        .collect();
+                    let full = entries.len() == self.page;
+                    let page = self.state.handle_page(&entries, full);
+                    for seq in &page.before_login {
+                        self.inbox.remove(seq);
+                    }
+                    self.receive(page.frames);
+                    if page.caught_up {
+                        let queued = std::mem::take(&mut self.queue);
+                        let overflowed = std::mem::take(&mut self.overflowed);
+                        let (frames, synced) =
+                            self.state.handle_caught_up(self.now, queued, overflowed);
+                        self.receive(frames);
+                        self.receive(synced.map(|s| s.frame).into_iter().collect());
+                    }
+                    true
+                }
+                Phase::Live if self.overflowed => {
+                    self.reconnect();
+                    true
+                }
+                Phase::Live if self.queue.is_empty() => false,
+                Phase::Live => {
+                    let queued = std::mem::take(&mut self.queue);
+                    let frames = self.state.handle_live(queued);
+                    self.receive(frames);
+                    true
+                }
+            }
+        }
+
+        /// Steps until nothing is left to do.
+        fn settle(&mut self) {
+            let mut turns = 0;
+            while self.step() {
+                turns += 1;
+                assert!(turns < 10_000, "the session never settles");
+            }
+        }
+
+        /// The device acks everything it was delivered in this session; the store applies it.
+        fn ack_all(&mut self) {
+            let seqs: Vec<u64> = self
+                .received
+                .iter()
+                .filter(|f| f["type"] == "deliver")
+                .filter_map(|f| f["seq"].as_u64())
+                .collect();
+            let frame = serde_json::json!({"type": "ack", "seqs": seqs}).to_string();
+            if let Action::Ack(seqs) = self.state.handle_text(self.now, &frame) {
+                for s in seqs {
+                    self.inbox.remove(&s);
+                }
+            }
+        }
+
+        /// The session ends and the device connects again: a new state, the same inbox, and a
+        /// live queue that starts empty.
+        fn reconnect(&mut self) {
+            self.state = state(self.now);
+            self.queue.clear();
+            self.overflowed = false;
+            self.received.clear();
+            self.sessions += 1;
+        }
+
+        /// The `synced` frames of this session, with their positions among its frames.
+        fn synced(&self) -> Vec<(usize, u64)> {
+            self.received
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f["type"] == "synced")
+                .map(|(i, f)| (i, f["seq"].as_u64().expect("seq")))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_message_committed_during_replay_is_delivered_once_whether_read_or_queued() {
+        let mut pair = Pair::new(2, 100);
+        for seq in 1..=3 {
+            pair.commit(seq, true); // before the session: stored only
+        }
+        assert!(pair.step()); // page 1-2 (full)
+        pair.commit(4, false); // stored and queued live while the replay reads
+        pair.commit(5, false);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 2, 3, 4, 5]);
+        let synced = pair.synced();
+        assert_eq!(synced.len(), 1, "{:?}", pair.received);
+        assert_eq!(synced[0], (5, 5), "synced follows everything replayed");
+        // Later ones go live.
+        pair.commit(6, false);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(pair.state.delivery_path(6), "live");
+        assert_eq!(pair.state.delivery_path(5), "replay");
+    }
+
+    #[test]
+    fn a_catch_up_replays_what_the_bus_lost_and_nothing_twice() {
+        let mut pair = Pair::new(3, 100);
+        pair.settle();
+        assert_eq!(pair.synced(), [(0, 0)]);
+        pair.commit(1, false);
+        pair.commit(2, true); // lost on the bus
+        pair.commit(3, false);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 3]);
+        pair.state.handle_catch_up(0);
+        assert_eq!(pair.state.phase(), Phase::Replaying);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 3, 2], "2 found, 1 and 3 not again");
+        assert_eq!(pair.synced().len(), 1, "synced is sent once per session");
+        // While replaying, a catch-up changes nothing (the replay reads on by itself).
+        pair.state.handle_catch_up(0);
+        pair.commit(4, true);
+        pair.state.handle_catch_up(3);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 3, 2, 4]);
+    }
+
+    #[test]
+    fn what_was_accepted_before_this_login_is_taken_off_the_inbox_and_never_delivered() {
+        let mut pair = Pair::new(2, 100);
+        for seq in [10, 20, 30, 40] {
+            pair.commit(seq, true);
+        }
+        pair.state.start_at(25);
+        pair.settle();
+        assert_eq!(pair.delivered, [30, 40]);
+        assert_eq!(pair.inbox.keys().copied().collect::<Vec<_>>(), [30, 40]);
+        assert_eq!(pair.synced(), [(2, 40)]);
+    }
+
+    #[test]
+    fn a_queue_that_overflowed_during_replay_is_read_from_the_store_again() {
+        let mut pair = Pair::new(1, 1);
+        pair.commit(1, true);
+        assert!(pair.step()); // page [1], full: more may follow
+        pair.commit(2, false); // queued
+        pair.commit(3, false); // the queue is full: dropped, but stored
+        assert!(pair.step()); // page [2], full
+        assert!(pair.step()); // page [3], full
+        assert!(pair.step()); // empty page: caught up, but the queue overflowed: read on
+        assert_eq!(pair.state.phase(), Phase::Replaying);
+        pair.settle();
+        assert_eq!(pair.delivered, [1, 2, 3]);
+        assert_eq!(pair.synced().len(), 1);
+    }
+
+    /// Any interleaving of commits (some lost on the bus, some overflowing the queue), driver
+    /// turns, acks and catch-ups delivers every message exactly once (acked at once, so a
+    /// reconnect has nothing to redeliver), in order within a session unless the bus lost one,
+    /// with one `synced` per session that no earlier message follows.
+    #[test]
+    fn every_interleaving_delivers_each_message_once() {
+        for seed in 1..=400u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut pair = Pair::new(1 + (next() % 4) as usize, 1 + (next() % 5) as usize);
+            let mut seq = 0;
+            let mut lost_any = false;
+            for _ in 0..(next() % 6) {
+                seq += 1;
+                pair.commit(seq, true);
+            }
+            let check_session = |pair: &Pair, lost_any: bool| {
+                let synced = pair.synced();
+                assert!(synced.len() <= 1, "seed {seed}: {:?}", pair.received);
+                let seqs: Vec<u64> = pair
+                    .received
+                    .iter()
+                    .filter(|f| f["type"] == "deliver")
+                    .filter_map(|f| f["seq"].as_u64())
+                    .collect();
+                if !lost_any {
+                    assert!(
+                        seqs.windows(2).all(|w| w[0] < w[1]),
+                        "seed {seed}: {seqs:?}"
+                    );
+                }
+                if let Some(&(at, cursor)) = synced.first() {
+                    for f in &pair.received[..at] {
+                        assert!(
+                            f["seq"].as_u64().is_some_and(|s| s <= cursor),
+                            "seed {seed}"
+                        );
+                    }
+                }
+            };
+            for _ in 0..60 {
+                match next() % 6 {
+                    0 | 1 => {
+                        seq += 1;
+                        let lost = next() % 5 == 0;
+                        lost_any |= lost;
+                        pair.commit(seq, lost);
+                    }
+                    2 | 3 => {
+                        let sessions = pair.sessions;
+                        check_session(&pair, lost_any);
+                        pair.step();
+                        if pair.sessions != sessions {
+                            lost_any = false;
+                        }
+                    }
+                    4 => pair.ack_all(),
+                    _ => pair.state.handle_catch_up(next() % (seq + 1)),
+                }
+                pair.ack_all();
+            }
+            pair.settle();
+            check_session(&pair, lost_any);
+            pair.state.handle_catch_up(0); // whatever the bus lost, found by a last catch-up
+            pair.settle();
+            pair.ack_all();
+            let mut delivered = pair.delivered.clone();
+            delivered.sort_unstable();
+            assert_eq!(
+                delivered,
+                (1..=seq).collect::<Vec<_>>(),
+                "seed {seed}: each message exactly once"
+            );
+            assert!(pair.inbox.is_empty(), "seed {seed}: acked all");
+        }
+    }
+
+    #[test]
+    fn sends_are_answered_in_order_and_reading_waits_at_the_pipeline_limit() {
+        let mut now = Instant::now();
+        let mut st = state(now);
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            assert!(st.may_read());
+            now += Duration::from_secs(1); // within the send rate
+            let Action::Append(msg) = st.handle_text(now, &send("\"bob\"", "aGk=")) else {
+                panic!("not an append");
+            };
+            st.appending(now, msg.id, msg.body.len() as u64);
+            ids.push(msg.id);
+        }
+        assert!(!st.may_read(), "four sends await the store");
+        let later = now + Duration::from_millis(5);
+        let answers: Vec<Answer> = [
+            Ok(Accepted {
+                seq: 7,
+                ts: 1,
+                duplicate: false,
+            }),
+            Ok(Accepted {
+                seq: 3,
+                ts: 1,
+                duplicate: true,
+            }),
+            Err(StoreError::Unavailable("down".into())),
+            Err(StoreError::Closed),
+        ]
+        .into_iter()
+        .map(|r| st.handle_appended(later, r).expect("outstanding"))
+        .collect();
+        assert!(st.may_read());
+        assert!(st.handle_appended(later, Err(StoreError::Closed)).is_none());
+        let frames: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|a| serde_json::from_str(&a.frame).expect("json"))
+            .collect();
+        for (f, id) in frames.iter().zip(&ids) {
+            assert_eq!(f["id"], id.to_string(), "answers in send order");
+        }
+        assert_eq!(frames[0]["type"], "accepted");
+        assert_eq!(frames[1]["duplicate"], true);
+        assert_eq!(
+            (frames[2]["code"].clone(), frames[2]["retry"].clone()),
+            (serde_json::json!("unavailable"), serde_json::json!(true))
+        );
+        assert_eq!(frames[3]["code"], "shutting_down");
+        // Only what stored something new keeps its quota.
+        let refunds: Vec<u64> = answers.iter().map(|a| a.refund).collect();
+        assert_eq!(refunds, [0, 2, 2, 2]);
+        let took: Vec<Duration> = answers.iter().map(|a| a.took).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(took, [ms(3005), ms(2005), ms(1005), ms(5)]);
     }
 }

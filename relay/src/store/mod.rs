@@ -1,9 +1,12 @@
 //! Durable storage of messages, in relay terms: append a message for its recipients' devices, read
 //! a device's inbox after a cursor, acknowledge, expire.
 //!
-//! [`MessageStore`] is the one trait; `embedded.rs` implements it on fjall. Payloads are sealed
-//! with the [`Keyring`](crate::seal::Keyring) before they reach a backend, and `record.rs` is the
-//! one binary layout both use.
+//! [`MessageStore`] is the one trait, implemented by two backends: `embedded/` on fjall (one
+//! node, no services) and `scylla/` on ScyllaDB (a cluster of relays). Payloads are sealed with
+//! the [`Keyring`](crate::seal::Keyring) before they reach a backend, and `record.rs` is the one
+//! binary layout both use. The store knows nothing above it: the access and audit rows it keeps
+//! are the models' types (`access::model`, `audit::model`), its options are its own
+//! (`scylla::ScyllaConfig`), and it hands committed messages up through [`DeliverySink`].
 //!
 //! **Invariant:** `append` resolves `Ok` only once the message is durable, and a backend hands
 //! every appended message to the [`DeliverySink`] after it is durable, in sequence order per
@@ -11,42 +14,22 @@
 
 pub mod backup;
 pub mod embedded;
-mod migrate;
 pub mod pseudonym;
 mod queue;
 pub mod record;
 pub mod rows;
 pub mod scylla;
-mod scylla_pseudonyms;
-
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::access::{AccessRow, Change};
-use crate::audit;
-
-/// A device of a user. Device ids are unique within a user.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceRef {
-    /// User id.
-    pub user: Arc<str>,
-    /// Device id.
-    pub device: Arc<str>,
-}
-
-impl DeviceRef {
-    /// Builds a reference from ids already validated by the caller.
-    pub fn new(user: &str, device: &str) -> Self {
-        DeviceRef {
-            user: user.into(),
-            device: device.into(),
-        }
-    }
-}
+use crate::access::model::{AccessRow, Change};
+use crate::audit::model as audit;
+pub use crate::ids::{
+    DeviceRef, MAX_NODES, MAX_SAFE_SEQ, SeqClock, now_ms, seq_floor, seq_span, seq_time_ms,
+};
 
 /// A message to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +76,25 @@ pub struct InboxEntry {
 
 /// Receives every durably appended message, in sequence order, for live fan-out.
 pub trait DeliverySink: Send + Sync + 'static {
-    /// `devices` are all the devices whose inbox received `entry`.
+    /// `devices` are all the devices whose inbox received `entry`, each once, grouped by user
+    /// (as [`add_recipients`] builds them).
     fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry);
+}
+
+/// The users whose devices a message is stored for: the sender (for their other devices),
+/// then the recipients. Both backends expand a message this way.
+pub fn recipient_users(msg: &NewMessage) -> impl Iterator<Item = &str> {
+    std::iter::once(&*msg.from.user).chain(msg.to.iter().map(String::as_str))
+}
+
+/// Adds the devices of one of [`recipient_users`] to `targets`: all but the sending device,
+/// each once. Called user by user, it leaves `targets` grouped by user.
+pub fn add_recipients(targets: &mut Vec<DeviceRef>, msg: &NewMessage, devices: &[DeviceRef]) {
+    for d in devices {
+        if *d != msg.from && !targets.contains(d) {
+            targets.push(d.clone());
+        }
+    }
 }
 
 /// Rows removed by one expiry pass.
@@ -152,33 +152,11 @@ pub struct Backup {
 /// A pending durable append; resolves when the message is durable (or failed).
 pub type AppendTicket = oneshot::Receiver<Result<Accepted, StoreError>>;
 
-/// Durable message storage shared by every session.
-pub trait MessageStore: Send + Sync + 'static {
+/// A device's inbox and the archive: what every session uses.
+pub trait Messages: Send + Sync + 'static {
     /// Queues `msg` for a durable append. Appends from one caller are applied in call order, so
     /// a device's pipelined sends keep their order. Never blocks.
     fn append(&self, msg: NewMessage) -> AppendTicket;
-
-    /// Records that a device exists for its user, so messages to the user reach it.
-    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>>;
-
-    /// Another node reports that `device` connected: a backend that caches users' device lists
-    /// makes sure the next append to the user includes it.
-    fn device_seen(&self, device: DeviceRef) {
-        let _ = device;
-    }
-
-    /// The device's push registration, if it has one.
-    fn push_token(
-        &self,
-        device: DeviceRef,
-    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>>;
-
-    /// Saves (`Some`) or removes (`None`) the device's push registration; durable on return.
-    fn set_push_token(
-        &self,
-        device: DeviceRef,
-        token: Option<push::DeviceToken>,
-    ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Inbox entries of `device` with `seq > after`, in order: up to `limit` entries, and no
     /// more once their bodies reach `max_bytes` (the first entry is always included).
@@ -207,9 +185,39 @@ pub trait MessageStore: Send + Sync + 'static {
         now_ms: u64,
         retention: Retention,
     ) -> BoxFuture<'_, Result<Expired, StoreError>>;
+}
 
-    // Access state and the audit trail: see `crate::access` and `crate::audit`.
+/// The devices of each user and their push registrations.
+pub trait Devices: Send + Sync + 'static {
+    /// Records that a device exists for its user, so messages to the user reach it.
+    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Another node reports that `device` connected: a backend that caches users' device lists
+    /// makes sure the next append to the user includes it.
+    fn device_seen(&self, device: DeviceRef) {
+        let _ = device;
+    }
+
+    /// Device ids registered for `user`.
+    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// The device's push registration, if it has one.
+    fn push_token(
+        &self,
+        device: DeviceRef,
+    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>>;
+
+    /// Saves (`Some`) or removes (`None`) the device's push registration; durable on return.
+    fn set_push_token(
+        &self,
+        device: DeviceRef,
+        token: Option<push::DeviceToken>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// Access state (`crate::access::model`): revocations, locks, confirmations, pending logouts and
+/// the organisations users belong to.
+pub trait AccessRows: Send + Sync + 'static {
     /// Access rows of `user`: the user row (id `""`) and the row of `device`, or every row
     /// when `device` is `None`. Rows never written are absent.
     fn access(
@@ -226,9 +234,6 @@ pub trait MessageStore: Send + Sync + 'static {
         change: Change,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Device ids registered for `user`.
-    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
-
     /// Users whose tokens named `org`.
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 
@@ -241,7 +246,10 @@ pub trait MessageStore: Send + Sync + 'static {
         device: DeviceRef,
         requested_at: Option<u64>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
+}
 
+/// The audit trail's chained records (`crate::audit::model`).
+pub trait AuditLog: Send + Sync + 'static {
     /// Stores audit records (already chained); durable on return.
     fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>>;
 
@@ -260,7 +268,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Every audit partition `(subject, month)` (verification).
     fn audit_partitions(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, StoreError>>;
+}
 
+/// Durable storage shared by every session: messages, devices, access state and the audit trail,
+/// each a trait of its own so that a part of the relay can be handed only the part it uses, and
+/// the store's own life (readiness, backups, close). Both backends implement all of them.
+pub trait MessageStore: Messages + Devices + AccessRows + AuditLog {
     /// Records a good backup, for `relay_last_backup_timestamp_seconds`.
     fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>>;
 
@@ -310,132 +323,6 @@ pub(crate) fn keep_inbox_row(
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Sequence numbers: `ms since 2025-01-01 (41 bits) | node id (5 bits) | counter (7 bits)`.
-///
-/// They increase per node, read as a time (so expiry is a key-range scan and partitions can be
-/// bucketed by time), are unique across up to 32 nodes writing the same inbox, and stay below
-/// 2^53, the largest integer a JavaScript client parses exactly from JSON (until the year 2094).
-/// Bursts above 128 messages per millisecond on one node borrow from the next millisecond.
-const SEQ_EPOCH_MS: u64 = 1_735_689_600_000;
-const NODE_BITS: u32 = 5;
-const COUNTER_BITS: u32 = 7;
-const TIME_SHIFT: u32 = NODE_BITS + COUNTER_BITS;
-
-/// Most relay nodes that can write to one store.
-pub const MAX_NODES: u8 = 1 << NODE_BITS;
-
 /// Users whose device lists a store's writer keeps in memory. Recipient ids come from clients
 /// and may name nobody, so past this the cache starts over instead of growing.
 pub const DEVICE_CACHE_USERS: usize = 100_000;
-
-/// Largest integer JSON clients in JavaScript read exactly.
-pub const MAX_SAFE_SEQ: u64 = (1 << 53) - 1;
-
-/// First sequence number at or after `ms`, for any node.
-pub fn seq_floor(ms: u64) -> u64 {
-    ms.saturating_sub(SEQ_EPOCH_MS) << TIME_SHIFT
-}
-
-/// How far sequence numbers advance in `ms` milliseconds.
-pub fn seq_span(ms: u64) -> u64 {
-    ms << TIME_SHIFT
-}
-
-/// Accept time encoded in a sequence number.
-pub fn seq_time_ms(seq: u64) -> u64 {
-    (seq >> TIME_SHIFT) + SEQ_EPOCH_MS
-}
-
-/// Issues increasing sequence numbers for one node.
-#[derive(Debug)]
-pub struct SeqClock {
-    node: u64,
-    last: u64,
-}
-
-impl SeqClock {
-    /// A clock for node `node` (below [`MAX_NODES`]) that continues after `last`.
-    pub fn new(node: u8, last: u64) -> Self {
-        SeqClock {
-            node: u64::from(node % MAX_NODES),
-            last,
-        }
-    }
-
-    /// The next sequence number at wall-clock time `now_ms`.
-    pub fn next(&mut self, now_ms: u64) -> u64 {
-        let mask = (1u64 << COUNTER_BITS) - 1;
-        let now = now_ms.saturating_sub(SEQ_EPOCH_MS);
-        let (last_ms, last_ctr) = (self.last >> TIME_SHIFT, self.last & mask);
-        let (ms, ctr) = if now > last_ms {
-            (now, 0)
-        } else if last_ctr < mask {
-            (last_ms, last_ctr + 1)
-        } else {
-            (last_ms + 1, 0)
-        };
-        self.last = ms << TIME_SHIFT | self.node << COUNTER_BITS | ctr;
-        self.last
-    }
-
-    /// A bound above every sequence number `n` more calls of [`next`](Self::next) at `now_ms`
-    /// (or earlier) can return: what a store must have reserved before issuing them.
-    pub fn bound_after(&self, now_ms: u64, n: usize) -> u64 {
-        let now = now_ms.saturating_sub(SEQ_EPOCH_MS);
-        let ms = now.max(self.last >> TIME_SHIFT) + (n as u64 >> COUNTER_BITS) + 1;
-        (ms + 1) << TIME_SHIFT
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sequences_stay_exact_in_javascript_until_2094() {
-        let year_2094_ms = 3_928_000_000_000u64;
-        assert!(seq_floor(year_2094_ms) | ((1 << TIME_SHIFT) - 1) < MAX_SAFE_SEQ);
-        let t = 1_767_225_600_123;
-        assert_eq!(seq_time_ms(seq_floor(t) + 100), t);
-    }
-
-    #[test]
-    fn clock_increases_and_nodes_never_collide() {
-        let now = 1_767_225_600_000;
-        let mut a = SeqClock::new(1, 0);
-        let mut b = SeqClock::new(2, 0);
-        let mut seen = std::collections::HashSet::new();
-        let mut last = 0;
-        for i in 0..1000 {
-            let s = a.next(now + i / 500); // bursts well above 128 per ms
-            assert!(s > last);
-            last = s;
-            assert!(seen.insert(s));
-            assert!(seen.insert(b.next(now + i / 500)));
-        }
-        // Time never runs backwards even if the wall clock does.
-        assert!(a.next(now - 10_000) > last);
-    }
-
-    #[test]
-    fn a_bound_covers_every_sequence_a_burst_can_issue() {
-        let now = 1_767_225_600_000;
-        for (start, n) in [(0, 1), (0, 1000), (seq_floor(now + 5_000), 300), (0, 128)] {
-            let mut c = SeqClock::new(3, start);
-            let bound = c.bound_after(now, n);
-            let last = (0..n).map(|_| c.next(now)).max().expect("n > 0");
-            assert!(last < bound, "{n} from {start}: {last} >= {bound}");
-        }
-        // A clock restarted at a reservation issues only above it.
-        let reserved = seq_floor(now + 10_000);
-        assert!(SeqClock::new(3, reserved).next(now) > reserved);
-    }
-}

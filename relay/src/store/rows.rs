@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::DeviceRef;
 use super::pseudonym::{LEN, Pseudonyms};
 use super::record::{push_id, take_id, take_u64};
-use crate::access::AccessRow;
-use crate::audit::{Chain, Record};
+use crate::access::model::AccessRow;
+use crate::audit::model::{Chain, Record};
 use crate::seal::SealError;
 
 fn aad(table: &[u8], key: &[u8]) -> Vec<u8> {

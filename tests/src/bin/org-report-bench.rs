@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use relay::audit::{self, Event};
+use relay::audit::{self, Event, EventKind};
 use relay::store::{MessageStore, Retention, now_ms};
 use relay_tests::{Kind, Place, Recorder, audit_keys, auditor};
 
@@ -37,7 +37,12 @@ struct Args {
 }
 
 const DAY: u64 = 86_400_000;
-const KINDS: [&str; 4] = ["connect", "idle_logoff", "connect", "auth_failed"];
+const KINDS: [EventKind; 4] = [
+    EventKind::Connect,
+    EventKind::IdleLogoff,
+    EventKind::Connect,
+    EventKind::AuthFailed,
+];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -34,30 +34,18 @@ use tokio::sync::{mpsc, oneshot};
 
 use futures_util::future::BoxFuture;
 
-use crate::store::{MessageStore, StoreError, now_ms};
+use crate::store::{AuditLog, StoreError, now_ms};
+
+pub mod model;
+
+pub use model::{ANONYMOUS, Chain, Event, EventKind, Head, Record, civil_date, month_of};
 
 /// Events that may wait for the writer before new ones are dropped (and counted).
 const QUEUE: usize = 65_536;
-/// Partition of failed logins that name no valid user.
-pub const ANONYMOUS: &str = "#anon";
-
 /// Partition of org-wide admin calls.
 pub fn org_subject(org: &str) -> String {
     format!("#org/{org}")
 }
-
-/// Events an org access report lists: failed logins, connects, logoffs, logouts and locks.
-pub const REPORTED: &[&str] = &[
-    "auth_failed",
-    "auth_throttled",
-    "connect",
-    "idle_logoff",
-    "logout_requested",
-    "logout_delivered",
-    "logout_confirmed",
-    "lock",
-    "unlock",
-];
 
 /// Length of an org report partition. An hour of a large org's events is read whole (a
 /// 5,000-user org makes a few thousand), so a page never holds more than an hour or two in
@@ -74,150 +62,6 @@ pub fn org_report_subject(org: &str, bucket: u64) -> String {
 /// by the access layer, which holds the user rows).
 pub type OrgLookup =
     Arc<dyn Fn(String) -> BoxFuture<'static, Result<Option<String>, StoreError>> + Send + Sync>;
-
-/// One access event. Ids are validated identifiers; `detail` fields are fixed vocabulary.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// Time, ms since the Unix epoch.
-    pub ts: u64,
-    /// `connect`, `disconnect`, `idle_logoff`, `auth_failed`, `auth_throttled`,
-    /// `logout_requested`, `logout_delivered`, `logout_confirmed`, `lock`, `unlock`,
-    /// `admin_request`.
-    pub event: String,
-    /// User concerned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    /// Device concerned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// User a failed login's token named, when that token was not genuine and names no user
-    /// the relay knows (the record is then filed with the anonymous failures).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_user: Option<String>,
-    /// Device such a token named.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_device: Option<String>,
-    /// Client IP address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-    /// Node that recorded it.
-    #[serde(default)]
-    pub node: u8,
-    /// Why (a code: `token_expired`, `lost_device`, `slow consumer`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Admin credential that acted (`name (role)`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
-    /// How a logout reached the device: `live`, `push`, `reconnect`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub via: Option<String>,
-    /// The logout signal id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<uuid::Uuid>,
-    /// Organisation the user belonged to when it happened: its access report lists the event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub org: Option<String>,
-    /// The recorder named `org` (or knows there is none): the writer does not look it up.
-    #[serde(skip)]
-    pub org_known: bool,
-    /// Start of the range an org report was asked for (ms).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<u64>,
-    /// End of that range (ms, exclusive).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<u64>,
-    /// Admin request: `METHOD /path` and the status answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
-    /// HTTP status of an admin request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-}
-
-impl Event {
-    /// An event of kind `event` now.
-    pub fn new(event: &str) -> Self {
-        Event {
-            ts: now_ms(),
-            event: event.into(),
-            ..Default::default()
-        }
-    }
-
-    /// Sets user and device.
-    pub fn device(mut self, d: &crate::store::DeviceRef) -> Self {
-        self.user = Some(d.user.to_string());
-        self.device = Some(d.device.to_string());
-        self
-    }
-
-    /// Sets the reason.
-    pub fn reason(mut self, reason: &str) -> Self {
-        self.reason = Some(reason.into());
-        self
-    }
-
-    /// Partition subject: the user, or [`ANONYMOUS`].
-    fn subject(&self) -> String {
-        self.user.clone().unwrap_or_else(|| ANONYMOUS.into())
-    }
-}
-
-/// Month number (months since 1970-01) of a time in ms; the partition bucket.
-pub fn month_of(ms: u64) -> u32 {
-    let (year, month, _) = civil_date(ms);
-    ((year - 1970) * 12 + i64::from(month) - 1).clamp(0, i64::from(u32::MAX)) as u32
-}
-
-/// Year, month (1–12) and day (1–31) in UTC of a time in ms.
-pub fn civil_date(ms: u64) -> (i64, u32, u32) {
-    // Civil-from-days (Howard Hinnant).
-    let days = (ms / 86_400_000) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month as u32, day as u32)
-}
-
-/// Position and hash of a chain's last record.
-pub type Head = (u64, [u8; 32]);
-
-/// One chain of a partition: `(subject, month, node)`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Chain {
-    /// Partition subject.
-    pub subject: String,
-    /// Partition month.
-    pub month: u32,
-    /// Writing node.
-    pub node: u8,
-}
-
-/// A stored audit record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// Which chain.
-    pub chain: Chain,
-    /// Position in the chain, from 0.
-    pub n: u64,
-    /// Event time (ms), for range queries.
-    pub ts: u64,
-    /// The event as JSON, exactly as MAC'd.
-    pub entry: String,
-    /// MAC of the previous record in the chain.
-    pub prev: [u8; 32],
-    /// `HMAC-SHA256(key, chain ‖ n ‖ prev ‖ entry)`.
-    pub hash: [u8; 32],
-    /// Audit key that MAC'd it (empty: written before audit keys, not evidence).
-    pub key_id: String,
-}
 
 /// Errors of the audit key configuration.
 #[derive(Debug, thiserror::Error)]
@@ -391,7 +235,7 @@ enum Msg {
 impl Auditor {
     /// Starts the writer task for `node`.
     pub fn start(
-        store: Arc<dyn MessageStore>,
+        store: Arc<dyn AuditLog>,
         node: u8,
         keys: Arc<AuditKeys>,
         checkpoints: Checkpoints,
@@ -402,7 +246,7 @@ impl Auditor {
 
     /// [`start`](Self::start) with room for `max_heads` chain heads in memory (tests use few).
     pub fn start_with_heads(
-        store: Arc<dyn MessageStore>,
+        store: Arc<dyn AuditLog>,
         node: u8,
         keys: Arc<AuditKeys>,
         checkpoints: Checkpoints,
@@ -427,8 +271,7 @@ impl Auditor {
     /// Records `event` (stamped with this node).
     pub fn record(&self, mut event: Event) {
         event.node = self.node;
-        metrics::counter!("relay_audit_events_total", "event" => event_label(&event.event))
-            .increment(1);
+        metrics::counter!("relay_audit_events_total", "event" => event.event.name()).increment(1);
         if self.tx.try_send(Msg::Event(Box::new(event))).is_err() {
             metrics::counter!("relay_audit_dropped_total").increment(1);
             tracing::error!("audit queue full or closed: an access event was dropped");
@@ -455,29 +298,6 @@ impl Auditor {
     }
 }
 
-/// Whether an org access report lists events of `kind`.
-pub fn is_reported(kind: &str) -> bool {
-    REPORTED.contains(&kind)
-}
-
-/// Metric label for an event kind (a fixed set, so the label stays bounded).
-fn event_label(kind: &str) -> &'static str {
-    match kind {
-        "connect" => "connect",
-        "disconnect" => "disconnect",
-        "idle_logoff" => "idle_logoff",
-        "auth_failed" => "auth_failed",
-        "auth_throttled" => "auth_throttled",
-        "logout_requested" => "logout_requested",
-        "logout_delivered" => "logout_delivered",
-        "logout_confirmed" => "logout_confirmed",
-        "lock" => "lock",
-        "unlock" => "unlock",
-        "admin_request" => "admin_request",
-        _ => "other",
-    }
-}
-
 /// Chain heads per checkpoint line.
 const CHECKPOINT_HEADS: usize = 1_000;
 
@@ -485,7 +305,7 @@ const CHECKPOINT_HEADS: usize = 1_000;
 const MAX_HEADS: usize = 100_000;
 
 struct Writer {
-    store: Arc<dyn MessageStore>,
+    store: Arc<dyn AuditLog>,
     node: u8,
     keys: Arc<AuditKeys>,
     checkpoints: Checkpoints,
@@ -541,7 +361,7 @@ impl Writer {
             let entry = serde_json::to_string(&event).unwrap_or_default();
             let month = month_of(event.ts);
             let mut subjects = vec![event.subject()];
-            if let Some(org) = event.org.as_deref().filter(|_| is_reported(&event.event)) {
+            if let Some(org) = event.org.as_deref().filter(|_| event.event.reported()) {
                 // The same record again in the org's report partition, chained like the rest.
                 subjects.push(org_report_subject(org, event.ts / REPORT_BUCKET_MS));
             }
@@ -608,7 +428,7 @@ impl Writer {
             let Msg::Event(event) = msg else {
                 continue;
             };
-            if event.org.is_some() || event.org_known || !is_reported(&event.event) {
+            if event.org.is_some() || event.org_known || !event.event.reported() {
                 continue;
             }
             let Some(user) = event.user.clone() else {
@@ -682,6 +502,10 @@ fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
     f.sync_data()
 }
 
+/// First and longest wait between tries of a failing audit store write.
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Retries a store call until it succeeds: the audit trail waits out an outage rather than
 /// losing records (the queue in front absorbs the wait; beyond it, events are counted dropped).
 async fn retry<T, F, Fut>(mut call: F) -> T
@@ -689,7 +513,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = STORE_RETRY_FIRST;
     loop {
         match call().await {
             Ok(v) => return v,
@@ -697,7 +521,7 @@ where
                 metrics::counter!("relay_audit_store_errors_total").increment(1);
                 tracing::warn!(error = %e, "audit store write failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(STORE_RETRY_MAX);
             }
         }
     }
@@ -850,7 +674,7 @@ pub struct Verified {
 
 /// Verifies every partition (or those of `subject`), and holds them against `checkpoints`.
 pub async fn verify(
-    store: &dyn MessageStore,
+    store: &dyn AuditLog,
     subject: Option<&str>,
     retention_ms: u64,
     keys: &AuditKeys,
@@ -926,7 +750,7 @@ pub type Cursor = (u64, u8, u64);
 /// Events of `subject` (optionally one device) with `from <= ts < to`, oldest first, `limit`
 /// per page, after `cursor` (from a previous page's `next`).
 pub async fn query(
-    store: &dyn MessageStore,
+    store: &dyn AuditLog,
     subject: &str,
     device: Option<&str>,
     from: u64,
@@ -946,13 +770,13 @@ pub async fn query(
 /// Most org report partitions read at once.
 const REPORT_READ_AHEAD: u64 = 16;
 
-/// The access report of `org`: its users' [`REPORTED`] events with `from <= ts < to` while
+/// The access report of `org`: its users' reported events (`EventKind::reported`) with `from <= ts < to` while
 /// they belonged to it, oldest first, paged like [`query`]. Reads the org's hourly report
 /// partitions from the cursor on, one at first and twice as many each round while the page
 /// is not full (a busy org fills it from one hour, a quiet one's month is few rounds), and
 /// stops at the round that fills it.
 pub async fn org_report(
-    store: &dyn MessageStore,
+    store: &dyn AuditLog,
     org: &str,
     from: u64,
     to: u64,

@@ -11,11 +11,11 @@
 use fjall::{KeyspaceCreateOptions, PersistMode};
 use uuid::Uuid;
 
-use super::embedded::Tables;
-use super::record::{self, take_id, take_u64};
-use super::{DeviceRef, StoreError, rows};
-use crate::access::AccessRow;
-use crate::audit;
+use super::Tables;
+use crate::access::model::AccessRow;
+use crate::audit::model as audit;
+use crate::store::record::{self, take_id, take_u64};
+use crate::store::{DeviceRef, StoreError, rows};
 
 /// The layout-1 tables, in the order they are copied.
 const LAYOUT_1: [&str; 8] = [
@@ -215,11 +215,13 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::access::Change;
+    use crate::access::model::Change;
     use crate::seal::Keyring;
     use crate::store::embedded::{EmbeddedStore, Memory};
     use crate::store::record::push_id;
-    use crate::store::{DeliverySink, InboxEntry, MessageStore, NewMessage};
+    use crate::store::{
+        AccessRows, AuditLog, DeliverySink, Devices, InboxEntry, MessageStore, Messages, NewMessage,
+    };
 
     struct Nowhere;
     impl DeliverySink for Nowhere {

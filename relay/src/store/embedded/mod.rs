@@ -24,12 +24,15 @@ use super::queue::{self, Batch, Batches, Op, WriterQueue};
 use super::record::{self, Record};
 use super::rows;
 use super::{
-    Accepted, AppendTicket, Backup, DeliverySink, DeviceRef, Expired, InboxEntry, MessageStore,
-    NewMessage, Retention, SeqClock, StoreError, now_ms, seq_floor,
+    Accepted, AccessRows, AppendTicket, AuditLog, Backup, DeliverySink, DeviceRef, Devices,
+    Expired, InboxEntry, MessageStore, Messages, NewMessage, Retention, SeqClock, StoreError,
+    add_recipients, now_ms, recipient_users, seq_floor,
 };
-use crate::access::{AccessRow, Change};
-use crate::audit;
+use crate::access::model::{AccessRow, Change};
+use crate::audit::model as audit;
 use crate::seal::Keyring;
+
+mod migrate;
 
 /// Most requests committed in one batch.
 const MAX_BATCH: usize = 2048;
@@ -219,7 +222,7 @@ impl EmbeddedStore {
         sink: Arc<dyn DeliverySink>,
     ) -> Result<Self, StoreError> {
         let tables = Tables::open(path, memory, keyring.clone())?;
-        super::migrate::embedded_layout_1(&tables)?;
+        migrate::embedded_layout_1(&tables)?;
         let last_seq = match tables.archive.last_key_value() {
             Some(guard) => {
                 let key = guard.key().map_err(unavailable)?;
@@ -403,65 +406,9 @@ fn delete_where(
     Ok(deleted)
 }
 
-impl MessageStore for EmbeddedStore {
+impl Messages for EmbeddedStore {
     fn append(&self, msg: NewMessage) -> AppendTicket {
         self.ops.append(msg)
-    }
-
-    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.ops.register(device).boxed()
-    }
-
-    fn push_token(
-        &self,
-        device: DeviceRef,
-    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                let aad = record::device_key(&device);
-                match t
-                    .push_tokens
-                    .get(rows::device_key(&t.ids, &device))
-                    .map_err(unavailable)?
-                {
-                    Some(v) => record::open_push_token(&t.keyring, &aad, &v)
-                        .map(Some)
-                        .map_err(|e| StoreError::Corrupt(e.to_string())),
-                    None => Ok(None),
-                }
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
-    }
-
-    fn set_push_token(
-        &self,
-        device: DeviceRef,
-        token: Option<push::DeviceToken>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                let key = rows::device_key(&t.ids, &device);
-                let aad = record::device_key(&device);
-                match token {
-                    Some(token) => t
-                        .push_tokens
-                        .insert(key, record::seal_push_token(&t.keyring, &aad, &token)),
-                    None => t.push_tokens.remove(key),
-                }
-                .map_err(unavailable)?;
-                t.db.persist(PersistMode::SyncAll).map_err(unavailable)
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
     }
 
     fn inbox_page(
@@ -524,7 +471,76 @@ impl MessageStore for EmbeddedStore {
         }
         .boxed()
     }
+}
 
+impl Devices for EmbeddedStore {
+    fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.ops.register(device).boxed()
+    }
+
+    fn push_token(
+        &self,
+        device: DeviceRef,
+    ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
+        let t = self.tables();
+        async move {
+            let t = t?;
+            tokio::task::spawn_blocking(move || {
+                let aad = record::device_key(&device);
+                match t
+                    .push_tokens
+                    .get(rows::device_key(&t.ids, &device))
+                    .map_err(unavailable)?
+                {
+                    Some(v) => record::open_push_token(&t.keyring, &aad, &v)
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(e.to_string())),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(unavailable)?
+        }
+        .boxed()
+    }
+
+    fn set_push_token(
+        &self,
+        device: DeviceRef,
+        token: Option<push::DeviceToken>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let t = self.tables();
+        async move {
+            let t = t?;
+            tokio::task::spawn_blocking(move || {
+                let key = rows::device_key(&t.ids, &device);
+                let aad = record::device_key(&device);
+                match token {
+                    Some(token) => t
+                        .push_tokens
+                        .insert(key, record::seal_push_token(&t.keyring, &aad, &token)),
+                    None => t.push_tokens.remove(key),
+                }
+                .map_err(unavailable)?;
+                t.db.persist(PersistMode::SyncAll).map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        }
+        .boxed()
+    }
+
+    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        self.blocking(move |t| {
+            Ok(list_devices(t, &user)?
+                .into_iter()
+                .map(|d| d.device.to_string())
+                .collect())
+        })
+    }
+}
+
+impl AccessRows for EmbeddedStore {
     fn access(
         &self,
         user: String,
@@ -617,15 +633,6 @@ impl MessageStore for EmbeddedStore {
         })
     }
 
-    fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        self.blocking(move |t| {
-            Ok(list_devices(t, &user)?
-                .into_iter()
-                .map(|d| d.device.to_string())
-                .collect())
-        })
-    }
-
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         self.blocking(move |t| {
             let mut out = Vec::new();
@@ -671,7 +678,9 @@ impl MessageStore for EmbeddedStore {
             t.db.persist(PersistMode::SyncAll).map_err(unavailable)
         })
     }
+}
 
+impl AuditLog for EmbeddedStore {
     fn audit_append(&self, records: Vec<audit::Record>) -> BoxFuture<'_, Result<(), StoreError>> {
         self.blocking(move |t| {
             let mut batch = t.db.batch();
@@ -744,7 +753,9 @@ impl MessageStore for EmbeddedStore {
             Ok(out)
         })
     }
+}
 
+impl MessageStore for EmbeddedStore {
     fn record_backup(&self, backup: Backup) -> BoxFuture<'_, Result<(), StoreError>> {
         self.blocking(move |t| {
             // The newest backup point wins, whatever the order they are recorded in.
@@ -1070,12 +1081,7 @@ impl Writer {
                             let _ = reply.send(Ok(()));
                         }
                         Ok(false) => {
-                            let key = rows::device_key(&self.t.ids, &device);
-                            let value = rows::device_value(&self.t.ids, &key, &device, now);
-                            batch.insert(&self.t.devices, key, value);
-                            if let Some(list) = self.devices.get_mut(&device.user) {
-                                list.push(device.clone());
-                            }
+                            self.stage_register(&mut batch, &device, now);
                             durable = true;
                             registered.push((device, reply));
                         }
@@ -1107,6 +1113,32 @@ impl Writer {
         metrics::histogram!("relay_store_commit_duration_seconds").record(elapsed);
         metrics::histogram!("relay_store_commit_batch_size").record(done.len() as f64);
 
+        self.answer(failed, done, registered, acks);
+        if let Some(reply) = close {
+            let _ = reply.send(Ok(()));
+            return Some(Stop::Closed);
+        }
+        (!self.status.healthy.load(Ordering::Relaxed) && self.poisoned()).then_some(Stop::Poisoned)
+    }
+
+    /// Adds a device unknown to its user's list to the batch (and the cached list).
+    fn stage_register(&mut self, batch: &mut fjall::OwnedWriteBatch, device: &DeviceRef, now: u64) {
+        let key = rows::device_key(&self.t.ids, device);
+        let value = rows::device_value(&self.t.ids, &key, device, now);
+        batch.insert(&self.t.devices, key, value);
+        if let Some(list) = self.devices.get_mut(&device.user) {
+            list.push(device.clone());
+        }
+    }
+
+    /// After the commit: fan out and answer everyone, or tell everyone it failed.
+    fn answer(
+        &mut self,
+        failed: Option<StoreError>,
+        done: Vec<Done>,
+        registered: Vec<(DeviceRef, oneshot::Sender<Result<(), StoreError>>)>,
+        acks: Vec<queue::Ack>,
+    ) {
         match failed {
             None => {
                 self.status.healthy.store(true, Ordering::Relaxed);
@@ -1145,11 +1177,6 @@ impl Writer {
                 }
             }
         }
-        if let Some(reply) = close {
-            let _ = reply.send(Ok(()));
-            return Some(Stop::Closed);
-        }
-        (!self.status.healthy.load(Ordering::Relaxed) && self.poisoned()).then_some(Stop::Poisoned)
     }
 
     fn stage_append(
@@ -1189,12 +1216,8 @@ impl Writer {
         };
 
         let mut targets = Vec::new();
-        for user in std::iter::once(&*msg.from.user).chain(msg.to.iter().map(String::as_str)) {
-            for d in self.devices_of(user)? {
-                if *d != msg.from && !targets.contains(d) {
-                    targets.push(d.clone());
-                }
-            }
+        for user in recipient_users(&msg) {
+            add_recipients(&mut targets, &msg, self.devices_of(user)?);
         }
         let inbox_rec = Record {
             ts: now,

@@ -11,9 +11,9 @@ use futures_util::TryStreamExt as _;
 use scylla::client::session::Session;
 use uuid::Uuid;
 
-use super::pseudonym::Pseudonyms;
-use super::{DeviceRef, StoreError, rows};
 use crate::seal::Keyring;
+use crate::store::pseudonym::Pseudonyms;
+use crate::store::{DeviceRef, StoreError, rows};
 
 /// The tables migration 9 replaces.
 pub(super) const OLD_TABLES: [&str; 8] = [
@@ -302,7 +302,7 @@ async fn copy(session: &Session, ids: &Pseudonyms, table: &str) -> Result<u64, S
             )
             .await?
             {
-                let chain = crate::audit::Chain {
+                let chain = crate::audit::model::Chain {
                     subject: subject.clone(),
                     month: month as u32,
                     node: node as u8,

@@ -1,26 +1,11 @@
-//! Remote logout and account lock: which credentials the relay still honours, and carrying out
-//! a logout on every node, live, by push, and at the next reconnect.
-//!
-//! Tokens are issued by the platform's account service; the relay cannot recall them, so it
-//! remembers revocations instead. A **revocation** (of one device, or of every device of a user
-//! but one) refuses every token issued at or before its time (`iat`, whole seconds). A new
-//! login after the wipe gets a newer token and works. A **lock** refuses every token of the user
-//! while it lasts and revokes the sessions that existed when it began, so an unlock never
-//! resurrects them.
-//!
-//! The state is stored (both backends, one partition per user: a row per device, and a user
-//! row with the device id `""`), so every node checks it at the upgrade; live sessions are
-//! closed through the hub, and on other nodes through the cluster bus.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! Access state as data: revocations, locks, wipe confirmations, the verdict a token gets and
+//! whom a logout is for. Pure functions of stored rows and times; the store keeps these rows
+//! and the [`Access`](super::Access) service changes them.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::audit::{Auditor, Event};
-use crate::fanout::{Hub, Presence};
-use crate::store::{DeviceRef, MessageStore, StoreError, now_ms};
+use crate::ids::DeviceRef;
 
 /// Why a device was logged out. Travels in the `logout` frame and the audit trail.
 pub const REASONS: &[&str] = &[
@@ -30,6 +15,47 @@ pub const REASONS: &[&str] = &[
     "locked",
     "security",
 ];
+
+/// Why a logout was asked for: the vocabulary of the admin API and the `logout` frame. Stored
+/// and sent by its [`name`](LogoutReason::name), one of [`REASONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogoutReason {
+    /// The user changed their password (the account service logs out the other devices).
+    PasswordChanged,
+    /// The device was lost or stolen.
+    LostDevice,
+    /// An administrator's decision.
+    Admin,
+    /// The account was locked.
+    Locked,
+    /// A security incident.
+    Security,
+}
+
+impl LogoutReason {
+    /// The name stored and sent.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogoutReason::PasswordChanged => "password_changed",
+            LogoutReason::LostDevice => "lost_device",
+            LogoutReason::Admin => "admin",
+            LogoutReason::Locked => "locked",
+            LogoutReason::Security => "security",
+        }
+    }
+
+    /// The reason an admin may give by name (`locked` only comes with a lock).
+    pub fn requested(name: &str) -> Option<LogoutReason> {
+        [
+            LogoutReason::PasswordChanged,
+            LogoutReason::LostDevice,
+            LogoutReason::Admin,
+            LogoutReason::Security,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
+}
 
 /// How far ahead of the relay's clock a token issuer's clock may run (seconds): a token's `iat`
 /// may lie this far in the future, no further (`auth` refuses it), and a revocation covers
@@ -255,15 +281,7 @@ pub fn start(
     (Start::Open { floor_ms }, Some(Change::Fresh(floor_ms)))
 }
 
-/// The audit trail's way to the organisation a user belongs to now (their user row's).
-pub fn org_lookup(store: Arc<dyn MessageStore>) -> crate::audit::OrgLookup {
-    Arc::new(move |user: String| {
-        let store = store.clone();
-        Box::pin(async move { Ok(split(store.access(user, None).await?).0.org) })
-    })
-}
-
-/// Splits the rows of [`MessageStore::access`] into the user row and the device rows.
+/// Splits the rows the store's `access` read gives into the user row and the device rows.
 pub fn split(rows: Vec<(String, AccessRow)>) -> (AccessRow, Vec<(String, AccessRow)>) {
     let mut user = AccessRow::default();
     let mut devices = Vec::new();
@@ -325,318 +343,6 @@ impl Target {
             Target::Device(d) => &*d.device == device,
             Target::User { except, .. } => except.as_deref() != Some(device),
         }
-    }
-}
-
-/// What a logout did.
-#[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    /// The signal devices confirm.
-    pub signal: Uuid,
-    /// Devices logged out.
-    pub devices: Vec<String>,
-    /// Of them, connected somewhere in the cluster: closed live.
-    pub live: Vec<String>,
-    /// Of them, offline with a push registration: sent a background logout push.
-    pub pushed: Vec<String>,
-}
-
-/// Carries out logouts and locks; the admin API's back end.
-pub struct Access {
-    /// Storage.
-    pub store: Arc<dyn MessageStore>,
-    /// This node's sessions.
-    pub hub: Arc<Hub>,
-    /// Cluster-wide presence (this node's hub on a single node).
-    pub presence: Arc<dyn Presence>,
-    /// Other nodes, in cluster mode.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// The audit trail.
-    pub audit: Arc<Auditor>,
-    /// Background pushes, when push is configured.
-    pub dispatcher: Option<Arc<push::Dispatcher<DeviceRef>>>,
-    /// How long a session waits for `logout_ack` before closing.
-    pub ack_wait: Duration,
-}
-
-impl Access {
-    /// The user row and the device row of `device`.
-    async fn rows(&self, device: &DeviceRef) -> Result<(AccessRow, AccessRow), StoreError> {
-        let rows = self
-            .store
-            .access(device.user.to_string(), Some(device.device.to_string()))
-            .await?;
-        let (user, devices) = split(rows);
-        let dev = devices
-            .into_iter()
-            .next()
-            .map(|(_, r)| r)
-            .unwrap_or_default();
-        Ok((user, dev))
-    }
-
-    /// The verdict for a token of `device` issued at `iat`, and the user's organisation.
-    pub async fn check(
-        &self,
-        device: &DeviceRef,
-        iat: u64,
-    ) -> Result<(Verdict, Option<String>), StoreError> {
-        let (user, dev) = self.rows(device).await?;
-        Ok((verdict(&user, &dev, &device.device, iat), user.org))
-    }
-
-    /// Decides again, from the stored state, once the session is registered with the hub (and
-    /// subscribed to the bus): a logout stored before this read is seen here, and one stored
-    /// after it reaches the registered session live. No time-limited memory is involved, so
-    /// however long the upgrade took, a revoked token never gets a session.
-    ///
-    /// A login after a logout of the device starts afresh: the first such session records
-    /// when the login began, and every session of it skips what was accepted before.
-    pub async fn session_start(&self, device: &DeviceRef, iat: u64) -> Result<Start, StoreError> {
-        let (user, dev) = self.rows(device).await?;
-        let (start, record) = start(&user, &dev, &device.device, iat, now_ms());
-        if let Some(change) = record {
-            self.store
-                .update_access(device.user.to_string(), device.device.to_string(), change)
-                .await?;
-        }
-        Ok(start)
-    }
-
-    /// Logs `target` out: durable first, then live on every node, then pushes to offline
-    /// devices. `actor` is the admin credential, for the audit trail.
-    pub async fn logout(
-        &self,
-        target: Target,
-        reason: &str,
-        actor: &str,
-    ) -> Result<Outcome, StoreError> {
-        let user = target.user().to_string();
-        let now = now_ms();
-        let (device, except) = target.parts();
-        let revocation = Revocation {
-            at: now,
-            reason: reason.into(),
-            signal: Uuid::new_v4(),
-            except: except.clone(),
-        };
-        let mut devices: Vec<String> = match &target {
-            Target::Device(d) => vec![d.device.to_string()],
-            Target::User { .. } => {
-                let known = self.store.devices(user.clone()).await?;
-                known.into_iter().filter(|d| target.includes(d)).collect()
-            }
-        };
-        devices.sort();
-        devices.dedup();
-        if let Target::User {
-            except: Some(spared),
-            ..
-        } = &target
-        {
-            // The spared device keeps only its newest tokens: an earlier user-wide revocation
-            // still applies to it, so copy that to its own row before the user row moves on.
-            let (user_row, rows) = split(
-                self.store
-                    .access(user.clone(), Some(spared.clone()))
-                    .await?,
-            );
-            if let Some(old) = user_row
-                .revoked
-                .filter(|r| r.except.as_deref() != Some(spared))
-            {
-                let own = rows.first().and_then(|(_, r)| r.revoked.clone());
-                if own.is_none_or(|own| own.at < old.at) {
-                    let copy = Revocation {
-                        except: None,
-                        ..old
-                    };
-                    self.store
-                        .update_access(user.clone(), spared.clone(), Change::Revoke(copy))
-                        .await?;
-                }
-            }
-        }
-        if matches!(target, Target::User { .. }) {
-            self.store
-                .update_access(
-                    user.clone(),
-                    String::new(),
-                    Change::Revoke(revocation.clone()),
-                )
-                .await?;
-        }
-        let per_device = Revocation {
-            except: None,
-            ..revocation.clone()
-        };
-        for d in &devices {
-            self.store
-                .update_access(user.clone(), d.clone(), Change::Revoke(per_device.clone()))
-                .await?;
-            self.store
-                .set_pending_logout(DeviceRef::new(&user, d), Some(now))
-                .await?;
-        }
-        self.audit.record(Event {
-            user: Some(user.clone()),
-            device,
-            reason: Some(reason.into()),
-            actor: Some(actor.into()),
-            signal: Some(revocation.signal),
-            via: except.map(|e| format!("all_but:{e}")),
-            ..Event::new("logout_requested")
-        });
-        metrics::counter!("relay_logouts_requested_total", "reason" => reason_label(reason))
-            .increment(devices.len() as u64);
-
-        // Live: this node now, the others through the bus.
-        self.hub
-            .logout(&target, reason, revocation.signal, revocation.at);
-        if let Some(c) = &self.cluster {
-            c.logout(&target, reason, revocation.signal, revocation.at);
-        }
-
-        let mut live = Vec::new();
-        let mut pushed = Vec::new();
-        for d in &devices {
-            let dref = DeviceRef::new(&user, d);
-            if self.presence.is_online(&dref) {
-                live.push(d.clone());
-            } else if self.push_logout(&dref, revocation.signal).await {
-                pushed.push(d.clone());
-            }
-        }
-        tracing::info!(user = %user, devices = devices.len(), live = live.len(), pushed = pushed.len(), reason, "logout requested");
-        Ok(Outcome {
-            signal: revocation.signal,
-            devices,
-            live,
-            pushed,
-        })
-    }
-
-    /// Safety net for logouts whose live signal never arrived (bus down, a control message
-    /// lost): a session on this node that began before a pending logout of its device is
-    /// logged out now. `pending` comes from [`MessageStore::pending_logouts`].
-    pub async fn enforce(&self, pending: &[(DeviceRef, u64)]) {
-        for (device, requested_at) in pending {
-            if self
-                .hub
-                .connected_since(device)
-                .is_none_or(|s| s >= *requested_at)
-            {
-                continue;
-            }
-            let Ok(rows) = self
-                .store
-                .access(device.user.to_string(), Some(device.device.to_string()))
-                .await
-            else {
-                continue;
-            };
-            let (_, rows) = split(rows);
-            if let Some(r) = rows.into_iter().next().and_then(|(_, row)| row.revoked) {
-                tracing::info!(user = %device.user, device = %device.device, "closing a session a logout missed");
-                let target = Target::Device(device.clone());
-                self.hub.logout(&target, &r.reason, r.signal, r.at);
-            }
-        }
-    }
-
-    /// Sends a background logout push and forgets the device's push registration, so it gets
-    /// no more wake-ups. Whether a push was queued.
-    async fn push_logout(&self, device: &DeviceRef, signal: Uuid) -> bool {
-        let Some(dispatcher) = &self.dispatcher else {
-            return false;
-        };
-        let token = match self.store.push_token(device.clone()).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return false,
-            Err(e) => {
-                tracing::warn!(error = %e, "push token lookup failed; logout waits for reconnect");
-                return false;
-            }
-        };
-        let queued = matches!(
-            dispatcher.enqueue(device.clone(), token, push::Push::Logout { signal }),
-            push::dispatch::Enqueued::Queued
-        );
-        if queued {
-            if let Err(e) = self.store.set_push_token(device.clone(), None).await {
-                tracing::warn!(error = %e, "push registration of a logged-out device not removed");
-            }
-            self.audit.record(Event {
-                via: Some("push".into()),
-                signal: Some(signal),
-                ..Event::new("logout_delivered").device(device)
-            });
-        }
-        queued
-    }
-
-    /// Locks `user`: refuses their tokens and logs every device out.
-    pub async fn lock(&self, user: &str, reason: &str, actor: &str) -> Result<Outcome, StoreError> {
-        self.store
-            .update_access(
-                user.into(),
-                String::new(),
-                Change::Lock(Some(Lock {
-                    at: now_ms(),
-                    reason: reason.into(),
-                })),
-            )
-            .await?;
-        self.audit.record(Event {
-            user: Some(user.into()),
-            reason: Some(reason.into()),
-            actor: Some(actor.into()),
-            ..Event::new("lock")
-        });
-        self.logout(
-            Target::User {
-                user: user.into(),
-                except: None,
-            },
-            "locked",
-            actor,
-        )
-        .await
-    }
-
-    /// Unlocks `user`. Sessions revoked by the lock stay revoked: the user logs in again.
-    pub async fn unlock(&self, user: &str, actor: &str) -> Result<(), StoreError> {
-        self.store
-            .update_access(user.into(), String::new(), Change::Lock(None))
-            .await?;
-        self.audit.record(Event {
-            user: Some(user.into()),
-            actor: Some(actor.into()),
-            ..Event::new("unlock")
-        });
-        Ok(())
-    }
-
-    /// The device confirmed that it wiped its data.
-    pub async fn confirm(&self, device: &DeviceRef, signal: Uuid) -> Result<(), StoreError> {
-        let user = device.user.to_string();
-        self.store
-            .update_access(
-                user,
-                device.device.to_string(),
-                Change::Confirm(Confirmation {
-                    signal,
-                    at: now_ms(),
-                }),
-            )
-            .await?;
-        self.store.set_pending_logout(device.clone(), None).await?;
-        metrics::counter!("relay_logouts_confirmed_total").increment(1);
-        self.audit.record(Event {
-            signal: Some(signal),
-            ..Event::new("logout_confirmed").device(device)
-        });
-        Ok(())
     }
 }
 
@@ -817,5 +523,23 @@ mod tests {
             verdict(&user, &none, "d", 90),
             Verdict::LoggedOut { .. }
         ));
+    }
+
+    #[test]
+    fn logout_reasons_are_named_as_stored_and_locked_only_comes_with_a_lock() {
+        let all = [
+            LogoutReason::PasswordChanged,
+            LogoutReason::LostDevice,
+            LogoutReason::Admin,
+            LogoutReason::Locked,
+            LogoutReason::Security,
+        ];
+        let names: Vec<&str> = all.iter().map(|r| r.name()).collect();
+        assert_eq!(names, REASONS);
+        for r in all {
+            let asked = LogoutReason::requested(r.name());
+            assert_eq!(asked, (r != LogoutReason::Locked).then_some(r));
+        }
+        assert_eq!(LogoutReason::requested("other"), None);
     }
 }

@@ -1,0 +1,430 @@
+//! The one writer task per node: batches of registrations, acks and appends, the appends
+//! written in phases (see the module docs of `scylla`) and fanned out in sequence order.
+
+use super::*;
+
+pub(super) struct Writer {
+    pub(super) s: Arc<Shared>,
+    pub(super) sink: Arc<dyn DeliverySink>,
+    pub(super) clock: SeqClock,
+    pub(super) node_id: u8,
+    /// Above every sequence number this node id has issued, and durable (`node_seq`).
+    pub(super) reserved: u64,
+    pub(super) devices: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
+}
+
+/// One append in flight through the phases.
+pub(super) struct Pending {
+    pub(super) msg: NewMessage,
+    pub(super) reply: oneshot::Sender<Result<Accepted, StoreError>>,
+    /// Index of an earlier append in this batch with the same id.
+    pub(super) same_as: Option<usize>,
+    pub(super) seq: u64,
+    pub(super) ts: u64,
+    /// Already complete in the database: answer `duplicate`.
+    pub(super) duplicate: bool,
+    /// Needs its `message_ids` row written (a new id).
+    pub(super) reserve: bool,
+    pub(super) targets: Vec<DeviceRef>,
+    pub(super) failed: Option<StoreError>,
+}
+
+impl Writer {
+    pub(super) async fn run(mut self, mut batches: Batches) {
+        while let Some(batch) = batches.next().await {
+            let started = Instant::now();
+            let close = self.commit(batch).await;
+            metrics::histogram!("relay_store_commit_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if let Some(reply) = close {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+        }
+    }
+
+    fn mark(&self, ok: bool) {
+        self.s.healthy.store(ok, Ordering::Relaxed);
+        if !ok {
+            metrics::counter!("relay_store_errors_total", "op" => "write").increment(1);
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        Batch { ops, acks }: Batch,
+    ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+        let mut appends = Vec::new();
+        let mut registers = Vec::new();
+        let mut close = None;
+        for op in ops {
+            match op {
+                Op::Append(m, r) => appends.push((m, r)),
+                Op::Register(d, r) => registers.push((d, r)),
+                Op::Seen(d) => {
+                    // A device registered on another node: re-read the user's devices.
+                    if self
+                        .devices
+                        .get(&d.user)
+                        .is_some_and(|(list, _)| !list.contains(&d))
+                    {
+                        self.devices.remove(&d.user);
+                    }
+                }
+                Op::Close(r) => close = Some(r),
+            }
+        }
+        // Acks first: a later answer in this batch then implies they are applied. The ack lane
+        // bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never wait behind a flood.
+        let deletes: Vec<_> = acks
+            .iter()
+            .flat_map(|a| a.seqs.iter().map(move |&seq| (&a.device, seq)))
+            .map(|(d, seq)| {
+                let (u, dp) = dev_p(&self.s.ids, d);
+                self.s
+                    .session
+                    .execute_unpaged(&self.s.st.delete_inbox, (u, dp, week_of(seq), seq as i64))
+            })
+            .collect();
+        for r in join_all(deletes).await {
+            if let Err(e) = r {
+                // A lost ack only means a redelivery.
+                metrics::counter!("relay_store_errors_total", "op" => "ack").increment(1);
+                tracing::warn!(error = %e, "ack delete failed");
+            }
+        }
+        for ack in acks {
+            let _ = ack.done.send(Ok(()));
+        }
+        // Registrations before appends, so appends in the same batch reach the new devices.
+        let now = now_ms() as i64;
+        let results = join_all(registers.iter().map(|(d, _)| {
+            self.s
+                .session
+                .execute_unpaged(&self.s.st.insert_device, device_row(&self.s.ids, d, now))
+        }))
+        .await;
+        for ((device, reply), result) in registers.into_iter().zip(results) {
+            self.mark(result.is_ok());
+            if result.is_ok()
+                && let Some((list, _)) = self.devices.get_mut(&device.user)
+                && !list.contains(&device)
+            {
+                list.push(device.clone());
+            }
+            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
+        }
+        if !appends.is_empty() {
+            metrics::histogram!("relay_store_commit_batch_size").record(appends.len() as f64);
+            self.appends(appends).await;
+        }
+        close
+    }
+
+    async fn devices_of(&mut self, users: &[String]) -> Result<(), StoreError> {
+        // Make room first: what this call loads must stay until the batch has used it.
+        if self.devices.len() + users.len() > crate::store::DEVICE_CACHE_USERS {
+            self.devices
+                .retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
+            if self.devices.len() + users.len() > crate::store::DEVICE_CACHE_USERS {
+                self.devices.clear();
+            }
+        }
+        let stale: Vec<&str> = users
+            .iter()
+            .map(String::as_str)
+            .filter(|u| {
+                self.devices
+                    .get(*u)
+                    .is_none_or(|(_, at)| at.elapsed() > DEVICE_CACHE_TTL)
+            })
+            .collect();
+        let reads = join_all(stale.iter().map(|u| load_devices(&self.s, u))).await;
+        for (user, result) in stale.into_iter().zip(reads) {
+            self.devices.insert(user.into(), (result?, Instant::now()));
+        }
+        metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
+        Ok(())
+    }
+
+    /// Makes sure `n` new sequence numbers at `now` stay below a durable reservation.
+    async fn reserve_for(&mut self, now: u64, n: usize) -> Result<(), StoreError> {
+        let bound = self.clock.bound_after(now, n);
+        if bound.saturating_add(seq_span(RESERVE_HEADROOM_MS)) <= self.reserved {
+            return Ok(());
+        }
+        let reserved = bound + seq_span(RESERVE_AHEAD_MS);
+        let s = &self.s;
+        s.session
+            .execute_unpaged(
+                &s.st.reserve,
+                (reserved as i64, reserved as i64, i32::from(self.node_id)),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.reserved = reserved;
+        Ok(())
+    }
+
+    async fn appends(
+        &mut self,
+        batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
+    ) {
+        let s = self.s.clone();
+        if now_ms() >= s.lease_until.load(Ordering::Relaxed) {
+            // The node id may be another node's by now: issue no sequence numbers.
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Unavailable("node id lease lapsed".into())));
+            }
+            return;
+        }
+        let mut first: HashMap<(Arc<str>, Uuid), usize> = HashMap::new();
+        let mut p: Vec<Pending> = Vec::with_capacity(batch.len());
+        for (msg, reply) in batch {
+            let key = (msg.from.user.clone(), msg.id);
+            let same_as = first.get(&key).copied();
+            if same_as.is_none() {
+                first.insert(key, p.len());
+            }
+            p.push(Pending {
+                msg,
+                reply,
+                same_as,
+                seq: 0,
+                ts: 0,
+                duplicate: false,
+                reserve: false,
+                targets: Vec::new(),
+                failed: None,
+            });
+        }
+
+        let firsts: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
+        self.read_ids(&mut p, &firsts).await;
+        self.reserve_ids(&mut p, &firsts).await;
+        let writing = self.write_rows(&mut p, &firsts).await;
+        self.mark_complete(&mut p, &writing).await;
+        self.fan_out_and_answer(p);
+    }
+
+    /// Phase 1: what the database knows of these ids (`firsts`: each id's first append in the
+    /// batch); a new id gets its sequence number, under a durable reservation.
+    async fn read_ids(&mut self, p: &mut [Pending], firsts: &[usize]) {
+        let s = self.s.clone();
+        let reads = join_all(firsts.iter().map(|&i| {
+            s.session
+                .execute_unpaged(&s.st.select_msg_id, msg_p(&s.ids, &p[i].msg))
+        }))
+        .await;
+        let now = now_ms();
+        if let Err(e) = self.reserve_for(now, firsts.len()).await {
+            for i in firsts.iter().copied() {
+                p[i].failed = Some(StoreError::Unavailable(e.to_string()));
+            }
+        }
+        for (&i, read) in firsts.iter().zip(reads) {
+            if p[i].failed.is_some() {
+                continue;
+            }
+            let known = read
+                .map_err(unavailable)
+                .and_then(|r| r.into_rows_result().map_err(unavailable))
+                .and_then(|rows| {
+                    rows.maybe_first_row::<(i64, i64, Option<bool>)>()
+                        .map_err(unavailable)
+                });
+            match known {
+                Err(e) => p[i].failed = Some(e),
+                Ok(Some((seq, ts, complete))) => {
+                    (p[i].seq, p[i].ts) = (seq as u64, ts as u64);
+                    p[i].duplicate = complete.unwrap_or(false);
+                }
+                Ok(None) => {
+                    (p[i].seq, p[i].ts) = (self.clock.next(now), now);
+                    p[i].reserve = true;
+                }
+            }
+        }
+    }
+
+    /// Phase 2: reserve new ids (`complete = false`).
+    async fn reserve_ids(&mut self, p: &mut [Pending], firsts: &[usize]) {
+        let s = self.s.clone();
+        let idem_ttl = ttl_secs(s.retention.idempotency_ms);
+        let reserving: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| p[i].reserve && p[i].failed.is_none())
+            .collect();
+        let writes = join_all(reserving.iter().map(|&i| {
+            let (sender_p, msg_p) = msg_p(&s.ids, &p[i].msg);
+            s.session.execute_unpaged(
+                &s.st.insert_msg_id,
+                (sender_p, msg_p, p[i].seq as i64, p[i].ts as i64, idem_ttl),
+            )
+        }))
+        .await;
+        for (&i, w) in reserving.iter().zip(writes) {
+            if let Err(e) = w {
+                p[i].failed = Some(unavailable(e));
+            }
+        }
+    }
+
+    /// Phase 3: inbox and archive rows, for every device of the recipients; the appends that
+    /// write rows.
+    async fn write_rows(&mut self, p: &mut [Pending], firsts: &[usize]) -> Vec<usize> {
+        let s = self.s.clone();
+        let writing: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| !p[i].duplicate && p[i].failed.is_none())
+            .collect();
+        let mut users: Vec<String> = Vec::new();
+        for &i in &writing {
+            users.push(p[i].msg.from.user.to_string());
+            users.extend(p[i].msg.to.iter().cloned());
+        }
+        users.sort_unstable();
+        users.dedup();
+        if let Err(e) = self.devices_of(&users).await {
+            for &i in &writing {
+                p[i].failed = Some(unavailable(&e));
+            }
+        }
+        let inbox_ttl = ttl_secs(s.retention.inbox_ms);
+        let archive_ttl = ttl_secs(s.retention.archive_ms);
+        let mut statements = Vec::new();
+        let ready: Vec<usize> = writing
+            .iter()
+            .copied()
+            .filter(|&i| p[i].failed.is_none())
+            .collect();
+        for i in ready {
+            let m = &p[i].msg;
+            let mut targets = Vec::new();
+            for user in recipient_users(m) {
+                let devices = self
+                    .devices
+                    .get(user)
+                    .map_or(&[][..], |(l, _)| l.as_slice());
+                add_recipients(&mut targets, m, devices);
+            }
+            let (seq, ts) = (p[i].seq, p[i].ts);
+            let rec = Record {
+                ts,
+                urgent: m.urgent,
+                from: &m.from,
+                to: &[],
+                body: &m.body,
+            };
+            for d in &targets {
+                let key = record::inbox_key(d, seq);
+                let value = record::seal_inbox(&s.keyring, &key, &m.id, &rec);
+                statements.push((
+                    i,
+                    s.session
+                        .execute_unpaged(&s.st.insert_inbox, {
+                            let (u, dp) = dev_p(&s.ids, d);
+                            (u, dp, week_of(seq), seq as i64, value, inbox_ttl)
+                        })
+                        .boxed(),
+                ));
+            }
+            let akey = record::archive_key(seq, &m.id);
+            let avalue = record::seal_archive(&s.keyring, &akey, &Record { to: &m.to, ..rec });
+            let shard = (m.id.as_u128() % u128::from(s.archive_shards)) as i16;
+            let hour = (seq_time_ms(seq) / HOUR_MS) as i32;
+            statements.push((
+                i,
+                s.session
+                    .execute_unpaged(
+                        &s.st.insert_archive,
+                        (hour, shard, seq as i64, m.id, avalue, archive_ttl),
+                    )
+                    .boxed(),
+            ));
+            p[i].targets = targets;
+        }
+        let (owners, futures): (Vec<usize>, Vec<_>) = statements.into_iter().unzip();
+        for (i, r) in owners.into_iter().zip(join_all(futures).await) {
+            if let Err(e) = r {
+                p[i].failed.get_or_insert(unavailable(e));
+            }
+        }
+        writing
+    }
+
+    /// Phase 4: mark complete, so a retry of the same id answers `duplicate`.
+    async fn mark_complete(&mut self, p: &mut [Pending], writing: &[usize]) {
+        let s = self.s.clone();
+        let idem_ttl = ttl_secs(s.retention.idempotency_ms);
+        let completing: Vec<usize> = writing
+            .iter()
+            .copied()
+            .filter(|&i| p[i].failed.is_none())
+            .collect();
+        let marks = join_all(completing.iter().map(|&i| {
+            let (sender_p, msg_p) = msg_p(&s.ids, &p[i].msg);
+            s.session
+                .execute_unpaged(&s.st.complete_msg_id, (idem_ttl, sender_p, msg_p))
+        }))
+        .await;
+        for (&i, r) in completing.iter().zip(marks) {
+            if let Err(e) = r {
+                p[i].failed = Some(unavailable(e));
+            }
+        }
+    }
+
+    /// Fans the stored appends out in sequence order, then answers every sender.
+    fn fan_out_and_answer(&mut self, p: Vec<Pending>) {
+        let any_failed = p.iter().any(|x| x.failed.is_some());
+        self.mark(!any_failed);
+        if any_failed {
+            tracing::warn!(
+                failed = p.iter().filter(|x| x.failed.is_some()).count(),
+                "appends failed; senders told to retry"
+            );
+        }
+
+        // Fan out in sequence order, then answer.
+        let mut order: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
+        order.sort_by_key(|&i| p[i].seq);
+        for &i in &order {
+            let x = &p[i];
+            if x.failed.is_none() && !x.duplicate && !x.targets.is_empty() {
+                let entry = InboxEntry {
+                    seq: x.seq,
+                    ts: x.ts,
+                    id: x.msg.id,
+                    from: x.msg.from.clone(),
+                    urgent: x.msg.urgent,
+                    body: x.msg.body.clone(),
+                };
+                self.sink.deliver(&x.targets, &entry);
+            }
+        }
+        let outcomes: Vec<Result<Accepted, String>> = p
+            .iter()
+            .map(|x| match &x.failed {
+                Some(e) => Err(e.to_string()),
+                None => Ok(Accepted {
+                    seq: x.seq,
+                    ts: x.ts,
+                    duplicate: x.duplicate,
+                }),
+            })
+            .collect();
+        for (i, x) in p.into_iter().enumerate() {
+            let outcome = match x.same_as {
+                None => outcomes[i].clone(),
+                Some(j) => outcomes[j].clone().map(|a| Accepted {
+                    duplicate: true,
+                    ..a
+                }),
+            };
+            let _ = x.reply.send(outcome.map_err(StoreError::Unavailable));
+        }
+    }
+}
