@@ -437,6 +437,204 @@ mod tests {
         }
     }
 
+    /// Every client frame: a minimal and a complete example (fields only in the complete one
+    /// are optional). The match makes a new variant a compile error here until it has examples.
+    fn client_examples() -> Vec<(&'static str, Vec<String>)> {
+        let id = r#""id":"5f0c2d6e-8a51-4c1e-9c55-0d7d2c1a9b01""#;
+        let examples = vec![
+            vec![
+                format!(r#"{{"type":"send",{id},"to":["u"],"body":"aGk="}}"#),
+                format!(r#"{{"type":"send",{id},"to":["u"],"body":"aGk=","urgent":true}}"#),
+            ],
+            vec![r#"{"type":"ack","seqs":[1]}"#.into()],
+            vec![r#"{"type":"active"}"#.into()],
+            vec![
+                r#"{"type":"push_token","platform":"apns","token":"ab","environment":"sandbox","app_id":"a.b"}"#.into(),
+            ],
+            vec![r#"{"type":"push_token_remove"}"#.into()],
+            vec![r#"{"type":"logout_ack","signal":"5f0c2d6e-8a51-4c1e-9c55-0d7d2c1a9b01"}"#.into()],
+        ];
+        examples
+            .into_iter()
+            .map(|texts| {
+                let frame = parse_client_frame(&texts[0]).expect("example parses");
+                let name = match frame {
+                    ClientFrame::Send { .. } => "send",
+                    ClientFrame::Ack { .. } => "ack",
+                    ClientFrame::Active => "active",
+                    ClientFrame::PushToken { .. } => "push_token",
+                    ClientFrame::PushTokenRemove => "push_token_remove",
+                    ClientFrame::LogoutAck { .. } => "logout_ack",
+                };
+                for text in &texts {
+                    parse_client_frame(text).expect("example parses");
+                }
+                (name, texts)
+            })
+            .collect()
+    }
+
+    const SERVER_FRAME_TYPES: usize = 9;
+
+    fn server_examples() -> Vec<Vec<ServerFrame<'static>>> {
+        let id = Uuid::nil();
+        let from = || Sender {
+            user: "u",
+            device: "d",
+        };
+        vec![
+            vec![ServerFrame::Hello {
+                v: VERSION,
+                user: "u",
+                device: "d",
+                idle_timeout_s: 7200,
+                max_body_bytes: 1,
+                max_recipients: 1,
+            }],
+            vec![ServerFrame::Accepted {
+                id,
+                seq: 1,
+                ts: 1,
+                duplicate: false,
+            }],
+            vec![ServerFrame::Rejected {
+                id,
+                code: RejectCode::RateLimited,
+                retry: true,
+            }],
+            vec![ServerFrame::Deliver {
+                id,
+                seq: 1,
+                ts: 1,
+                from: from(),
+                body: "aGk=",
+                urgent: false,
+            }],
+            vec![ServerFrame::Synced { seq: 0 }],
+            vec![
+                ServerFrame::Error {
+                    code: FrameError::BadJson,
+                    message: "m",
+                    id: None,
+                },
+                ServerFrame::Error {
+                    code: FrameError::BadRequest,
+                    message: "m",
+                    id: Some(id),
+                },
+            ],
+            vec![ServerFrame::SessionExpired {
+                idle_timeout_s: 7200,
+            }],
+            vec![ServerFrame::Logout {
+                reason: "admin",
+                signal: id,
+            }],
+            vec![ServerFrame::PushTokenSaved { registered: true }],
+        ]
+    }
+
+    /// A frame's shape: field → JSON type (`string`, `number`, `boolean`, `[elem]`, or a nested
+    /// shape); fields missing from some example get a `?`.
+    fn shape(examples: &[serde_json::Value]) -> serde_json::Value {
+        use serde_json::{Map, Value};
+        fn kind(v: &Value) -> Value {
+            match v {
+                Value::String(_) => "string".into(),
+                Value::Number(_) => "number".into(),
+                Value::Bool(_) => "boolean".into(),
+                Value::Array(items) => Value::Array(items.first().map(kind).into_iter().collect()),
+                Value::Object(fields) => {
+                    Value::Object(fields.iter().map(|(k, v)| (k.clone(), kind(v))).collect())
+                }
+                Value::Null => "null".into(),
+            }
+        }
+        let mut out = Map::new();
+        let all: Vec<&Map<String, Value>> = examples
+            .iter()
+            .map(|e| e.as_object().expect("frames are objects"))
+            .collect();
+        for fields in &all {
+            for (name, value) in *fields {
+                let optional = all.iter().any(|f| !f.contains_key(name));
+                let key = if optional {
+                    format!("{name}?")
+                } else {
+                    name.clone()
+                };
+                out.insert(key, kind(value));
+            }
+        }
+        Value::Object(out)
+    }
+
+    fn catalogue() -> String {
+        use serde_json::{Map, Value};
+        let mut client = Map::new();
+        for (name, texts) in client_examples() {
+            let values: Vec<Value> = texts
+                .iter()
+                .map(|t| serde_json::from_str(t).expect("json"))
+                .collect();
+            client.insert(name.into(), shape(&values));
+        }
+        let mut server = Map::new();
+        let examples = server_examples();
+        assert_eq!(
+            examples.len(),
+            SERVER_FRAME_TYPES,
+            "one entry per frame type"
+        );
+        for frames in examples {
+            let values: Vec<Value> = frames
+                .iter()
+                .map(|f| serde_json::from_str(&f.to_json()).expect("json"))
+                .collect();
+            let name = values[0]["type"].as_str().expect("type").to_owned();
+            assert!(
+                server.insert(name, shape(&values)).is_none(),
+                "one entry per type"
+            );
+        }
+        let doc = serde_json::json!({
+            "about": "Frame shapes of wire protocol v1, generated from the relay's frame types by `cargo test -p relay frame_catalogue` (UPDATE_FRAMES=1 rewrites it). Client libraries check their types against it.",
+            "client": client,
+            "server": server,
+        });
+        serde_json::to_string_pretty(&doc).expect("json") + "\n"
+    }
+
+    /// `clients/frames.json` is what every client library checks its frame types against
+    /// (clients/typescript/test/frames.test.ts, which also checks PROTOCOL.md against it).
+    #[test]
+    fn frame_catalogue_matches_the_frame_types() {
+        // Exhaustive on purpose: a new server frame fails to compile until it is counted.
+        let _count = |f: &ServerFrame<'_>| match f {
+            ServerFrame::Hello { .. }
+            | ServerFrame::Accepted { .. }
+            | ServerFrame::Rejected { .. }
+            | ServerFrame::Deliver { .. }
+            | ServerFrame::Synced { .. }
+            | ServerFrame::Error { .. }
+            | ServerFrame::SessionExpired { .. }
+            | ServerFrame::Logout { .. }
+            | ServerFrame::PushTokenSaved { .. } => SERVER_FRAME_TYPES,
+        };
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/frames.json");
+        let generated = catalogue();
+        if std::env::var_os("UPDATE_FRAMES").is_some() {
+            std::fs::write(path, &generated).expect("write clients/frames.json");
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "clients/frames.json differs from the relay's frame types: run \
+             `UPDATE_FRAMES=1 cargo test -p relay frame_catalogue`, then update PROTOCOL.md and \
+             the client libraries' types (their tests check both)"
+        );
+    }
+
     #[test]
     fn server_frames_serialize_with_type_tags() {
         let json = ServerFrame::Synced { seq: 9 }.to_json();

@@ -1,0 +1,11 @@
+export { RelayClient } from './client.js';
+export type { Accepted, Events, Message, RelayClientOptions, SendOptions } from './client.js';
+export { ClientStoppedError, SendRejectedError } from './errors.js';
+export type { StopReason } from './errors.js';
+export { Close, SUBPROTOCOL, parseServerFrame } from './frames.js';
+export type * from './frames.js';
+export { MemoryStore, SEEN_CAPACITY } from './store.js';
+export type { ClientStore, OutboxEntry } from './store.js';
+export { webSocketTransport } from './transport.js';
+export type { Connection, ConnectionEvents, Transport } from './transport.js';
+export { decodeBase64, encodeBase64 } from './base64.js';
