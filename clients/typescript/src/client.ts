@@ -451,6 +451,7 @@ export class RelayClient {
         await task();
       } catch (error) {
         live.poisoned = true;
+        this.flushAcks(live);
         this.emit('error', wrap('the message handler failed; the message comes again after a reconnect', error));
         live.connection.close(4000);
         return;
@@ -517,7 +518,10 @@ export class RelayClient {
     this.attempt++;
     this.holdUntil = Date.now() + delay;
     clearTimeout(this.holdTimer);
-    this.holdTimer = setTimeout(() => this.pump(), delay);
+    this.holdTimer = setTimeout(() => {
+      this.holdUntil = 0; // timers may fire a little before Date.now() reaches the mark
+      this.pump();
+    }, delay);
   }
 
   private failInFlight(live: Live): void {
