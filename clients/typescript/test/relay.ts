@@ -89,6 +89,11 @@ export class Relay {
     await exited;
   }
 
+  /** The relay's environment, for tools that read its data directory (`relay token`). */
+  environment(): NodeJS.ProcessEnv {
+    return { ...this.env };
+  }
+
   async dispose(): Promise<void> {
     await this.stop('SIGKILL');
     rmSync(this.env.RELAY_DATA_DIR!, { recursive: true, force: true });
