@@ -1,13 +1,14 @@
 // Serves the example chat page and the built library on loopback, and mints device tokens with
 // `relay token` as an account service would (DEVELOPMENT ONLY: it signs in anyone who asks).
 //
-//   npm run build && node example/serve.mjs          then open, in two tabs,
+//   node clients/typescript/example/serve.mjs   (at the repository root, beside a running
+//   relay, after `npm run build` here), then open, in two tabs,
 //   http://127.0.0.1:8000/?me=alice&peer=bob  and  http://127.0.0.1:8000/?me=bob&peer=alice
 //
 // Settings (environment): PORT (8000), RELAY_URL (ws://127.0.0.1:8080/v1/ws), RELAY_BIN (the
-// relay binary: target/debug/relay of this repository, else `relay` on PATH). `relay token` reads
-// the dev signing key from the relay's data directory: run this from where you run the relay,
-// with the same RELAY_DATA_DIR.
+// relay binary: target/release/relay or target/debug/relay of this repository, else `relay` on
+// PATH). `relay token` reads the dev signing key from the relay's data directory: run this from
+// where you run the relay, with the same RELAY_DATA_DIR.
 import { execFile } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -16,8 +17,8 @@ import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = resolve(here, '..', 'dist');
-const repoRelay = resolve(here, '..', '..', '..', 'target', 'debug', 'relay');
-const relayBin = process.env.RELAY_BIN ?? (existsSync(repoRelay) ? repoRelay : 'relay');
+const built = ['release', 'debug'].map((p) => resolve(here, '..', '..', '..', 'target', p, 'relay'));
+const relayBin = process.env.RELAY_BIN ?? built.find((p) => existsSync(p)) ?? 'relay';
 const relayUrl = process.env.RELAY_URL ?? 'ws://127.0.0.1:8080/v1/ws';
 const port = Number(process.env.PORT ?? 8000);
 const ID = /^[A-Za-z0-9._:@+-]{1,128}$/;

@@ -9,7 +9,7 @@ import { resolve } from 'node:path';
 import { after, before, test } from 'node:test';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
 import { RelayClient, nodeTransport, type Message } from '../src/node.js';
-import { Relay, freePort, sleep, until } from './relay.js';
+import { RELAY_BIN, Relay, freePort, sleep, until } from './relay.js';
 
 const PACKAGE = resolve(import.meta.dirname, '..', '..');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -26,7 +26,7 @@ before(async () => {
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
   server = spawn('node', [resolve(PACKAGE, 'example', 'serve.mjs')], {
-    env: { ...relay.environment(), PORT: String(port), RELAY_URL: relay.url },
+    env: { ...relay.environment(), PORT: String(port), RELAY_URL: relay.url, RELAY_BIN },
     stdio: ['ignore', 'ignore', 'inherit'],
   });
   for (let i = 0; ; i++) {
@@ -113,11 +113,17 @@ test('a page rides out a relay restart and keeps its outbox across a reload (Ind
   await relay.stop('SIGTERM');
   await page.waitForFunction(() => document.getElementById('status')!.textContent!.startsWith('disconnected'), POLL);
   for (const text of ['one', 'two', 'three']) await say(page, text);
-  assert.equal(await pending(page), 3);
+  // Each send is in IndexedDB before it counts as pending.
+  await page.waitForFunction(
+    () => (window as unknown as { chat: { client: { pending(): unknown[] } } }).chat.client.pending().length === 3,
+    POLL,
+  );
 
   await page.reload();
-  await page.waitForFunction(() => (window as unknown as { chat?: unknown }).chat !== undefined, POLL);
-  assert.equal(await pending(page), 3, 'the outbox came back from IndexedDB');
+  await page.waitForFunction(
+    () => (window as unknown as { chat?: { client: { pending(): unknown[] } } }).chat?.client.pending().length === 3,
+    POLL,
+  ); // the outbox came back from IndexedDB
   assert.equal(await page.$$eval('.pending', (p) => p.length), 3);
 
   await relay.run();

@@ -10,7 +10,7 @@ import { join, resolve } from 'node:path';
 import WebSocket from 'ws';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..', '..', '..');
-const RELAY_BIN = process.env.RELAY_BIN ?? join(ROOT, 'target', 'debug', 'relay');
+export const RELAY_BIN = process.env.RELAY_BIN ?? join(ROOT, 'target', 'debug', 'relay');
 
 export function freePort(): Promise<number> {
   return new Promise((res, rej) => {
