@@ -121,7 +121,8 @@ export class RelayClient {
   private loaded: Promise<void> | undefined;
   private outbox: OutboxEntry[] = [];
   private lastOrder = 0;
-  private readonly waiters = new Map<string, Waiter>();
+  /** Callers waiting for each outbox entry (a send repeated with the same id waits too). */
+  private readonly waiters = new Map<string, Waiter[]>();
   private seen = new Set<string>();
 
   private live: Live | undefined;
@@ -199,7 +200,9 @@ export class RelayClient {
       urgent: options.urgent ?? false,
       order: this.nextOrder(),
     };
-    const accepted = new Promise<Accepted>((resolve, reject) => this.waiters.set(id, { resolve, reject }));
+    const accepted = new Promise<Accepted>((resolve, reject) =>
+      this.waiters.set(id, [...(this.waiters.get(id) ?? []), { resolve, reject }]),
+    );
     if (!this.outbox.some((e) => e.id === id)) {
       await this.store.putOutbox(entry);
       this.outbox.push(entry);
@@ -355,10 +358,7 @@ export class RelayClient {
     const live = this.live;
     this.live = undefined;
     live?.connection.close(Close.NORMAL);
-    for (const [id, waiter] of this.waiters) {
-      this.waiters.delete(id);
-      waiter.reject(new ClientStoppedError(reason));
-    }
+    this.rejectWaiters(new ClientStoppedError(reason));
     for (const waiter of this.pushWaiters.splice(0)) waiter.reject(new ClientStoppedError(reason));
     if (wasRunning) this.emit('stopped', { reason });
   }
@@ -417,7 +417,8 @@ export class RelayClient {
       maxBodyBytes: hello.max_body_bytes,
       maxRecipients: hello.max_recipients,
     });
-    if (this.push) void this.sendPush();
+    // Registered again on every connection; the reply settles the oldest waiting registerPush.
+    if (this.push) this.write(live, this.push);
     this.flushActive();
     this.pump();
   }
@@ -497,16 +498,15 @@ export class RelayClient {
 
   private accept(frame: ServerFrameOf<'accepted'>): void {
     const accepted: Accepted = { id: frame.id, seq: frame.seq, ts: frame.ts, duplicate: frame.duplicate };
-    this.waiters.get(frame.id)?.resolve(accepted);
+    for (const waiter of this.waiters.get(frame.id) ?? []) waiter.resolve(accepted);
     this.waiters.delete(frame.id);
     this.emit('sent', accepted);
   }
 
   private refuse(id: string, code: SendRejectedError['code']): void {
     const error = new SendRejectedError(id, code);
-    const waiter = this.waiters.get(id);
+    for (const waiter of this.waiters.get(id) ?? []) waiter.reject(error);
     this.waiters.delete(id);
-    waiter?.reject(error);
     this.emit('sendFailed', { id, error });
   }
 
@@ -587,10 +587,13 @@ export class RelayClient {
     await this.store.clear();
     this.outbox = [];
     this.seen.clear();
-    for (const [id, waiter] of this.waiters) {
-      this.waiters.delete(id);
-      waiter.reject(new ClientStoppedError('logged_out'));
-    }
+    this.rejectWaiters(new ClientStoppedError('logged_out'));
+  }
+
+  private rejectWaiters(error: Error): void {
+    const all = [...this.waiters.values()].flat();
+    this.waiters.clear();
+    for (const waiter of all) waiter.reject(error);
   }
 
   // ---- small frames ----
@@ -633,9 +636,13 @@ export class RelayClient {
       this.outbox = outbox;
       this.seen = new Set(seen);
       this.lastOrder = outbox.reduce((last, e) => Math.max(last, e.order), this.lastOrder);
-    })();
+    })().catch((error: unknown) => {
+      this.loaded = undefined; // a store that failed to load is read again next time
+      throw error;
+    });
     return this.loaded;
   }
+
 
   private nextOrder(): number {
     this.lastOrder = Math.max(this.lastOrder + 1, Date.now() * 1000);

@@ -288,6 +288,36 @@ test('a logout wipe that outlasts the connection is confirmed on the next one', 
   assert.equal(relay.connections.length, 2);
 });
 
+test('a send repeated under its id settles both callers; push registration goes out on every connection', async () => {
+  const relay = fake((x) => x.hello());
+  const { c } = client(relay.transport);
+  c.onMessage(() => {});
+  const registered = c.registerPush('apns', 'ab12', { environment: 'sandbox', appId: 'org.example.app' });
+  await c.start();
+  await until(() => relay.connections[0]?.sentOf('push_token').length === 1);
+  relay.connections[0]!.frame({ type: 'push_token_saved', registered: true });
+  await registered;
+  const id = '5f0c2d6e-8a51-4c1e-9c55-0d7d2c1a9b01';
+  const first = c.send(['v'], 'x', { id });
+  const second = c.send(['v'], 'x', { id });
+  await until(() => relay.connections[0]!.sentOf('send').length === 1);
+  await sleep(20);
+  assert.equal(relay.connections[0]!.sentOf('send').length, 1, 'one outbox entry');
+  relay.connections[0]!.frame({ type: 'accepted', id, seq: 3, ts: 1, duplicate: false });
+  assert.equal((await first).seq, 3);
+  assert.equal((await second).seq, 3);
+  relay.connections[0]!.drop(1006);
+  await until(() => relay.connections[1]?.sentOf('push_token').length === 1, 2000);
+  assert.deepEqual(relay.connections[1]!.sentOf('push_token')[0], {
+    type: 'push_token',
+    platform: 'apns',
+    token: 'ab12',
+    environment: 'sandbox',
+    app_id: 'org.example.app',
+  });
+  c.close();
+});
+
 test('base64 matches the platform encoder for every length and byte', () => {
   for (let n = 0; n < 300; n++) {
     const bytes = Uint8Array.from({ length: n }, (_, i) => (i * 37 + n) & 255);
