@@ -418,16 +418,7 @@ impl Messages for EmbeddedStore {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                Self::read_page(&t, &device, after, limit, max_bytes)
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
+        self.blocking(move |t| Self::read_page(t, &device, after, limit, max_bytes))
     }
 
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -439,22 +430,15 @@ impl Messages for EmbeddedStore {
         seq: u64,
         id: uuid::Uuid,
     ) -> BoxFuture<'_, Result<Option<record::ArchivedMessage>, StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                let key = record::archive_key(seq, &id);
-                match t.archive.get(&key).map_err(unavailable)? {
-                    Some(v) => record::open_archive(&t.keyring, &key, &v)
-                        .map(Some)
-                        .map_err(|e| StoreError::Corrupt(e.to_string())),
-                    None => Ok(None),
-                }
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
+        self.blocking(move |t| {
+            let key = record::archive_key(seq, &id);
+            match t.archive.get(&key).map_err(unavailable)? {
+                Some(v) => record::open_archive(&t.keyring, &key, &v)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(e.to_string())),
+                None => Ok(None),
+            }
+        })
     }
 
     fn expire(
@@ -462,14 +446,7 @@ impl Messages for EmbeddedStore {
         now_ms: u64,
         retention: Retention,
     ) -> BoxFuture<'_, Result<Expired, StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || Self::expire_blocking(&t, now_ms, retention))
-                .await
-                .map_err(unavailable)?
-        }
-        .boxed()
+        self.blocking(move |t| Self::expire_blocking(t, now_ms, retention))
     }
 }
 
@@ -482,26 +459,19 @@ impl Devices for EmbeddedStore {
         &self,
         device: DeviceRef,
     ) -> BoxFuture<'_, Result<Option<push::DeviceToken>, StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                let aad = record::device_key(&device);
-                match t
-                    .push_tokens
-                    .get(rows::device_key(&t.ids, &device))
-                    .map_err(unavailable)?
-                {
-                    Some(v) => record::open_push_token(&t.keyring, &aad, &v)
-                        .map(Some)
-                        .map_err(|e| StoreError::Corrupt(e.to_string())),
-                    None => Ok(None),
-                }
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
+        self.blocking(move |t| {
+            let aad = record::device_key(&device);
+            match t
+                .push_tokens
+                .get(rows::device_key(&t.ids, &device))
+                .map_err(unavailable)?
+            {
+                Some(v) => record::open_push_token(&t.keyring, &aad, &v)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(e.to_string())),
+                None => Ok(None),
+            }
+        })
     }
 
     fn set_push_token(
@@ -509,25 +479,18 @@ impl Devices for EmbeddedStore {
         device: DeviceRef,
         token: Option<push::DeviceToken>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let t = self.tables();
-        async move {
-            let t = t?;
-            tokio::task::spawn_blocking(move || {
-                let key = rows::device_key(&t.ids, &device);
-                let aad = record::device_key(&device);
-                match token {
-                    Some(token) => t
-                        .push_tokens
-                        .insert(key, record::seal_push_token(&t.keyring, &aad, &token)),
-                    None => t.push_tokens.remove(key),
-                }
-                .map_err(unavailable)?;
-                t.db.persist(PersistMode::SyncAll).map_err(unavailable)
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
+        self.blocking(move |t| {
+            let key = rows::device_key(&t.ids, &device);
+            let aad = record::device_key(&device);
+            match token {
+                Some(token) => t
+                    .push_tokens
+                    .insert(key, record::seal_push_token(&t.keyring, &aad, &token)),
+                None => t.push_tokens.remove(key),
+            }
+            .map_err(unavailable)?;
+            t.db.persist(PersistMode::SyncAll).map_err(unavailable)
+        })
     }
 
     fn devices(&self, user: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
