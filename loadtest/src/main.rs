@@ -17,6 +17,10 @@
 //!
 //! Past one process's file limit, `--workers K` runs K worker processes (this binary again),
 //! each with its share of the connections and its own loopback source address (127.0.0.2, …).
+//!
+//! `--burst N` makes open-loop arrivals bursty (N sends within 2 ms, every N/rate seconds);
+//! `--protocol centrifugo` drives Centrifugo instead of the relay (wire.rs), for the side-by-side
+//! of `scripts/bench peer`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +44,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+mod wire;
+use wire::{Event, Protocol};
 
 #[derive(Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq, Debug)]
 #[serde(rename_all = "lowercase")]
@@ -66,8 +73,15 @@ struct Args {
     /// random 0-500 ms) and resend the unanswered messages under the same ids.
     #[arg(long)]
     reconnect: bool,
+    /// The server's protocol: the relay's, or Centrifugo's (the peer `scripts/bench peer`
+    /// compares against; see wire.rs).
+    #[arg(long, value_enum, default_value = "relay")]
+    protocol: Protocol,
+    /// Centrifugo: the HMAC secret to sign its HS256 connection tokens with.
+    #[arg(long, env = "LOADTEST_HMAC_SECRET")]
+    hmac_secret: Option<String>,
     /// Token-signing private key (PKCS#8 PEM) to mint device tokens with.
-    #[arg(long, required_unless_present = "tokens")]
+    #[arg(long, required_unless_present_any = ["tokens", "hmac_secret"])]
     key: Option<PathBuf>,
     /// Or: a file of device tokens, one per line (at least --connections of them).
     #[arg(long)]
@@ -86,6 +100,10 @@ struct Args {
     /// Total messages per second, open loop; 0 = closed loop. Default: 1000 (soak: 200).
     #[arg(long)]
     rate: Option<u64>,
+    /// Open loop, bursty arrivals: sends come in bursts of this many within 2 ms (every
+    /// burst/rate seconds) instead of evenly spaced.
+    #[arg(long)]
+    burst: Option<u32>,
     /// Sends in flight per connection in closed loop.
     #[arg(long, default_value_t = 32)]
     window: usize,
@@ -331,11 +349,12 @@ struct Ctx {
 impl Ctx {
     fn record_delivery(
         &self,
-        v: &serde_json::Value,
+        body: &str,
+        seq: u64,
         local: &mut Vec<(u32, u32, u64)>,
         e2e: &mut Histogram<u64>,
     ) -> anyhow::Result<()> {
-        let b = B64.decode(v["body"].as_str().unwrap_or_default())?;
+        let b = B64.decode(body)?;
         if b.len() < 24 || u64::from_be_bytes(b[16..24].try_into()?) != self.run_id {
             return Ok(()); // another run's message: acked, not counted
         }
@@ -343,7 +362,7 @@ impl Ctx {
         let sender = u32::from_be_bytes(b[8..12].try_into()?);
         let k = u32::from_be_bytes(b[12..16].try_into()?);
         e2e.saturating_record(wall_us().saturating_sub(sent_us).max(1));
-        local.push((sender, k, v["seq"].as_u64().unwrap_or(0)));
+        local.push((sender, k, seq));
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.last_delivery_us.store(wall_us(), Ordering::Relaxed);
         Ok(())
@@ -367,14 +386,20 @@ async fn open(ctx: &Ctx, conn: usize, attempt: usize) -> anyhow::Result<Ws> {
         None => Box::new(tcp),
     };
     let mut req = url.as_str().into_client_request()?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", ctx.tokens[conn].1).parse()?,
-    );
+    if ctx.args.protocol == Protocol::Relay {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", ctx.tokens[conn].1).parse()?,
+        );
+    }
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config)).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config)).await?;
+    let (user, token) = &ctx.tokens[conn];
+    if let Some(hello) = ctx.args.protocol.hello(user, token) {
+        ws.send(Message::text(hello)).await?;
+    }
     Ok(ws)
 }
 
@@ -393,17 +418,25 @@ async fn connect(
         let Some(msg) = ws.next().await else {
             bail!("closed during sync")
         };
-        if let Message::Text(t) = msg? {
-            let v: serde_json::Value = serde_json::from_str(&t)?;
-            match v["type"].as_str() {
-                Some("synced") => break,
-                Some("deliver") => {
-                    ctx.record_delivery(&v, local, e2e)?;
-                    acks.extend(v["seq"].as_u64());
+        let Message::Text(t) = msg? else { continue };
+        let mut synced = false;
+        for event in ctx.args.protocol.events(&t)? {
+            match event {
+                Event::Synced => synced = true,
+                Event::Deliver { body, seq } => {
+                    ctx.record_delivery(&body, seq, local, e2e)?;
+                    acks.push(seq);
                 }
-                _ => {}
+                Event::Ping => ws.send(Message::text("{}")).await?,
+                Event::Accepted | Event::Rejected(_) | Event::Other => {}
             }
         }
+        if synced {
+            break;
+        }
+    }
+    if !ctx.args.protocol.acks() {
+        acks.clear();
     }
     let h = if attempt > 0 {
         &ctx.resync
@@ -439,7 +472,9 @@ fn send_frame(ctx: &Ctx, conn: usize, k: u32) -> String {
     b[16..24].copy_from_slice(&ctx.run_id.to_be_bytes());
     let urgent = ctx.args.urgent > 0.0 && (k as f64 * 0.618_034).fract() < ctx.args.urgent;
     let to = &ctx.tokens[(conn + 1) % ctx.tokens.len()].0;
-    serde_json::json!({"type":"send","id":message_id(ctx, conn, k),"to":[to],"body":B64.encode(b),"urgent":urgent}).to_string()
+    ctx.args
+        .protocol
+        .send(message_id(ctx, conn, k), k, to, &B64.encode(b), urgent)
 }
 
 /// One device for the whole run: sessions, churn, reconnects, sends, receipts, acks.
@@ -461,7 +496,18 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
             // One session.
             let mut acks: Vec<u64> = Vec::new();
             let mut tick = interval.map(|i| {
-                let offset = i.mul_f64((conn % 97) as f64 / 97.0);
+                let offset = match ctx.args.burst {
+                    // Devices in groups of `burst`: a group's sends fall within 2 ms, one group
+                    // every burst/rate seconds.
+                    Some(b) if b > 0 => {
+                        let b = b as usize;
+                        let period = i.mul_f64(b as f64 / ctx.args.connections as f64);
+                        let group = (conn / b) as f64;
+                        let within = Duration::from_micros(2_000 * (conn % b) as u64 / b as u64);
+                        (period.mul_f64(group) + within).min(i)
+                    }
+                    _ => i.mul_f64((conn % 97) as f64 / 97.0),
+                };
                 let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, i);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
@@ -512,9 +558,8 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                             Some(m) => m?,
                         };
                         let Message::Text(text) = msg else { continue };
-                        let v: serde_json::Value = serde_json::from_str(&text)?;
-                        match v["type"].as_str() {
-                            Some("accepted") => {
+                        for event in ctx.args.protocol.events(&text)? { match event {
+                            Event::Accepted => {
                                 if let Some((idx, t)) = outstanding.pop_front() {
                                     acc_h.saturating_record(t.elapsed().as_micros() as u64);
                                     accepted.push(idx);
@@ -522,22 +567,25 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                                 ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
                                 ctx.accepted.fetch_add(1, Ordering::Relaxed);
                             }
-                            Some("rejected") => {
+                            Event::Rejected(code) => {
                                 outstanding.pop_front();
                                 ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
-                                *rejected.entry(v["code"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+                                *rejected.entry(code).or_default() += 1;
                             }
-                            Some("deliver") => {
-                                ctx.record_delivery(&v, &mut local, &mut e2e)?;
-                                acks.extend(v["seq"].as_u64());
+                            Event::Deliver { body, seq } => {
+                                ctx.record_delivery(&body, seq, &mut local, &mut e2e)?;
+                                if ctx.args.protocol.acks() {
+                                    acks.push(seq);
+                                }
                                 if acks.len() >= 256 {
                                     let frame = serde_json::json!({"type":"ack","seqs":&acks});
                                     acks.clear();
                                     ws.send(Message::text(frame.to_string())).await?;
                                 }
                             }
-                            _ => {}
-                        }
+                            Event::Ping => ws.send(Message::text("{}")).await?,
+                            Event::Synced | Event::Other => {}
+                        }}
                     }
                 }
             }}.await;
@@ -866,11 +914,21 @@ fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
         }
         return Ok(tokens);
     }
+    let now = wall_us() / 1_000_000;
+    if args.protocol == Protocol::Centrifugo {
+        let secret = args.hmac_secret.as_deref().context("--hmac-secret")?;
+        return (0..args.connections)
+            .map(|i| {
+                let sub = format!("{}-{i}", args.prefix);
+                let token = wire::centrifugo_token(secret, &sub, now + 86_400)?;
+                Ok((sub, token))
+            })
+            .collect();
+    }
     let key = args.key.as_ref().context("--key or --tokens")?;
     let minter = Minter::from_pem(
         &std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
     )?;
-    let now = wall_us() / 1_000_000;
     (0..args.connections)
         .map(|i| {
             let sub = format!("{}-{i}", args.prefix);
