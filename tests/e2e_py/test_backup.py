@@ -29,8 +29,15 @@ def nodetool(*args):
 
 
 def last_backup(relay) -> float:
-    line = next(l for l in relay.metrics().splitlines() if l.startswith("relay_last_backup_timestamp_seconds"))
-    return float(line.split()[-1])
+    # The gauge is set by the relay's periodic upkeep (and at once by a backup it takes): a
+    # relay that just became ready may not have published it yet.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [l for l in relay.metrics().splitlines() if l.startswith("relay_last_backup_timestamp_seconds")]
+        if lines or time.monotonic() > deadline:
+            assert lines, "relay_last_backup_timestamp_seconds not exported within 10 s"
+            return float(lines[0].split()[-1])
+        time.sleep(0.1)
 
 
 def take_backup(relay, out):
