@@ -435,9 +435,6 @@ async fn connect(
             break;
         }
     }
-    if !ctx.args.protocol.acks() {
-        acks.clear();
-    }
     let h = if attempt > 0 {
         &ctx.resync
     } else {
@@ -446,11 +443,8 @@ async fn connect(
     h.lock()
         .await
         .saturating_record(started.elapsed().as_micros() as u64);
-    for chunk in acks.chunks(1024) {
-        ws.send(Message::text(
-            serde_json::json!({"type":"ack","seqs":chunk}).to_string(),
-        ))
-        .await?;
+    for frame in acks.chunks(1024).filter_map(|c| ctx.args.protocol.ack(c)) {
+        ws.send(Message::text(frame)).await?;
     }
     Ok(ws)
 }
@@ -542,11 +536,10 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                     }
                     _ = ack_tick.tick() => {
                         ws.flush().await?;
-                        if !acks.is_empty() {
-                            let frame = serde_json::json!({"type":"ack","seqs":&acks});
-                            acks.clear();
-                            ws.send(Message::text(frame.to_string())).await?;
+                        if let Some(frame) = ctx.args.protocol.ack(&acks) {
+                            ws.send(Message::text(frame)).await?;
                         }
+                        acks.clear();
                     }
                     msg = ws.next() => {
                         let msg = match msg {
@@ -574,13 +567,12 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                             }
                             Event::Deliver { body, seq } => {
                                 ctx.record_delivery(&body, seq, &mut local, &mut e2e)?;
-                                if ctx.args.protocol.acks() {
-                                    acks.push(seq);
-                                }
+                                acks.push(seq);
                                 if acks.len() >= 256 {
-                                    let frame = serde_json::json!({"type":"ack","seqs":&acks});
+                                    if let Some(frame) = ctx.args.protocol.ack(&acks) {
+                                        ws.send(Message::text(frame)).await?;
+                                    }
                                     acks.clear();
-                                    ws.send(Message::text(frame.to_string())).await?;
                                 }
                             }
                             Event::Ping => ws.send(Message::text("{}")).await?,

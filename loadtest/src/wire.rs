@@ -73,9 +73,15 @@ impl Protocol {
         }
     }
 
-    /// Whether deliveries are acknowledged (the relay's at-least-once; Centrifugo has no acks).
-    pub fn acks(self) -> bool {
-        self == Protocol::Relay
+    /// The frame acknowledging deliveries `seqs`, if any is due (the relay's at-least-once;
+    /// Centrifugo has no acks).
+    pub fn ack(self, seqs: &[u64]) -> Option<String> {
+        match self {
+            Protocol::Relay if !seqs.is_empty() => {
+                Some(serde_json::json!({"type": "ack", "seqs": seqs}).to_string())
+            }
+            _ => None,
+        }
     }
 
     /// The events in one text frame.
@@ -188,6 +194,29 @@ mod tests {
         );
         assert!(matches!(&events[3], Event::Deliver { body, seq: 0 } if body == "AAEC"));
         assert!(matches!(&events[5], Event::Rejected(code) if code == "centrifugo 108"));
+    }
+
+    #[test]
+    fn malformed_centrifugo_lines_are_errors_not_panics() {
+        for text in ["[1]", "not json", "{\"id\":", "\"str\"", "null"] {
+            assert!(Protocol::Centrifugo.events(text).is_err(), "{text}");
+        }
+        // A push without a body of ours (another publisher's data) is not a delivery.
+        let foreign = r#"{"push":{"channel":"user:#b","pub":{"data":[1,2]}}}"#;
+        assert_eq!(
+            kinds(&Protocol::Centrifugo.events(foreign).expect("parses")),
+            ["other"]
+        );
+    }
+
+    #[test]
+    fn only_the_relay_is_acknowledged() {
+        assert_eq!(
+            Protocol::Relay.ack(&[3, 4]).as_deref(),
+            Some(r#"{"seqs":[3,4],"type":"ack"}"#)
+        );
+        assert_eq!(Protocol::Relay.ack(&[]), None);
+        assert_eq!(Protocol::Centrifugo.ack(&[3]), None);
     }
 
     #[test]
