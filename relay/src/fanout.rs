@@ -1,14 +1,15 @@
 //! The hub of live connections on this node: which device is connected, and its outbound queue.
 //!
 //! The store calls [`Hub::deliver`] after each durable commit, in sequence order. The `deliver`
-//! frame is the same for every recipient device, so it is serialized once and shared.
+//! frame is the same for every recipient device, so it is serialized once and shared, by the
+//! first session that writes it: not on the store's single writer thread.
 //!
 //! **Invariant:** the hub never blocks and never buffers without bound. A full queue marks the
 //! connection as overflowed; the session then catches up from the store (during replay) or
 //! disconnects the device as a slow consumer (live), and the message stays in the inbox.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use std::collections::VecDeque;
@@ -23,7 +24,25 @@ use crate::protocol::{self, ServerFrame, close};
 use crate::store::{DeliverySink, DeviceRef, InboxEntry};
 
 /// A `deliver` frame with its sequence number, queued for one connection.
-pub type Outbound = (u64, Utf8Bytes);
+pub type Outbound = (u64, LiveFrame);
+
+/// A committed message on its way to the connections of its recipients: its `deliver` frame
+/// is built once, when a session first takes it.
+#[derive(Debug, Clone)]
+pub struct LiveFrame(Arc<(InboxEntry, OnceLock<Utf8Bytes>)>);
+
+impl LiveFrame {
+    /// The message, its frame not built yet.
+    pub fn new(entry: InboxEntry) -> Self {
+        LiveFrame(Arc::new((entry, OnceLock::new())))
+    }
+
+    /// The `deliver` frame (shared by every connection it was queued for).
+    pub fn frame(&self) -> Utf8Bytes {
+        let (entry, frame) = &*self.0;
+        frame.get_or_init(|| deliver_frame(entry)).clone()
+    }
+}
 
 /// One connection's bounded outbound queue and the signals it shares with the hub.
 ///
@@ -280,12 +299,14 @@ pub fn deliver_frame(entry: &InboxEntry) -> Utf8Bytes {
 
 impl DeliverySink for Hub {
     fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
-        let mut frame: Option<Utf8Bytes> = None;
+        let mut frame: Option<LiveFrame> = None;
         for device in devices {
             let Some(conn) = self.conns.get(device) else {
                 continue;
             };
-            let frame = frame.get_or_insert_with(|| deliver_frame(entry)).clone();
+            let frame = frame
+                .get_or_insert_with(|| LiveFrame::new(entry.clone()))
+                .clone();
             conn.outbox.push((entry.seq, frame));
         }
     }
@@ -351,6 +372,20 @@ mod tests {
         for kept in [newer, spared, other] {
             assert!(!kept.outbox.evict.is_cancelled());
         }
+    }
+
+    #[test]
+    fn a_delivery_is_serialized_once_for_every_device_it_reaches() {
+        let hub = Hub::default();
+        let (a, b) = (DeviceRef::new("u", "a"), DeviceRef::new("u", "b"));
+        let (ra, rb) = (hub.register(&a, 4, 1), hub.register(&b, 4, 1));
+        hub.deliver(&[a, b], &entry(7));
+        let (sa, fa) = ra.outbox.take(1).remove(0);
+        let (sb, fb) = rb.outbox.take(1).remove(0);
+        assert_eq!((sa, sb), (7, 7));
+        assert_eq!(fa.frame(), deliver_frame(&entry(7)));
+        // One frame, built by whichever session took it first, shared by the other.
+        assert_eq!(fa.frame().as_str().as_ptr(), fb.frame().as_str().as_ptr());
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::audit::{Event, EventKind};
 use crate::auth::{self, FailureLimits, Identity, TokenSource, Verifier};
 use crate::config::Config;
 use crate::protocol;
+use crate::session::coalesce::Coalesce;
 use crate::session::{SessionContext, driver};
 
 /// Pause after a failed accept (out of file descriptors and similar) instead of spinning.
@@ -572,9 +573,9 @@ async fn session(app: Arc<App>, upgrade: hyper::upgrade::OnUpgrade, admitted: Ad
         ip,
         held: _held,
     } = admitted;
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(app.ws_config))
-            .await;
+    // Frames wait in `Coalesce` for the driver's flush: one `send` per batch.
+    let io = Coalesce::new(TokioIo::new(upgraded));
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
     let device = identity.device.clone();
     if let Some(revocation) = revocation {
         outcome("logged_out");

@@ -333,7 +333,8 @@ fn session_limits(config: &Config) -> Limits {
 
 /// WebSocket settings. Small buffers: most connections sit idle, and tungstenite's default
 /// 128 KiB read buffer per connection would dominate memory. The buffer grows on demand for
-/// large frames.
+/// large frames. tungstenite writes each frame straight on; `session::coalesce` below it
+/// holds them until the driver flushes a batch, and frees its buffer after.
 fn ws_config(config: &Config) -> WebSocketConfig {
     let max_frame = config.max_frame_bytes();
     WebSocketConfig::default()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt as _};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
@@ -296,13 +296,25 @@ where
         }
     }
 
-    /// The store answered the oldest outstanding send.
+    /// The store answered the oldest outstanding send. The answers to the sends after it that
+    /// the same commit settled go out in the same write: one syscall per commit, not per send.
     async fn answer(&mut self, result: Result<Accepted, StoreError>) -> Result<(), Ended> {
-        let Some(answer) = self.state.handle_appended(Instant::now(), result) else {
+        let now = Instant::now();
+        let mut frames = Vec::new();
+        let mut next = Some(result);
+        while let Some(result) = next.take() {
+            if let Some(answer) = self.state.handle_appended(now, result) {
+                frames.push(Message::Text(self.settle(answer).into()));
+            }
+            if let Some(ready) = self.tickets.front_mut().and_then(|t| t.now_or_never()) {
+                self.tickets.pop_front();
+                next = Some(ready.unwrap_or(Err(StoreError::Closed)));
+            }
+        }
+        if frames.is_empty() {
             return Ok(());
-        };
-        let frame = self.settle(answer);
-        self.send(vec![frame.into()]).await
+        }
+        self.send(frames).await
     }
 
     /// Quota and metrics of an answered send; its frame.

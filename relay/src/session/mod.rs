@@ -1,7 +1,8 @@
 //! One device's WebSocket session: `state.rs` holds the protocol logic (no IO, no clocks),
-//! `driver.rs` owns the socket and feeds it.
+//! `driver.rs` owns the socket and feeds it, `coalesce.rs` turns its batches into single writes.
 
 pub mod budget;
+pub mod coalesce;
 pub mod driver;
 pub mod state;
 

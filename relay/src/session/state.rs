@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
-use crate::fanout::deliver_frame;
+use crate::fanout::{Outbound, deliver_frame};
 use crate::protocol::{
     self, ClientFrame, FrameError, MAX_ACKS_PER_FRAME, RejectCode, ServerFrame, close,
 };
@@ -371,7 +371,7 @@ impl State {
     pub fn handle_caught_up(
         &mut self,
         now: Instant,
-        queued: Vec<(u64, Utf8Bytes)>,
+        queued: Vec<Outbound>,
         overflowed: bool,
     ) -> (Vec<Utf8Bytes>, Option<Synced>) {
         let frames = self.handle_live(queued);
@@ -394,11 +394,11 @@ impl State {
     }
 
     /// Live deliveries from the hub's queue: the frames not delivered yet.
-    pub fn handle_live(&mut self, queued: Vec<(u64, Utf8Bytes)>) -> Vec<Utf8Bytes> {
+    pub fn handle_live(&mut self, queued: Vec<Outbound>) -> Vec<Utf8Bytes> {
         queued
             .into_iter()
             .filter(|(seq, _)| self.advance(*seq))
-            .map(|(_, frame)| frame)
+            .map(|(_, frame)| frame.frame())
             .collect()
     }
 
@@ -679,6 +679,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::LiveFrame;
 
     fn limits() -> Limits {
         Limits {
@@ -998,7 +999,7 @@ mod tests {
         state: State,
         now: Instant,
         inbox: std::collections::BTreeMap<u64, InboxEntry>,
-        queue: Vec<(u64, Utf8Bytes)>,
+        queue: Vec<Outbound>,
         queue_cap: usize,
         overflowed: bool,
         page: usize,
@@ -1045,7 +1046,7 @@ mod tests {
                 return;
             }
             if self.queue.len() < self.queue_cap {
-                self.queue.push((seq, deliver_frame(&entry(seq))));
+                self.queue.push((seq, LiveFrame::new(entry(seq))));
             } else {
                 self.overflowed = true;
             }

@@ -84,7 +84,13 @@ pub fn user_prefix(p: &Pseudonyms, user: &str) -> [u8; LEN] {
 
 /// `device | seq`.
 pub fn inbox_key(p: &Pseudonyms, d: &DeviceRef, seq: u64) -> Vec<u8> {
-    let mut k = p.device(d).to_vec();
+    inbox_key_under(&p.device(d), seq)
+}
+
+/// `device | seq`, the device's [`device_key`] already at hand.
+pub fn inbox_key_under(device: &[u8; 2 * LEN], seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 8);
+    k.extend_from_slice(device);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }

@@ -243,6 +243,7 @@ impl EmbeddedStore {
             sink,
             clock: SeqClock::new(0, last_seq),
             devices: HashMap::new(),
+            keys: HashMap::new(),
             status: status.clone(),
             idle_flush: memory.idle_flush,
             reopen: Reopen {
@@ -363,6 +364,16 @@ fn list_devices(t: &Tables, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
 }
 
 impl EmbeddedStore {
+    /// Runs `f` on the caller's thread with the tables: for a few point reads and unsynced
+    /// writes, microseconds on cached data, where a trip to the blocking pool costs two context
+    /// switches (the handshake storm's profile). Nothing here waits for the disk to sync.
+    fn inline<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tables) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        std::future::ready(self.tables().and_then(|t| f(&t))).boxed()
+    }
+
     /// Runs `f` on a blocking thread with the tables.
     fn blocking<T: Send + 'static>(
         &self,
@@ -452,6 +463,16 @@ impl Messages for EmbeddedStore {
 
 impl Devices for EmbeddedStore {
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
+        // A device row is visible only once the writer's commit of it synced: a device found
+        // here is registered, and only a new one waits for the writer.
+        let known = self.tables().is_ok_and(|t| {
+            t.devices
+                .contains_key(rows::device_key(&t.ids, &device))
+                .unwrap_or(false)
+        });
+        if known {
+            return std::future::ready(Ok(())).boxed();
+        }
         self.ops.register(device).boxed()
     }
 
@@ -509,7 +530,9 @@ impl AccessRows for EmbeddedStore {
         user: String,
         device: Option<String>,
     ) -> BoxFuture<'_, Result<Vec<(String, AccessRow)>, StoreError>> {
-        self.blocking(move |t| {
+        // One device: two point reads, on every connect (twice). A whole user: a scan.
+        let one = device.is_some();
+        let read = move |t: &Tables| {
             let mut out = Vec::new();
             // An access row that does not open fails the read: a revocation is never
             // mistaken for its absence.
@@ -538,7 +561,12 @@ impl AccessRows for EmbeddedStore {
                 }
             }
             Ok(out)
-        })
+        };
+        if one {
+            self.inline(read)
+        } else {
+            self.blocking(read)
+        }
     }
 
     fn update_access(
@@ -548,8 +576,10 @@ impl AccessRows for EmbeddedStore {
         change: Change,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let lock = self.access_lock.clone();
-        self.blocking(move |t| {
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A last-seen time is not synced (below): it runs inline, on every connect and close.
+        let seen = matches!(change, Change::Seen { .. });
+        let update = move |t: &Tables| {
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let read = |device: &str| -> Result<(Vec<u8>, AccessRow), StoreError> {
                 let key = rows::device_key(&t.ids, &DeviceRef::new(&user, device)).to_vec();
                 let row = match t.access.get(&key).map_err(unavailable)? {
@@ -563,7 +593,6 @@ impl AccessRows for EmbeddedStore {
                 Ok((key, row))
             };
             let (key, mut row) = read(&device)?;
-            let seen = matches!(change, Change::Seen { .. });
             if let Change::Seen {
                 at,
                 org: Some((org, since)),
@@ -588,12 +617,19 @@ impl AccessRows for EmbeddedStore {
             }
             let value = rows::access_value(&t.ids, &key, &device, &row);
             t.access.insert(&key, value).map_err(unavailable)?;
+            // The row is written: the sync below need not hold up the inline last-seen updates.
+            drop(guard);
             // Last-seen times ride on the next journal sync; revocations are durable now.
             if !seen {
                 t.db.persist(PersistMode::SyncAll).map_err(unavailable)?;
             }
             Ok(())
-        })
+        };
+        if seen {
+            self.inline(update)
+        } else {
+            self.blocking(update)
+        }
     }
 
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
@@ -767,6 +803,8 @@ struct Writer {
     clock: SeqClock,
     /// Devices per user, loaded on first use. Only this thread adds devices, so it stays exact.
     devices: HashMap<Arc<str>, Vec<DeviceRef>>,
+    /// Devices' pseudonyms (two HMACs each), for the inbox keys of every message to them.
+    keys: HashMap<DeviceRef, [u8; 2 * super::pseudonym::LEN]>,
     status: Arc<Status>,
     idle_flush: Duration,
     reopen: Reopen,
@@ -801,6 +839,7 @@ fn write_loop(mut writer: Writer, mut batches: Batches, runtime: &tokio::runtime
             sink,
             clock,
             devices: HashMap::new(),
+            keys: HashMap::new(),
             status,
             idle_flush,
             reopen,
@@ -1001,6 +1040,18 @@ impl Writer {
         Ok(self.devices.get(user).map_or(&[], Vec::as_slice))
     }
 
+    fn device_key(&mut self, d: &DeviceRef) -> [u8; 2 * super::pseudonym::LEN] {
+        if let Some(key) = self.keys.get(d) {
+            return *key;
+        }
+        if self.keys.len() >= super::DEVICE_CACHE_USERS {
+            self.keys.clear();
+        }
+        let key = rows::device_key(&self.t.ids, d);
+        self.keys.insert(d.clone(), key);
+        key
+    }
+
     /// Commits one batch of requests. Returns why to stop, if the writer must.
     fn commit(&mut self, Batch { ops, acks }: Batch) -> Option<Stop> {
         let started = Instant::now();
@@ -1014,11 +1065,9 @@ impl Writer {
         let mut failed: Option<StoreError> = None;
 
         for ack in &acks {
+            let device = self.device_key(&ack.device);
             for &seq in &ack.seqs {
-                batch.remove(
-                    &self.t.inbox,
-                    rows::inbox_key(&self.t.ids, &ack.device, seq),
-                );
+                batch.remove(&self.t.inbox, rows::inbox_key_under(&device, seq));
             }
         }
         for op in ops {
@@ -1196,7 +1245,8 @@ impl Writer {
                 &msg.id,
                 &inbox_rec,
             );
-            batch.insert(&self.t.inbox, rows::inbox_key(&self.t.ids, d, seq), value);
+            let key = rows::inbox_key_under(&self.device_key(d), seq);
+            batch.insert(&self.t.inbox, key, value);
         }
         let akey = record::archive_key(seq, &msg.id);
         let archive_rec = Record {
