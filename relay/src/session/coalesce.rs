@@ -128,10 +128,10 @@ mod tests {
     async fn frames_written_before_a_flush_leave_in_one_write() {
         let mut s = Coalesce::new(Writes::default());
         for frame in [&b"one"[..], b"two", b"three"] {
-            s.write_all(frame).await.unwrap();
+            s.write_all(frame).await.expect("write");
         }
         assert!(s.inner.writes.is_empty(), "nothing leaves before the flush");
-        s.flush().await.unwrap();
+        s.flush().await.expect("flush");
         assert_eq!(s.inner.writes, vec![b"onetwothree".to_vec()]);
         assert_eq!(s.inner.flushed, 1);
         assert_eq!(s.held.capacity(), 0, "the buffer is freed after the flush");
@@ -141,11 +141,11 @@ mod tests {
     async fn no_more_than_max_held_waits_for_the_flush() {
         let mut s = Coalesce::new(Writes::default());
         let frame = vec![7u8; MAX_HELD / 2 + 1];
-        s.write_all(&frame).await.unwrap();
-        s.write_all(&frame).await.unwrap(); // over the cap: the first goes out now
+        s.write_all(&frame).await.expect("write");
+        s.write_all(&frame).await.expect("write"); // over the cap: the first goes out now
         assert_eq!(s.inner.writes, vec![frame.clone()]);
         let big = vec![9u8; MAX_HELD + 1];
-        s.write_all(&big).await.unwrap(); // bigger than the cap: straight through
+        s.write_all(&big).await.expect("write"); // bigger than the cap: straight through
         assert_eq!(s.inner.writes.len(), 3);
         assert_eq!(s.inner.writes[2], big);
         assert!(s.held.len() <= MAX_HELD);
@@ -157,8 +157,8 @@ mod tests {
             max: Some(4),
             ..Default::default()
         });
-        s.write_all(b"abcdefghij").await.unwrap();
-        s.shutdown().await.unwrap();
+        s.write_all(b"abcdefghij").await.expect("write");
+        s.shutdown().await.expect("shutdown");
         assert_eq!(s.inner.writes.concat(), b"abcdefghij".to_vec());
         assert_eq!(s.inner.writes.len(), 3);
     }
