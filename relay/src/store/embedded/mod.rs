@@ -364,9 +364,10 @@ fn list_devices(t: &Tables, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
 }
 
 impl EmbeddedStore {
-    /// Runs `f` on the caller's thread with the tables: for a few point reads and unsynced
-    /// writes, microseconds on cached data, where a trip to the blocking pool costs two context
-    /// switches (the handshake storm's profile). Nothing here waits for the disk to sync.
+    /// Runs `f` on the caller's thread with the tables: for a few point reads, microseconds on
+    /// cached data, where a trip to the blocking pool costs two context switches (the handshake
+    /// storm's profile). Reads only: a write takes fjall's journal lock, which the writer thread
+    /// holds through its fsync, and may sleep in a write stall.
     fn inline<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Tables) -> Result<T, StoreError> + Send + 'static,
@@ -576,9 +577,10 @@ impl AccessRows for EmbeddedStore {
         change: Change,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let lock = self.access_lock.clone();
-        // A last-seen time is not synced (below): it runs inline, on every connect and close.
         let seen = matches!(change, Change::Seen { .. });
-        let update = move |t: &Tables| {
+        // Not inline even for a last-seen time: a write takes fjall's journal lock, which the
+        // writer thread holds through its fsync, and may sleep in a write stall.
+        self.blocking(move |t: &Tables| {
             let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let read = |device: &str| -> Result<(Vec<u8>, AccessRow), StoreError> {
                 let key = rows::device_key(&t.ids, &DeviceRef::new(&user, device)).to_vec();
@@ -617,19 +619,14 @@ impl AccessRows for EmbeddedStore {
             }
             let value = rows::access_value(&t.ids, &key, &device, &row);
             t.access.insert(&key, value).map_err(unavailable)?;
-            // The row is written: the sync below need not hold up the inline last-seen updates.
+            // The row is written: the sync below need not hold up the other updates.
             drop(guard);
             // Last-seen times ride on the next journal sync; revocations are durable now.
             if !seen {
                 t.db.persist(PersistMode::SyncAll).map_err(unavailable)?;
             }
             Ok(())
-        };
-        if seen {
-            self.inline(update)
-        } else {
-            self.blocking(update)
-        }
+        })
     }
 
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
