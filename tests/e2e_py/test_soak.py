@@ -40,21 +40,28 @@ def test_relay_memory_levels_off_under_churn(make_relay):
         "--churn-every", "5", "--offline", "2", "--prefix", "soak", timeout=LOAD_S + 120)))
     started = time.monotonic()
     load.start()
-    samples = []
+    samples, heaps = [], []
     while load.is_alive():
-        samples.append((time.monotonic() - started, rss_bytes(relay.proc.pid)))
+        t = time.monotonic() - started
+        samples.append((t, rss_bytes(relay.proc.pid)))
+        heaps.append((t, gauge(relay, "relay_allocator_allocated_bytes")))
         time.sleep(2)
     load.join()
     time.sleep(3)
     after = rss_bytes(relay.proc.pid)
     steady = [(t, r) for t, r in samples if WARM_UP_S <= t <= LOAD_S]
     slope = slope_mb_per_min(steady)
+    # A leak grows the live heap (jemalloc's own count); RSS adds the allocator's retained pages,
+    # whose level wanders with the machine's load (+2 to +6.7 MB/min on one shared machine for
+    # the same build), so the slope bound applies to the heap and RSS is bounded after the load.
+    heap_slope = slope_mb_per_min([(t, h) for t, h in heaps if WARM_UP_S <= t <= LOAD_S])
     peak = max(r for _, r in samples)
     print(f"churn soak: {result.get('accepted', 0)} accepted; RSS idle {idle / 1e6:.1f} MB, "
-          f"peak {peak / 1e6:.1f} MB, after {after / 1e6:.1f} MB; slope after warm-up {slope:+.2f} MB/min")
+          f"peak {peak / 1e6:.1f} MB, after {after / 1e6:.1f} MB; slope after warm-up: RSS {slope:+.2f}, "
+          f"live heap {heap_slope:+.2f} MB/min")
     assert result["accepted"] > 0 and result["lost"] == 0
     assert len(steady) >= 20, len(steady)
-    assert slope < MAX_SLOPE_MB_PER_MIN, slope
+    assert heap_slope < MAX_SLOPE_MB_PER_MIN, heap_slope
     # With every connection closed, what stays is bounded caches and the allocator's pools.
     assert after - idle < 64 * 1024 * 1024, (idle, after)
 
