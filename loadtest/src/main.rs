@@ -511,7 +511,14 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                 let spread = (conn as u64 * 7919) % (ctx.args.churn_every * 1000);
                 tokio::time::Instant::now() + Duration::from_millis(ctx.args.churn_every * 500 + spread)
             });
-            let session: anyhow::Result<bool> = async { loop {
+            let session: anyhow::Result<bool> = async {
+            // After a reconnect: what was not answered goes again, under the same ids (a node
+            // killed meanwhile fails this like any other write of the session).
+            for &(idx, _) in &outstanding {
+                ws.feed(Message::text(send_frame(&ctx, conn, idx))).await?;
+            }
+            ws.flush().await?;
+            loop {
                 let sending = ctx.sending.load(Ordering::Relaxed);
                 if ctx.draining.load(Ordering::Relaxed) && outstanding.is_empty() && acks.is_empty() {
                     break Ok(false);
@@ -599,9 +606,6 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
                             Err(again) => return Err(again.context(format!("reconnect after: {e:#}"))),
                         }
                     }
-                    for &(idx, _) in &outstanding {
-                        ws.send(Message::text(send_frame(&ctx, conn, idx))).await?;
-                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -624,7 +628,7 @@ async fn device(ctx: Arc<Ctx>, conn: usize, mut ws: Ws, interval: Option<Duratio
         .fetch_sub(outstanding.len() as u64, Ordering::Relaxed);
     if let Err(e) = result {
         error = true;
-        eprintln!("{e:#}");
+        eprintln!("device {conn} gave up: {e:#}");
     }
     let mut r = ctx.report.lock().await;
     r.accepted.entry(conn as u32).or_default().extend(accepted);
@@ -1039,6 +1043,7 @@ fn merge(
     // redelivery, which clients drop by message id.
     let (mut n_accepted, mut lost, mut n_delivered) = (0u64, 0u64, 0u64);
     let (mut duplicates, mut redeliveries) = (0u64, 0u64);
+    let mut lost_senders = 0;
     for (sender, acc_idx) in &accepted {
         let got: std::collections::HashSet<u32> = delivered
             .get(sender)
@@ -1047,7 +1052,23 @@ fn merge(
         // A resent message may be answered `accepted` twice.
         let acc_idx: std::collections::HashSet<u32> = acc_idx.iter().copied().collect();
         n_accepted += acc_idx.len() as u64;
-        lost += acc_idx.iter().filter(|k| !got.contains(k)).count() as u64;
+        let mut missing: Vec<u32> = acc_idx
+            .iter()
+            .copied()
+            .filter(|k| !got.contains(k))
+            .collect();
+        if !missing.is_empty() && lost_senders < 20 {
+            // Which sends: the run's messages are evenly spaced, so k dates them.
+            missing.sort_unstable();
+            lost_senders += 1;
+            eprintln!(
+                "  lost: {} of sender {sender}'s {} accepted sends, k {:?}",
+                missing.len(),
+                acc_idx.len(),
+                &missing[..missing.len().min(12)]
+            );
+        }
+        lost += missing.len() as u64;
     }
     for v in delivered.values() {
         let mut seqs: HashMap<u32, std::collections::HashSet<u64>> = HashMap::new();

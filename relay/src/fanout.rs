@@ -120,10 +120,39 @@ pub struct Registration {
     pub since: u64,
     /// Live deliveries and signals.
     pub outbox: Arc<Outbox>,
-    /// Changes to a sequence floor when deliveries may have been lost (cluster bus trouble):
-    /// the session re-reads its inbox from there.
-    pub catch_up: watch::Receiver<u64>,
+    /// Changes when deliveries may have been lost (cluster bus trouble, a node died): the
+    /// session re-reads its inbox from [`Registration::next_catch_up`].
+    pub catch_up: watch::Receiver<CatchUps>,
+    /// How many of the hub's catch-ups this session has taken in.
+    catch_ups_seen: u64,
 }
+
+impl Registration {
+    /// The lowest floor of the catch-ups asked for since the last call, if any: a session busy
+    /// replaying while several came must re-read from the lowest, not from the newest.
+    pub fn next_catch_up(&mut self) -> Option<u64> {
+        let c = self.catch_up.borrow_and_update();
+        let missed = c.asked - self.catch_ups_seen;
+        self.catch_ups_seen = c.asked;
+        match missed {
+            0 => None,
+            n if n > c.recent.len() as u64 => Some(0), // more than are kept: the whole inbox
+            n => c.recent.iter().rev().take(n as usize).min().copied(),
+        }
+    }
+}
+
+/// The hub's most recent catch-up floors.
+#[derive(Debug, Default)]
+pub struct CatchUps {
+    /// Catch-ups asked for since the hub began.
+    asked: u64,
+    /// The newest floors, oldest first (at most [`CATCH_UPS_KEPT`]).
+    recent: std::collections::VecDeque<u64>,
+}
+
+/// Catch-up floors the hub keeps for sessions that have not read them yet.
+const CATCH_UPS_KEPT: usize = 32;
 
 /// Where a stored logout reaches live sessions: the hub closes this node's, the cluster closes
 /// this node's and tells the other nodes. The access service calls it once per logout.
@@ -148,7 +177,7 @@ pub trait Presence: Send + Sync + 'static {
 pub struct Hub {
     conns: DashMap<DeviceRef, Conn>,
     next_id: AtomicU64,
-    catch_up: watch::Sender<u64>,
+    catch_up: watch::Sender<CatchUps>,
 }
 
 impl Default for Hub {
@@ -156,7 +185,7 @@ impl Default for Hub {
         Hub {
             conns: DashMap::new(),
             next_id: AtomicU64::new(0),
-            catch_up: watch::Sender::new(0),
+            catch_up: watch::Sender::new(CatchUps::default()),
         }
     }
 }
@@ -180,11 +209,14 @@ impl Hub {
             metrics::counter!("relay_connections_displaced_total").increment(1);
         }
         metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
+        let catch_up = self.catch_up.subscribe();
+        let catch_ups_seen = catch_up.borrow().asked;
         Registration {
             id,
             since,
             outbox,
-            catch_up: self.catch_up.subscribe(),
+            catch_up,
+            catch_ups_seen,
         }
     }
 
@@ -213,7 +245,13 @@ impl Hub {
 
     /// Asks every session to re-read its inbox from `floor`.
     pub fn catch_up(&self, floor: u64) {
-        self.catch_up.send_replace(floor);
+        self.catch_up.send_modify(|c| {
+            c.asked += 1;
+            if c.recent.len() == CATCH_UPS_KEPT {
+                c.recent.pop_front();
+            }
+            c.recent.push_back(floor);
+        });
     }
 
     /// Closes every connection with `code`, spread evenly over `spread` in random order, so
@@ -326,6 +364,30 @@ mod tests {
             urgent: false,
             body: Bytes::from_static(b"hi"),
         }
+    }
+
+    #[test]
+    fn catch_ups_a_busy_session_missed_add_up_to_the_lowest_floor() {
+        let hub = Hub::default();
+        hub.catch_up(7); // before the session: its replay covers it
+        let mut reg = hub.register(&DeviceRef::new("u", "d"), 4, 1);
+        assert_eq!(reg.next_catch_up(), None);
+        // Replaying, the session reads none of these; the newest is not the lowest.
+        hub.catch_up(100);
+        hub.catch_up(50);
+        hub.catch_up(300);
+        assert_eq!(reg.next_catch_up(), Some(50));
+        assert_eq!(reg.next_catch_up(), None);
+        hub.catch_up(400);
+        assert_eq!(reg.next_catch_up(), Some(400));
+        for floor in 1_000..1_100 {
+            hub.catch_up(floor);
+        }
+        assert_eq!(
+            reg.next_catch_up(),
+            Some(0),
+            "more missed than are kept: the whole inbox"
+        );
     }
 
     #[test]

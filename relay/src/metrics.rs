@@ -333,6 +333,12 @@ pub const CATALOGUE: &[Entry] = &[
         "Stored rows sealed with an at-rest key this node does not hold; kept and read again at every replay.",
     ),
     (
+        "relay_store_redelivered_total",
+        Kind::Counter,
+        &[],
+        "Resent messages another node had stored, delivered again from the store (ScyllaDB; that node may have died before its fan-out).",
+    ),
+    (
         "relay_retention_expired_rows_total",
         Kind::Counter,
         &[("table", TABLES)],

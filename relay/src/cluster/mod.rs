@@ -20,6 +20,7 @@
 //! same device on other nodes.
 
 pub mod presence;
+mod unpublished;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use crate::fanout::{Hub, LiveLogout, Presence};
 use crate::seal::Keyring;
 use crate::store::{DeliverySink, DeviceRef, InboxEntry, MessageStore, now_ms, seq_floor};
 use presence::{Directory, HeartbeatOutcome};
+use unpublished::Unpublished;
 use wire::{Control, Delivery, Subjects};
 
 /// How far before a detected failure deliveries are re-read from the inbox: publications in
@@ -80,6 +82,8 @@ pub struct Cluster {
     store: OnceLock<Arc<dyn MessageStore>>,
     config: ClusterConfig,
     leaving: AtomicBool,
+    /// What the store wrote that may not be on the bus yet (heartbeats announce it).
+    unpublished: Unpublished,
 }
 
 /// Background tasks of cluster mode.
@@ -137,6 +141,7 @@ impl Cluster {
             store: OnceLock::new(),
             config: config.clone(),
             leaving: AtomicBool::new(false),
+            unpublished: Unpublished::default(),
         });
         metrics::gauge!("relay_bus_connected").set(0.0);
         let control = cluster
@@ -321,6 +326,7 @@ impl Cluster {
                 node_id: self.node_id.load(Ordering::Relaxed),
                 devices: self.hub.online(),
                 leaving: self.leaving.load(Ordering::Relaxed),
+                unpublished: self.unpublished.announce(),
             },
         );
     }
@@ -419,6 +425,7 @@ impl Cluster {
                 node_id,
                 devices,
                 leaving,
+                unpublished,
             } if instance != self.instance => {
                 if node_id == self.node_id.load(Ordering::Relaxed) && !leaving {
                     metrics::counter!("relay_cluster_node_id_conflicts_total").increment(1);
@@ -432,7 +439,7 @@ impl Cluster {
                 }
                 if self
                     .directory
-                    .heartbeat(instance, node_id, devices, leaving, now)
+                    .heartbeat(instance, node_id, devices, leaving, unpublished, now)
                     == HeartbeatOutcome::NeedSnapshot
                 {
                     self.publish_control(
@@ -518,19 +525,7 @@ impl Cluster {
                         instance: self.instance,
                     },
                 );
-                let floor = self.gap.swap(0, Ordering::Relaxed);
-                if floor > 0 {
-                    // Everyone re-reads from where this node may have missed or dropped
-                    // deliveries; this node too, in case the resync itself is lost.
-                    self.hub.catch_up(floor);
-                    self.publish_control(
-                        "resync",
-                        &Control::Resync {
-                            instance: self.instance,
-                            floor,
-                        },
-                    );
-                }
+                self.resync();
             }
             async_nats::Event::Disconnected => {
                 tracing::warn!(
@@ -553,7 +548,24 @@ impl Cluster {
         }
     }
 
-    /// Heartbeats, dead-node expiry, and inbox checks while the bus is down.
+    /// Everyone re-reads from where this node may have missed or dropped deliveries; this
+    /// node too, in case the resync itself is lost.
+    fn resync(&self) {
+        let floor = self.gap.swap(0, Ordering::Relaxed);
+        if floor > 0 {
+            self.hub.catch_up(floor);
+            self.publish_control(
+                "resync",
+                &Control::Resync {
+                    instance: self.instance,
+                    floor,
+                },
+            );
+        }
+    }
+
+    /// Heartbeats, dead-node expiry, and inbox checks while the bus is down; with the bus up, a
+    /// resync for publications dropped meanwhile (a full queue, a failed publish).
     async fn ticker(self: Arc<Self>, stop: CancellationToken) {
         let mut beat = tokio::time::interval(self.config.heartbeat.0);
         let mut check = tokio::time::interval(self.config.inbox_check.0);
@@ -562,14 +574,16 @@ impl Cluster {
                 _ = stop.cancelled() => return,
                 _ = beat.tick() => {
                     self.heartbeat();
-                    for (node_id, devices) in self.directory.expire(Instant::now(), self.config.node_timeout.0) {
+                    for lost in self.directory.expire(Instant::now(), self.config.node_timeout.0) {
                         metrics::counter!("relay_cluster_nodes_lost_total").increment(1);
-                        tracing::warn!(node_id, devices, "node silent: its devices count as offline; sessions re-read their inboxes");
+                        tracing::warn!(node_id = lost.node_id, devices = lost.devices, "node silent: its devices count as offline; sessions re-read their inboxes");
                         // A node that died between storing messages and publishing them left
                         // them only in the inboxes: every session here re-reads from before it
-                        // fell silent.
-                        let silent_for = self.config.node_timeout.0.as_millis() as u64;
-                        self.hub.catch_up(seq_floor(now_ms().saturating_sub(silent_for + GAP_MARGIN_MS)));
+                        // fell silent, and from the oldest message it was still storing then
+                        // (a slow database's batch, or a retry under its first number).
+                        let silent_ms = lost.silent.as_millis() as u64;
+                        let before = seq_floor(now_ms().saturating_sub(silent_ms + GAP_MARGIN_MS));
+                        self.hub.catch_up(lost.unpublished.map_or(before, |u| u.min(before)));
                     }
                     metrics::gauge!("relay_presence_remote_devices").set(self.directory.len() as f64);
                     metrics::gauge!("relay_cluster_nodes").set((self.directory.peers().len() + 1) as f64);
@@ -579,6 +593,8 @@ impl Cluster {
                     if !self.bus_connected() && floor > 0 {
                         metrics::counter!("relay_bus_inbox_checks_total").increment(1);
                         self.hub.catch_up(floor);
+                    } else if floor > 0 {
+                        self.resync();
                     }
                 }
             }
@@ -594,6 +610,10 @@ fn now_us() -> u64 {
 }
 
 impl DeliverySink for Cluster {
+    fn storing(&self, oldest: Option<u64>) {
+        self.unpublished.storing(oldest);
+    }
+
     fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry) {
         self.hub.deliver(devices, entry);
         let sent_us = now_us();

@@ -26,6 +26,22 @@ struct Peer {
     mismatches: u8,
     /// A snapshot of it arrived since we first heard of it.
     synced: bool,
+    /// The oldest sequence number it was storing or publishing at its last heartbeat.
+    unpublished: Option<u64>,
+}
+
+/// A node found dead: what the surviving nodes need to recover its unpublished deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// Its node id (`u8::MAX` if only heard of through device events).
+    pub node_id: u8,
+    /// Its devices, now offline.
+    pub devices: usize,
+    /// How long it has been silent.
+    pub silent: Duration,
+    /// The oldest sequence number it may have stored without publishing, as of its last
+    /// heartbeat (a batch's retried messages keep their first, older, numbers).
+    pub unpublished: Option<u64>,
 }
 
 impl Peer {
@@ -36,6 +52,7 @@ impl Peer {
             devices: 0,
             mismatches: 0,
             synced: false,
+            unpublished: None,
         }
     }
 }
@@ -129,6 +146,7 @@ impl Directory {
         node_id: u8,
         devices: usize,
         leaving: bool,
+        unpublished: Option<u64>,
         now: Instant,
     ) -> HeartbeatOutcome {
         let mut inner = self.lock();
@@ -145,6 +163,7 @@ impl Directory {
         p.node_id = node_id;
         p.last_heard = now;
         p.devices = devices;
+        p.unpublished = unpublished;
         p.mismatches = if known == devices {
             0
         } else {
@@ -190,19 +209,24 @@ impl Directory {
         }
     }
 
-    /// Forgets nodes silent for longer than `timeout`; returns their node ids and device counts.
-    pub fn expire(&self, now: Instant, timeout: Duration) -> Vec<(u8, usize)> {
+    /// Forgets nodes silent for longer than `timeout`.
+    pub fn expire(&self, now: Instant, timeout: Duration) -> Vec<Lost> {
         let mut inner = self.lock();
-        let dead: Vec<(u64, u8)> = inner
+        let dead: Vec<u64> = inner
             .peers
             .iter()
             .filter(|(_, p)| now.duration_since(p.last_heard) > timeout)
-            .map(|(&i, p)| (i, p.node_id))
+            .map(|(&i, _)| i)
             .collect();
         dead.into_iter()
-            .map(|(instance, node_id)| {
-                inner.peers.remove(&instance);
-                (node_id, inner.remove_instance(instance))
+            .filter_map(|instance| {
+                let p = inner.peers.remove(&instance)?;
+                Some(Lost {
+                    node_id: p.node_id,
+                    devices: inner.remove_instance(instance),
+                    silent: now.duration_since(p.last_heard),
+                    unpublished: p.unpublished,
+                })
             })
             .collect()
     }
@@ -250,7 +274,7 @@ mod tests {
         let dir = Directory::default();
         let t0 = Instant::now();
         assert_eq!(
-            dir.heartbeat(1, 3, 0, false, t0),
+            dir.heartbeat(1, 3, 0, false, None, t0),
             HeartbeatOutcome::NeedSnapshot
         );
         dir.online(d("a"), 1, 1, t0);
@@ -259,7 +283,11 @@ mod tests {
             dir.expire(t0 + Duration::from_secs(2), Duration::from_secs(3))
                 .is_empty()
         );
-        let mut dead = dir.expire(t0 + Duration::from_secs(4), Duration::from_secs(3));
+        let mut dead: Vec<(u8, usize)> = dir
+            .expire(t0 + Duration::from_secs(4), Duration::from_secs(3))
+            .iter()
+            .map(|l| (l.node_id, l.devices))
+            .collect();
         dead.sort();
         // Node 2 was only heard of through an event: it expires too, node id unknown.
         assert_eq!(dead, vec![(3, 1), (u8::MAX, 1)]);
@@ -267,18 +295,50 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_node_is_reported_with_the_oldest_message_it_had_not_published() {
+        let dir = Directory::default();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(3);
+        // Instance 1 died while a batch from seq 500 on was being written.
+        dir.heartbeat(1, 3, 0, false, Some(900), t0);
+        dir.heartbeat(1, 3, 0, false, Some(500), t0 + Duration::from_secs(1));
+        // Instance 2 had published everything at its last heartbeat.
+        dir.heartbeat(2, 4, 0, false, Some(700), t0);
+        dir.heartbeat(2, 4, 0, false, None, t0 + Duration::from_secs(1));
+        let mut lost = dir.expire(t0 + Duration::from_secs(5), timeout);
+        lost.sort_by_key(|l| l.node_id);
+        let seen: Vec<_> = lost
+            .iter()
+            .map(|l| (l.node_id, l.unpublished, l.silent))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (3, Some(500), Duration::from_secs(4)),
+                (4, None, Duration::from_secs(4))
+            ]
+        );
+    }
+
+    #[test]
     fn count_mismatch_twice_asks_for_a_snapshot_which_heals() {
         let dir = Directory::default();
         let t = Instant::now();
         assert_eq!(
-            dir.heartbeat(1, 0, 0, false, t),
+            dir.heartbeat(1, 0, 0, false, None, t),
             HeartbeatOutcome::NeedSnapshot
         );
         dir.snapshot(1, 0, 0, vec![], t);
-        assert_eq!(dir.heartbeat(1, 0, 0, false, t), HeartbeatOutcome::Fine);
-        assert_eq!(dir.heartbeat(1, 0, 2, false, t), HeartbeatOutcome::Fine);
         assert_eq!(
-            dir.heartbeat(1, 0, 2, false, t),
+            dir.heartbeat(1, 0, 0, false, None, t),
+            HeartbeatOutcome::Fine
+        );
+        assert_eq!(
+            dir.heartbeat(1, 0, 2, false, None, t),
+            HeartbeatOutcome::Fine
+        );
+        assert_eq!(
+            dir.heartbeat(1, 0, 2, false, None, t),
             HeartbeatOutcome::NeedSnapshot
         );
         dir.snapshot(
@@ -288,9 +348,12 @@ mod tests {
             vec![("u".into(), "a".into(), 5), ("u".into(), "b".into(), 6)],
             t,
         );
-        assert_eq!(dir.heartbeat(1, 0, 2, false, t), HeartbeatOutcome::Fine);
+        assert_eq!(
+            dir.heartbeat(1, 0, 2, false, None, t),
+            HeartbeatOutcome::Fine
+        );
         assert_eq!(dir.len(), 2);
-        dir.heartbeat(1, 0, 0, true, t);
+        dir.heartbeat(1, 0, 0, true, None, t);
         assert!(dir.is_empty());
     }
 }

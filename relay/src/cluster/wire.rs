@@ -160,6 +160,10 @@ pub enum Control {
         devices: usize,
         /// The node is shutting down: forget its devices now.
         leaving: bool,
+        /// The oldest sequence number it has stored, or is storing, that may not be on the bus
+        /// yet: if it dies, the others re-read their inboxes from there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unpublished: Option<u64>,
     },
     /// Asks every node for its devices, answered to `<prefix>.snap.<instance>`.
     SyncRequest { instance: u64 },

@@ -239,8 +239,9 @@ where
                 }
                 _ = reg.outbox.evict.cancelled() => return Err(self.evicted(reg).await),
                 Ok(()) = reg.catch_up.changed(), if !replaying => {
-                    let floor = *reg.catch_up.borrow_and_update();
-                    self.state.handle_catch_up(floor);
+                    if let Some(floor) = reg.next_catch_up() {
+                        self.state.handle_catch_up(floor);
+                    }
                 }
                 result = self.acks.applied() => result.map_err(|_| store_unavailable())?,
                 result = next_reply(&mut self.tickets) => {

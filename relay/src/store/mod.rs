@@ -79,6 +79,11 @@ pub trait DeliverySink: Send + Sync + 'static {
     /// `devices` are all the devices whose inbox received `entry`, each once, grouped by user
     /// (as [`add_recipients`] builds them).
     fn deliver(&self, devices: &[DeviceRef], entry: &InboxEntry);
+
+    /// A backend shared by nodes says which rows it is writing: `Some(oldest)` when a batch
+    /// stores messages from sequence number `oldest` on, `None` once they are delivered
+    /// here. Another node recovers them from the store if this one dies in between.
+    fn storing(&self, _oldest: Option<u64>) {}
 }
 
 /// The users whose devices a message is stored for: the sender (for their other devices),

@@ -26,6 +26,8 @@ pub(super) struct Pending {
     /// Needs its `message_ids` row written (a new id).
     pub(super) reserve: bool,
     pub(super) targets: Vec<DeviceRef>,
+    /// A duplicate's entry as stored, read back to be delivered again.
+    pub(super) stored: Option<InboxEntry>,
     pub(super) failed: Option<StoreError>,
 }
 
@@ -195,16 +197,23 @@ impl Writer {
                 duplicate: false,
                 reserve: false,
                 targets: Vec::new(),
+                stored: None,
                 failed: None,
             });
         }
 
         let firsts: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
         self.read_ids(&mut p, &firsts).await;
+        // From here rows may land that only this node's fan-out announces (retries keep
+        // their first, older, numbers).
+        let oldest = p.iter().filter(|x| x.seq > 0).map(|x| x.seq).min();
+        self.sink.storing(oldest);
         self.reserve_ids(&mut p, &firsts).await;
         let writing = self.write_rows(&mut p, &firsts).await;
         self.mark_complete(&mut p, &writing).await;
+        self.read_duplicates(&mut p, &firsts).await;
         self.fan_out_and_answer(p);
+        self.sink.storing(None);
     }
 
     /// Phase 1: what the database knows of these ids (`firsts`: each id's first append in the
@@ -377,6 +386,60 @@ impl Writer {
         }
     }
 
+    /// Phase 5, for ids phase 1 found complete: the node that stored one may have died
+    /// before its fan-out reached the bus, so the rows still in the recipients' inboxes are
+    /// read back to be delivered again, as stored (devices skip a sequence number they have).
+    /// Best effort: a row not read waits in its inbox for the device's next replay.
+    async fn read_duplicates(&mut self, p: &mut [Pending], firsts: &[usize]) {
+        let dups: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| p[i].duplicate && p[i].failed.is_none())
+            .collect();
+        if dups.is_empty() {
+            return;
+        }
+        let mut users: Vec<String> = dups
+            .iter()
+            .flat_map(|&i| recipient_users(&p[i].msg).map(str::to_string))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        if let Err(e) = self.devices_of(&users).await {
+            tracing::warn!(error = %e, "resent messages not delivered again: device lists unread");
+            return;
+        }
+        let mut reads: Vec<(usize, DeviceRef)> = Vec::new();
+        for &i in &dups {
+            let m = &p[i].msg;
+            let mut targets = Vec::new();
+            for user in recipient_users(m) {
+                let devices = self
+                    .devices
+                    .get(user)
+                    .map_or(&[][..], |(l, _)| l.as_slice());
+                add_recipients(&mut targets, m, devices);
+            }
+            reads.extend(targets.into_iter().map(|d| (i, d)));
+        }
+        let s = self.s.clone();
+        let rows = join_all(reads.iter().map(|(i, d)| {
+            // The row itself, if still there: the first entry after the one before it.
+            ScyllaStore::read_page(&s, d, p[*i].seq - 1, 1, usize::MAX)
+        }))
+        .await;
+        for ((i, d), row) in reads.into_iter().zip(rows) {
+            match row.map(|r| r.into_iter().next().filter(|e| e.seq == p[i].seq)) {
+                Ok(Some(entry)) => {
+                    p[i].targets.push(d);
+                    p[i].stored.get_or_insert(entry);
+                }
+                Ok(None) => {} // acknowledged (or expired): that device has it
+                Err(e) => tracing::warn!(error = %e, "a resent message's row unread"),
+            }
+        }
+    }
+
     /// Fans the stored appends out in sequence order, then answers every sender.
     fn fan_out_and_answer(&mut self, p: Vec<Pending>) {
         let any_failed = p.iter().any(|x| x.failed.is_some());
@@ -393,7 +456,13 @@ impl Writer {
         order.sort_by_key(|&i| p[i].seq);
         for &i in &order {
             let x = &p[i];
-            if x.failed.is_none() && !x.duplicate && !x.targets.is_empty() {
+            if x.failed.is_some() || x.targets.is_empty() {
+                continue;
+            }
+            if let Some(stored) = &x.stored {
+                metrics::counter!("relay_store_redelivered_total").increment(1);
+                self.sink.deliver(&x.targets, stored);
+            } else if !x.duplicate {
                 let entry = InboxEntry {
                     seq: x.seq,
                     ts: x.ts,
