@@ -176,11 +176,16 @@ async fn idempotency(kind: Kind) {
     assert!(deliveries.iter().all(|(_, seq)| *seq == first.seq));
     // In a shared database a resend found complete is delivered again, from the store: the
     // node that stored it may have died before its fan-out (see the ScyllaDB-only case below).
+    // (The two concurrent appends usually share a batch; when they do not, the second is such
+    // a resend too.)
     let expected = match kind {
-        Kind::Embedded => 1,
-        Kind::Cassandra => 2,
+        Kind::Embedded => 1..=1,
+        Kind::Cassandra => 2..=3,
     };
-    assert_eq!(deliveries.len(), expected, "delivered once per commit");
+    assert!(
+        expected.contains(&deliveries.len()),
+        "delivered once per commit: {deliveries:?}"
+    );
     // The same id from another sender is another message.
     let other = NewMessage {
         from: DeviceRef::new("carol", "phone"),

@@ -14,7 +14,9 @@
 //!
 //! A message whose phase fails is answered `unavailable` (retryable). A retry that finds an
 //! incomplete `message_ids` row rewrites the same rows under the same seq, so a timed-out write
-//! is neither lost nor duplicated; a complete row answers `duplicate`. All statements are
+//! is neither lost nor duplicated; a complete row answers `duplicate`, and the rows still in the
+//! recipients' inboxes are read back and fanned out again (the node that wrote them may have
+//! died before its fan-out). All statements are
 //! idempotent (same keys, same values), so the driver may retry them on timeouts.
 //!
 //! Layout: `connection.rs` (reaching the cluster), `schema.rs` (migrations; `pseudonyms.rs` the

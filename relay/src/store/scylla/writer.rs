@@ -311,14 +311,7 @@ impl Writer {
             .collect();
         for i in ready {
             let m = &p[i].msg;
-            let mut targets = Vec::new();
-            for user in recipient_users(m) {
-                let devices = self
-                    .devices
-                    .get(user)
-                    .map_or(&[][..], |(l, _)| l.as_slice());
-                add_recipients(&mut targets, m, devices);
-            }
+            let targets = self.targets(m);
             let (seq, ts) = (p[i].seq, p[i].ts);
             let rec = Record {
                 ts,
@@ -386,6 +379,19 @@ impl Writer {
         }
     }
 
+    /// Every device whose inbox gets `m`, from the cached device lists (`devices_of`).
+    fn targets(&self, m: &NewMessage) -> Vec<DeviceRef> {
+        let mut targets = Vec::new();
+        for user in recipient_users(m) {
+            let devices = self
+                .devices
+                .get(user)
+                .map_or(&[][..], |(l, _)| l.as_slice());
+            add_recipients(&mut targets, m, devices);
+        }
+        targets
+    }
+
     /// Phase 5, for ids phase 1 found complete: the node that stored one may have died
     /// before its fan-out reached the bus, so the rows still in the recipients' inboxes are
     /// read back to be delivered again, as stored (devices skip a sequence number they have).
@@ -411,16 +417,7 @@ impl Writer {
         }
         let mut reads: Vec<(usize, DeviceRef)> = Vec::new();
         for &i in &dups {
-            let m = &p[i].msg;
-            let mut targets = Vec::new();
-            for user in recipient_users(m) {
-                let devices = self
-                    .devices
-                    .get(user)
-                    .map_or(&[][..], |(l, _)| l.as_slice());
-                add_recipients(&mut targets, m, devices);
-            }
-            reads.extend(targets.into_iter().map(|d| (i, d)));
+            reads.extend(self.targets(&p[i].msg).into_iter().map(|d| (i, d)));
         }
         let s = self.s.clone();
         let rows = join_all(reads.iter().map(|(i, d)| {
