@@ -923,6 +923,7 @@ async fn cassandra_a_resend_of_a_message_another_node_stored_is_delivered_from_t
             .expect("register");
     }
     let m = msg(&alice, &["bob"], "as stored");
+    let id = m.id;
     let first = first_node
         .append(m.clone())
         .await
@@ -947,6 +948,30 @@ async fn cassandra_a_resend_of_a_message_another_node_stored_is_delivered_from_t
         got,
         vec![(vec![phone], first.seq, Bytes::from_static(b"as stored"))],
         "to the device that has not acknowledged it, as stored"
+    );
+    // A resend naming someone else reaches nobody new: only a device holding the stored row
+    // is delivered to.
+    let carol = DeviceRef::new("carol", "phone");
+    second_node
+        .register_device(carol.clone())
+        .await
+        .expect("register");
+    let resent = NewMessage {
+        id,
+        ..msg(&alice, &["carol"], "other bytes")
+    };
+    let again = second_node
+        .append(resent)
+        .await
+        .expect("reply")
+        .expect("accepted");
+    assert!(again.duplicate && again.seq == first.seq);
+    let delivered = seen.0.lock().expect("lock").clone();
+    assert!(
+        !delivered
+            .iter()
+            .any(|(devices, _, _)| devices.contains(&carol)),
+        "{delivered:?}"
     );
     for s in [first_node, second_node] {
         s.close().await.expect("close");

@@ -289,14 +289,7 @@ impl Writer {
             .copied()
             .filter(|&i| !p[i].duplicate && p[i].failed.is_none())
             .collect();
-        let mut users: Vec<String> = Vec::new();
-        for &i in &writing {
-            users.push(p[i].msg.from.user.to_string());
-            users.extend(p[i].msg.to.iter().cloned());
-        }
-        users.sort_unstable();
-        users.dedup();
-        if let Err(e) = self.devices_of(&users).await {
+        if let Err(e) = self.devices_of(&users_of(p, &writing)).await {
             for &i in &writing {
                 p[i].failed = Some(unavailable(&e));
             }
@@ -405,13 +398,7 @@ impl Writer {
         if dups.is_empty() {
             return;
         }
-        let mut users: Vec<String> = dups
-            .iter()
-            .flat_map(|&i| recipient_users(&p[i].msg).map(str::to_string))
-            .collect();
-        users.sort_unstable();
-        users.dedup();
-        if let Err(e) = self.devices_of(&users).await {
+        if let Err(e) = self.devices_of(&users_of(p, &dups)).await {
             tracing::warn!(error = %e, "resent messages not delivered again: device lists unread");
             return;
         }
@@ -493,4 +480,15 @@ impl Writer {
             let _ = x.reply.send(outcome.map_err(StoreError::Unavailable));
         }
     }
+}
+
+/// The users whose device lists the appends `which` of `p` need, each once.
+fn users_of(p: &[Pending], which: &[usize]) -> Vec<String> {
+    let mut users: Vec<String> = which
+        .iter()
+        .flat_map(|&i| recipient_users(&p[i].msg).map(str::to_string))
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    users
 }
