@@ -333,6 +333,24 @@ pub const CATALOGUE: &[Entry] = &[
         "Stored rows sealed with an at-rest key this node does not hold; kept and read again at every replay.",
     ),
     (
+        "relay_store_cql_requests_total",
+        Kind::Counter,
+        &[],
+        "CQL requests sent to ScyllaDB, as the driver counts them, sampled once a second (stays 0 on the embedded store).",
+    ),
+    (
+        "relay_store_cql_errors_total",
+        Kind::Counter,
+        &[],
+        "CQL requests that failed after the driver's retries, sampled once a second (ScyllaDB).",
+    ),
+    (
+        "relay_store_cql_retries_total",
+        Kind::Counter,
+        &[],
+        "CQL requests the driver's retry policy sent again, sampled once a second (ScyllaDB).",
+    ),
+    (
         "relay_store_redelivered_total",
         Kind::Counter,
         &[],

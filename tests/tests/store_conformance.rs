@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay::store::{DeviceRef, Devices, MessageStore, Messages, NewMessage, Retention, now_ms};
+use relay::store::{
+    AccessRows, DeviceRef, Devices, MessageStore, Messages, NewMessage, Retention, now_ms,
+};
 use relay_tests::{Kind, Place, Recorder, audit_keys, auditor, key_entry, keyring};
 use uuid::Uuid;
 
@@ -883,6 +885,102 @@ async fn cassandra_node_ids_are_leased_distinctly_and_freed_on_close() {
     for s in [a, c, d] {
         s.close().await.expect("close");
     }
+}
+
+/// ScyllaDB only: what one message and one device's connect cost in CQL requests, counted by
+/// the driver. The figures are the ones BENCHMARKS.md reports; a change that adds a round trip
+/// to either path fails here first. Background requests (the 1 s health ping, the lease) may
+/// fall inside the window, hence the small allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
+    const BACKGROUND: u64 = 4;
+    let place = Place::new(Kind::Cassandra).await;
+    let store = place
+        .open_scylla(
+            Some(0),
+            place.keyring(),
+            LONG,
+            Arc::new(Recorder::default()),
+        )
+        .await;
+    let alice = DeviceRef::new("alice", "phone");
+    let bob = DeviceRef::new("bob", "phone");
+    store.register_device(bob.clone()).await.expect("register");
+    // The first append loads bob's devices and reserves sequence numbers.
+    store
+        .append(msg(&alice, &["bob"], "warm"))
+        .await
+        .expect("reply")
+        .expect("append");
+    let n = 20;
+    let before = store.cql_requests();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let acc = store
+            .append(msg(&alice, &["bob"], &format!("m{i}")))
+            .await
+            .expect("reply")
+            .expect("append");
+        seqs.push(acc.seq);
+    }
+    let per_message = store.cql_requests() - before;
+    // Read the id, reserve it, the inbox row, the archive row, mark it complete.
+    assert!(
+        (5 * n..=5 * n + BACKGROUND).contains(&per_message),
+        "{per_message} requests for {n} messages"
+    );
+    // A page of the inbox: one request finds the weeks holding rows, one reads this week's.
+    let before = store.cql_requests();
+    let page = store
+        .inbox_page(bob.clone(), 0, 1000, usize::MAX)
+        .await
+        .expect("page");
+    assert_eq!(page.len() as u64, n + 1);
+    let per_page = store.cql_requests() - before;
+    assert!(
+        (2..=2 + BACKGROUND).contains(&per_page),
+        "{per_page} requests for a page"
+    );
+    // An acknowledgement of every message: one delete per device and week, not per message.
+    let before = store.cql_requests();
+    store.ack(bob.clone(), seqs).await.expect("ack");
+    let per_ack = store.cql_requests() - before;
+    assert!(
+        (1..=1 + BACKGROUND).contains(&per_ack),
+        "{per_ack} requests for an ack of {n}"
+    );
+    // An empty inbox costs the one request that finds no week holding rows.
+    let before = store.cql_requests();
+    let page = store
+        .inbox_page(DeviceRef::new("nobody", "phone"), 0, 1000, usize::MAX)
+        .await
+        .expect("page");
+    assert!(page.is_empty());
+    let per_empty = store.cql_requests() - before;
+    assert!(
+        (1..=1 + BACKGROUND).contains(&per_empty),
+        "{per_empty} requests for an empty page"
+    );
+    // A connect: the access check, the registration, the access read once registered.
+    let before = store.cql_requests();
+    for i in 0..n {
+        let d = DeviceRef::new(&format!("u{i}"), "phone");
+        store
+            .access(d.user.to_string(), Some(d.device.to_string()))
+            .await
+            .expect("access");
+        store.register_device(d.clone()).await.expect("register");
+        store
+            .access(d.user.to_string(), Some(d.device.to_string()))
+            .await
+            .expect("access");
+    }
+    let per_connect = store.cql_requests() - before;
+    assert!(
+        (3 * n..=3 * n + BACKGROUND).contains(&per_connect),
+        "{per_connect} requests for {n} connects"
+    );
+    store.close().await.expect("close");
 }
 
 /// What a sink was handed, with the bodies.

@@ -128,11 +128,9 @@ const QUEUE_DEPTH: usize = 65_536;
 const DEVICE_CACHE_TTL: Duration = Duration::from_secs(5);
 
 const WEEK_MS: u64 = 7 * 86_400_000;
-
-/// Inbox rows asked for first when reading a page; later requests are sized by what came back.
-/// One: a page of large messages then reads nothing it does not use (a page of small ones costs
-/// a second round trip).
-const FIRST_INBOX_CHUNK: usize = 1;
+/// Values in one `IN` list: ScyllaDB refuses more than 100 clustering key restrictions per
+/// query by default (`max_clustering_key_restrictions_per_query`).
+const MAX_IN_VALUES: usize = 100;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -190,6 +188,7 @@ type AccessColumns = (
 struct Statements {
     insert_inbox: PreparedStatement,
     select_inbox: PreparedStatement,
+    select_inbox_firsts: PreparedStatement,
     delete_inbox: PreparedStatement,
     insert_archive: PreparedStatement,
     select_archive: PreparedStatement,
@@ -235,7 +234,8 @@ impl Statements {
         Ok(Statements {
             insert_inbox: p("INSERT INTO {ks}.inbox2 (user_p, device_p, week, seq, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             select_inbox: p("SELECT seq, sealed FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq > ? LIMIT ?").await?,
-            delete_inbox: p("DELETE FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq = ?").await?,
+            select_inbox_firsts: p("SELECT week, seq, sealed FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week IN ? AND seq > ? PER PARTITION LIMIT 1").await?,
+            delete_inbox: p("DELETE FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq IN ?").await?,
             insert_archive: p("INSERT INTO {ks}.archive (hour, shard, seq, msg_id, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             select_archive: p("SELECT sealed FROM {ks}.archive WHERE hour = ? AND shard = ? AND seq = ? AND msg_id = ?").await?,
             select_msg_id: p("SELECT seq, ts, complete FROM {ks}.message_ids2 WHERE sender_p = ? AND msg_p = ?").await?,
@@ -514,6 +514,11 @@ impl ScyllaStore {
         self.node_id
     }
 
+    /// CQL requests this store has sent so far, as the driver counts them (retries apart).
+    pub fn cql_requests(&self) -> u64 {
+        CqlCounts::of(&self.shared.session).requests
+    }
+
     async fn read_page(
         s: &Shared,
         device: &DeviceRef,
@@ -528,15 +533,47 @@ impl ScyllaStore {
         let to = week_of(seq_floor(now + WEEK_MS));
         let mut out = Vec::with_capacity(limit.min(256));
         let (mut cursor, mut bytes) = (after, 0usize);
-        // A response holds every row it asks for: ask for one until the rows' size is known.
-        let mut chunk = FIRST_INBOX_CHUNK.min(limit);
         let (user_p, device_p) = dev_p(&s.ids, device);
-        'weeks: for week in from..=to {
+        // One request finds the weeks holding rows after the cursor, with the first row of
+        // each: an empty inbox (most connects) costs one round trip, not one per week, and the
+        // first row sizes the next request.
+        let mut firsts = s
+            .session
+            .execute_unpaged(
+                &s.st.select_inbox_firsts,
+                (
+                    &user_p,
+                    &device_p,
+                    (from..=to).collect::<Vec<i32>>(),
+                    after as i64,
+                ),
+            )
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?
+            .rows::<(i32, i64, Vec<u8>)>()
+            .map_err(unavailable)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        firsts.sort_unstable_by_key(|&(week, _, _)| week);
+        let keep = |out: &mut Vec<InboxEntry>, cursor: &mut u64, seq: i64, sealed: &[u8]| {
+            *cursor = (*cursor).max(seq as u64);
+            let key = record::inbox_key(device, seq as u64);
+            super::keep_inbox_row(out, device, record::open_inbox(&s.keyring, &key, sealed))
+        };
+        'weeks: for (week, seq, sealed) in firsts {
+            if out.len() >= limit || bytes >= max_bytes {
+                break;
+            }
+            bytes += keep(&mut out, &mut cursor, seq, &sealed);
             loop {
                 if out.len() >= limit || bytes >= max_bytes {
                     break 'weeks;
                 }
-                let want = (limit - out.len()).min(chunk);
+                // A response holds every row it asks for: sized by the rows read so far.
+                let average = (bytes / out.len().max(1)).max(1);
+                let want = (max_bytes.saturating_sub(bytes) / average).clamp(1, limit - out.len());
                 let rows = s
                     .session
                     .execute_unpaged(
@@ -554,16 +591,11 @@ impl ScyllaStore {
                     }
                     let (seq, sealed) = row.map_err(unavailable)?;
                     n += 1;
-                    cursor = cursor.max(seq as u64);
-                    let key = record::inbox_key(device, seq as u64);
-                    let opened = record::open_inbox(&s.keyring, &key, &sealed);
-                    bytes += super::keep_inbox_row(&mut out, device, opened);
+                    bytes += keep(&mut out, &mut cursor, seq, &sealed);
                 }
                 if n < want {
                     continue 'weeks; // this week has no more
                 }
-                let average = (bytes / out.len().max(1)).max(1);
-                chunk = (max_bytes.saturating_sub(bytes) / average).clamp(1, limit);
             }
         }
         Ok(out)
@@ -580,9 +612,39 @@ impl Drop for ScyllaStore {
     }
 }
 
-/// Keeps `ready()` truthful while no traffic flows, and notices recovery on its own.
+/// The driver's request counters, exported with each health ping.
+struct CqlCounts {
+    requests: u64,
+    errors: u64,
+    retries: u64,
+}
+
+impl CqlCounts {
+    fn of(session: &Session) -> Self {
+        let m = session.get_metrics();
+        CqlCounts {
+            requests: m.get_requests_unpaged_num()
+                + m.get_requests_manually_paged_num()
+                + m.get_requests_automatically_paged_num(),
+            errors: m.get_errors_unpaged_num()
+                + m.get_errors_manually_paged_num()
+                + m.get_errors_automatically_paged_num(),
+            retries: m.get_retries_num(),
+        }
+    }
+
+    fn export(&self) {
+        metrics::counter!("relay_store_cql_requests_total").absolute(self.requests);
+        metrics::counter!("relay_store_cql_errors_total").absolute(self.errors);
+        metrics::counter!("relay_store_cql_retries_total").absolute(self.retries);
+    }
+}
+
+/// Keeps `ready()` truthful while no traffic flows, and notices recovery on its own; exports
+/// the driver's request counters once a second.
 async fn ping(s: Arc<Shared>) {
     loop {
+        CqlCounts::of(&s.session).export();
         let ok = s
             .session
             .query_unpaged("SELECT release_version FROM system.local", ())

@@ -78,14 +78,25 @@ impl Writer {
         }
         // Acks first: a later answer in this batch then implies they are applied. The ack lane
         // bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never wait behind a flood.
-        let deletes: Vec<_> = acks
+        // One delete per device and week: an inbox partition.
+        let mut partitions: HashMap<(&DeviceRef, i32), Vec<i64>> = HashMap::new();
+        for a in &acks {
+            for &seq in &a.seqs {
+                partitions
+                    .entry((&a.device, week_of(seq)))
+                    .or_default()
+                    .push(seq as i64);
+            }
+        }
+        let s = &self.s;
+        let deletes: Vec<_> = partitions
             .iter()
-            .flat_map(|a| a.seqs.iter().map(move |&seq| (&a.device, seq)))
-            .map(|(d, seq)| {
-                let (u, dp) = dev_p(&self.s.ids, d);
-                self.s
-                    .session
-                    .execute_unpaged(&self.s.st.delete_inbox, (u, dp, week_of(seq), seq as i64))
+            .flat_map(|(&(d, week), seqs)| {
+                let (u, dp) = dev_p(&s.ids, d);
+                seqs.chunks(MAX_IN_VALUES).map(move |seqs| {
+                    s.session
+                        .execute_unpaged(&s.st.delete_inbox, (u.clone(), dp.clone(), week, seqs))
+                })
             })
             .collect();
         for r in join_all(deletes).await {
