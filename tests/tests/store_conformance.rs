@@ -980,6 +980,23 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
         (3 * n..=3 * n + BACKGROUND).contains(&per_connect),
         "{per_connect} requests for {n} connects"
     );
+    // A session's last-seen time with its token's organisation: one request.
+    let before = store.cql_requests();
+    for i in 0..n {
+        let seen = relay::access::Change::Seen {
+            at: now_ms(),
+            org: Some(("org-a".into(), now_ms() / 1000)),
+        };
+        store
+            .update_access(format!("u{i}"), "phone".into(), seen)
+            .await
+            .expect("seen");
+    }
+    let per_seen = store.cql_requests() - before;
+    assert!(
+        (n..=n + BACKGROUND).contains(&per_seen),
+        "{per_seen} requests for {n} last-seen times"
+    );
     store.close().await.expect("close");
 }
 

@@ -2,6 +2,7 @@
 //! push registrations (`Devices`), access rows (`AccessRows`) and audit records (`AuditLog`).
 
 use super::*;
+use scylla::statement::batch::{Batch, BatchType};
 
 /// The key an access row's sealed columns are bound to: `P(user, device)`.
 pub(super) fn access_key(user_p: &[u8], device_p: &[u8]) -> Vec<u8> {
@@ -288,32 +289,39 @@ impl AccessRows for ScyllaStore {
                         .execute_unpaged(&s.st.fresh, (ms(at), sealed_device, &u, &d))
                         .await
                 }
-                Change::Seen { at, org } => {
-                    if let Some((org, since)) = org {
-                        // Last write wins by write time: the newest token's organisation.
-                        let written_us =
-                            since.saturating_mul(1_000_000).min(i64::MAX as u64) as i64;
-                        let (_, user_row) = dev_p(&s.ids, &DeviceRef::new(&user, ""));
-                        let user_key = access_key(&u, &user_row);
-                        let sealed_org = rows::seal_ids(&s.ids, b"access.org", &user_key, &[&org]);
-                        let sealed_none = rows::seal_ids(&s.ids, b"access", &user_key, &[""]);
-                        s.session
-                            .execute_unpaged(
-                                &s.st.set_org,
-                                (written_us, sealed_org, sealed_none, &u, user_row),
-                            )
-                            .await
-                            .map_err(unavailable)?;
-                        let org_p = s.ids.org(&org).to_vec();
-                        let org_key = [org_p.as_slice(), u.as_slice()].concat();
-                        let sealed_user = rows::seal_ids(&s.ids, b"org_users", &org_key, &[&user]);
-                        s.session
-                            .execute_unpaged(&s.st.insert_org_user, (org_p, &u, sealed_user))
-                            .await
-                            .map_err(unavailable)?;
-                    }
+                Change::Seen { at, org: None } => {
                     s.session
                         .execute_unpaged(&s.st.seen, (ms(at), sealed_device, &u, &d))
+                        .await
+                }
+                Change::Seen {
+                    at,
+                    org: Some((org, since)),
+                } => {
+                    // Last write wins by write time: the newest token's organisation.
+                    let written_us = since.saturating_mul(1_000_000).min(i64::MAX as u64) as i64;
+                    let (_, user_row) = dev_p(&s.ids, &DeviceRef::new(&user, ""));
+                    let user_key = access_key(&u, &user_row);
+                    let sealed_org = rows::seal_ids(&s.ids, b"access.org", &user_key, &[&org]);
+                    let sealed_none = rows::seal_ids(&s.ids, b"access", &user_key, &[""]);
+                    let org_p = s.ids.org(&org).to_vec();
+                    let org_key = [org_p.as_slice(), u.as_slice()].concat();
+                    let sealed_user = rows::seal_ids(&s.ids, b"org_users", &org_key, &[&user]);
+                    // One request on every connect: the statements are idempotent, and one
+                    // lost to a partial failure is written again at the next connect.
+                    let mut batch = Batch::new(BatchType::Unlogged);
+                    for st in [&s.st.set_org, &s.st.insert_org_user, &s.st.seen] {
+                        batch.append_statement(st.clone());
+                    }
+                    s.session
+                        .batch(
+                            &batch,
+                            (
+                                (written_us, sealed_org, sealed_none, &u, user_row),
+                                (org_p, &u, sealed_user),
+                                (ms(at), sealed_device, &u, &d),
+                            ),
+                        )
                         .await
                 }
             }
