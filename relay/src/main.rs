@@ -254,6 +254,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Threads for blocking work: the embedded store's page reads and writes off the writer
+/// thread, audit file appends, backups. Tokio's default (512) let a connect storm start hundreds
+/// of threads whose stacks and allocator caches stayed in the relay's memory; the writes
+/// serialize on the store's journal anyway, and a page read is a few point lookups.
+const BLOCKING_THREADS: usize = 16;
+
 fn serve(config: Config) -> ExitCode {
     init_logs(&config);
     for w in &config.warnings {
@@ -261,6 +267,7 @@ fn serve(config: Config) -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

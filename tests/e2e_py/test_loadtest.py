@@ -46,6 +46,25 @@ def test_presets(relay, preset, extra):
             assert r["duplicates"] == 0
 
 
+def relay_threads(relay) -> int:
+    for line in open(f"/proc/{relay.proc.pid}/status"):
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def test_a_connect_storm_keeps_the_relays_threads_bounded(relay):
+    """Each connect reads its inbox off the Tokio workers, on the blocking pool: a storm must not
+    start a thread per concurrent connect, whose stacks and allocator caches stay in the relay's
+    memory after the storm (they idle out only after seconds)."""
+    before = relay_threads(relay)
+    r = loadtest(relay, "--scenario", "storm", "--prefix", "threads", "--connections", "1000",
+                 "--connect-concurrency", "256", "--handshake-rate", "0", "--duration", "1")
+    assert r["connection_errors"] == 0 and r["handshake"]["samples"] >= 1000
+    after = relay_threads(relay)
+    assert after <= before + 16, f"{before} threads before the storm, {after} after"
+
+
 def test_workers_source_addresses_and_thresholds(relay):
     r = loadtest(relay, "--workers", "2", "--connections", "60", "--rate", "600", "--duration", "3", "--prefix", "w")
     assert r["workers"] == 2 and r["accepted"] > 0 and r["lost"] == 0 and r["duplicates"] == 0
