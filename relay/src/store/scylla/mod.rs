@@ -19,6 +19,11 @@
 //! died before its fan-out). All statements are
 //! idempotent (same keys, same values), so the driver may retry them on timeouts.
 //!
+//! Inbox rows live in one partition per device and week. A page read asks every week of the
+//! retention at once for its first row after the cursor, then reads on only in the weeks that
+//! have one; an ack deletes each partition's acknowledged seqs in one request. The driver's
+//! request counters are exported as `relay_store_cql_*` metrics.
+//!
 //! Layout: `connection.rs` (reaching the cluster), `schema.rs` (migrations; `pseudonyms.rs` the
 //! one that moved rows to pseudonymous keys), `lease.rs` (node ids and announced keys),
 //! `writer.rs` (the writer task), `domains.rs` (the domain traits' reads and writes); this file
