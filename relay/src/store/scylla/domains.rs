@@ -2,7 +2,6 @@
 //! push registrations (`Devices`), access rows (`AccessRows`) and audit records (`AuditLog`).
 
 use super::*;
-use scylla::statement::batch::{Batch, BatchType};
 
 /// The key an access row's sealed columns are bound to: `P(user, device)`.
 pub(super) fn access_key(user_p: &[u8], device_p: &[u8]) -> Vec<u8> {
@@ -309,13 +308,9 @@ impl AccessRows for ScyllaStore {
                     let sealed_user = rows::seal_ids(&s.ids, b"org_users", &org_key, &[&user]);
                     // One request on every connect: the statements are idempotent, and one
                     // lost to a partial failure is written again at the next connect.
-                    let mut batch = Batch::new(BatchType::Unlogged);
-                    for st in [&s.st.set_org, &s.st.insert_org_user, &s.st.seen] {
-                        batch.append_statement(st.clone());
-                    }
                     s.session
                         .batch(
-                            &batch,
+                            &s.st.seen_with_org,
                             (
                                 (written_us, sealed_org, sealed_none, &u, user_row),
                                 (org_p, &u, sealed_user),

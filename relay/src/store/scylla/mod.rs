@@ -47,6 +47,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::frame::types::Consistency;
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::batch::{Batch as CqlBatch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -133,8 +134,9 @@ const QUEUE_DEPTH: usize = 65_536;
 const DEVICE_CACHE_TTL: Duration = Duration::from_secs(5);
 
 const WEEK_MS: u64 = 7 * 86_400_000;
-/// Values in one `IN` list: ScyllaDB refuses more than 100 clustering key restrictions per
-/// query by default (`max_clustering_key_restrictions_per_query`).
+/// Values in one `IN` list: ScyllaDB refuses more than 100 clustering or partition key
+/// restrictions per query by default (`max_clustering_key_restrictions_per_query`,
+/// `max_partition_key_restrictions_per_query`); an inbox kept two years spans more weeks.
 const MAX_IN_VALUES: usize = 100;
 
 const HOUR_MS: u64 = 3_600_000;
@@ -214,6 +216,9 @@ struct Statements {
     set_org: PreparedStatement,
     fresh: PreparedStatement,
     insert_org_user: PreparedStatement,
+    /// `set_org`, `insert_org_user` and `seen` in one unlogged batch: a connect's last-seen
+    /// time with its token's organisation.
+    seen_with_org: CqlBatch,
     select_org_users: PreparedStatement,
     insert_pending: PreparedStatement,
     delete_pending: PreparedStatement,
@@ -236,7 +241,7 @@ impl Statements {
             st.set_is_idempotent(true);
             Ok::<_, StoreError>(st)
         };
-        Ok(Statements {
+        let mut st = Statements {
             insert_inbox: p("INSERT INTO {ks}.inbox2 (user_p, device_p, week, seq, sealed) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             select_inbox: p("SELECT seq, sealed FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week = ? AND seq > ? LIMIT ?").await?,
             select_inbox_firsts: p("SELECT week, seq, sealed FROM {ks}.inbox2 WHERE user_p = ? AND device_p = ? AND week IN ? AND seq > ? PER PARTITION LIMIT 1").await?,
@@ -271,7 +276,12 @@ impl Statements {
             select_audit_first: p("SELECT node, n, sealed FROM {ks}.audit2 WHERE subject_p = ? AND month = ? LIMIT 1").await?,
             select_reserved: p("SELECT reserved FROM {ks}.node_seq WHERE node_id = ?").await?,
             reserve: p("UPDATE {ks}.node_seq USING TIMESTAMP ? SET reserved = ? WHERE node_id = ?").await?,
-        })
+            seen_with_org: CqlBatch::new(BatchType::Unlogged),
+        };
+        for part in [&st.set_org, &st.insert_org_user, &st.seen] {
+            st.seen_with_org.append_statement(part.clone());
+        }
+        Ok(st)
     }
 }
 
@@ -524,6 +534,29 @@ impl ScyllaStore {
         CqlCounts::of(&self.shared.session).requests
     }
 
+    /// The first row after `after` in each of `weeks` that has one, as (week, seq, sealed).
+    async fn first_rows(
+        s: &Shared,
+        user_p: &[u8],
+        device_p: &[u8],
+        weeks: &[i32],
+        after: u64,
+    ) -> Result<Vec<(i32, i64, Vec<u8>)>, StoreError> {
+        s.session
+            .execute_unpaged(
+                &s.st.select_inbox_firsts,
+                (user_p, device_p, weeks, after as i64),
+            )
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(unavailable)?
+            .rows::<(i32, i64, Vec<u8>)>()
+            .map_err(unavailable)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)
+    }
+
     async fn read_page(
         s: &Shared,
         device: &DeviceRef,
@@ -541,26 +574,12 @@ impl ScyllaStore {
         let (user_p, device_p) = dev_p(&s.ids, device);
         // One request finds the weeks holding rows after the cursor, with the first row of
         // each: an empty inbox (most connects) costs one round trip, not one per week, and the
-        // first row sizes the next request.
-        let mut firsts = s
-            .session
-            .execute_unpaged(
-                &s.st.select_inbox_firsts,
-                (
-                    &user_p,
-                    &device_p,
-                    (from..=to).collect::<Vec<i32>>(),
-                    after as i64,
-                ),
-            )
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(unavailable)?
-            .rows::<(i32, i64, Vec<u8>)>()
-            .map_err(unavailable)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unavailable)?;
+        // first row sizes the next request. A cursor past next week asks nothing.
+        let weeks: Vec<i32> = (from..=to).collect();
+        let mut firsts = Vec::new();
+        for weeks in weeks.chunks(MAX_IN_VALUES) {
+            firsts.extend(Self::first_rows(s, &user_p, &device_p, weeks, after).await?);
+        }
         firsts.sort_unstable_by_key(|&(week, _, _)| week);
         let keep = |out: &mut Vec<InboxEntry>, cursor: &mut u64, seq: i64, sealed: &[u8]| {
             *cursor = (*cursor).max(seq as u64);
