@@ -20,8 +20,8 @@
 //! idempotent (same keys, same values), so the driver may retry them on timeouts.
 //!
 //! Inbox rows live in one partition per device and week. A page read asks every week of the
-//! retention at once for its first row after the cursor, then reads on only in the weeks that
-//! have one; an ack deletes each partition's acknowledged seqs in one request. The driver's
+//! retention at once (100 weeks per request) for its first row after the cursor, then reads on
+//! only in the weeks that have one; an ack deletes each partition's acknowledged seqs in one request. The driver's
 //! request counters are exported as `relay_store_cql_*` metrics.
 //!
 //! Layout: `connection.rs` (reaching the cluster), `schema.rs` (migrations; `pseudonyms.rs` the
