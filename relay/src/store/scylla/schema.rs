@@ -136,12 +136,22 @@ pub async fn migrate(
     migrate_to(cfg, keyring, SCHEMA_VERSION).await
 }
 
+/// The least request timeout of a migration's session.
+const MIGRATION_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// [`migrate`], stopping after version `up_to` (tests of a migration start below it).
 pub async fn migrate_to(
     cfg: &ScyllaConfig,
     keyring: Option<&Keyring>,
     up_to: i32,
 ) -> Result<Vec<i32>, StoreError> {
+    // Schema changes and a migration's row copies outlast a message-path request on a busy
+    // cluster (Cassandra flushes and snapshots a table it drops): the configured timeout, but
+    // never under a minute.
+    let cfg = &ScyllaConfig {
+        request_timeout: Dur(cfg.request_timeout.0.max(MIGRATION_REQUEST_TIMEOUT)),
+        ..cfg.clone()
+    };
     let session = connect(cfg).await?;
     let replication: Vec<String> = cfg
         .replication
