@@ -47,6 +47,13 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Longest time a session trusts its token's `exp` for (ten years).
 const MAX_TOKEN_LEFT_S: u64 = 10 * 365 * 86_400;
 
+/// What a frame is answered with.
+enum Reply {
+    Frame(String),
+    /// Saved (or removed) first: its answer says whether it was.
+    PushToken(Option<push::DeviceToken>),
+}
+
 /// Why a session ended, for logs and metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct Ended {
@@ -64,15 +71,15 @@ type Reserving<'a> = Option<Pin<Box<dyn Future<Output = Held> + Send + 'a>>>;
 
 /// Runs a session to its end. Never panics on network input; every exit path closes the socket.
 pub async fn run<S>(
-    mut ws: Ws<S>,
-    ctx: Arc<SessionContext>,
-    identity: Identity,
-    shutdown: CancellationToken,
+    ws: &mut Ws<S>,
+    ctx: &SessionContext,
+    identity: &Identity,
+    shutdown: &CancellationToken,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let device = identity.device.clone();
+    let device = &identity.device;
     let now = Instant::now();
     // Bounded so that no `exp` can overflow the clock (the verifier caps lifetimes too).
     let token_left = Duration::from_secs(
@@ -87,58 +94,56 @@ where
     }
     let mut reg = ctx
         .hub
-        .register(&device, ctx.outbound_queue, identity.issued_at);
+        .register(device, ctx.outbound_queue, identity.issued_at);
     if let Some(pager) = &ctx.pager {
-        pager.online(&device);
+        pager.online(device);
     }
 
-    let ended = match ctx.store.register_device(device.clone()).await {
-        Ok(()) => {
-            if let Some(cluster) = &ctx.cluster {
-                cluster.attach(&device, reg.since).await;
-            }
-            let ended = match ctx.access.session_start(&device, identity.issued_at).await {
-                Ok(Start::Open { floor_ms }) => {
-                    seen(
-                        &ctx,
-                        &device,
-                        identity.org.clone().map(|o| (o, identity.issued_at)),
-                    );
-                    state.start_at(crate::store::seq_floor(floor_ms));
-                    session(&mut ws, &ctx, &mut state, &mut reg, &shutdown).await
-                }
+    // Labeled blocks rather than matches over awaited results: a match's scrutinee would live
+    // across the session's await, in every connection's memory.
+    let ended = 'registered: {
+        if let Err(e) = ctx.store.register_device(device.clone()).await {
+            tracing::warn!(error = %e, "device registration failed");
+            break 'registered store_unavailable();
+        }
+        if let Some(cluster) = &ctx.cluster {
+            cluster.attach(device, reg.since).await;
+        }
+        let ended = 'started: {
+            let floor_ms = match ctx.access.session_start(device, identity.issued_at).await {
+                Ok(Start::Open { floor_ms }) => floor_ms,
                 Ok(Start::LoggedOut(r)) => {
-                    logout_phase(&mut ws, &ctx, &device, &r.reason, r.signal, "live").await
+                    break 'started logout_phase(ws, ctx, device, &r.reason, r.signal, "live")
+                        .await;
                 }
-                Ok(Start::Locked) => Ended {
-                    code: Some(close::LOGGED_OUT),
-                    reason: "account locked",
-                },
+                Ok(Start::Locked) => {
+                    break 'started Ended {
+                        code: Some(close::LOGGED_OUT),
+                        reason: "account locked",
+                    };
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "access check at registration failed");
-                    Ended {
-                        code: Some(close::TRY_AGAIN_LATER),
-                        reason: "store unavailable",
-                    }
+                    break 'started store_unavailable();
                 }
             };
-            if let Some(cluster) = &ctx.cluster {
-                cluster.detach(&device, reg.since).await;
-            }
-            ended
+            seen(
+                ctx,
+                device,
+                identity.org.clone().map(|o| (o, identity.issued_at)),
+            );
+            state.start_at(crate::store::seq_floor(floor_ms));
+            session(ws, ctx, &mut state, &mut reg, shutdown).await
+        };
+        if let Some(cluster) = &ctx.cluster {
+            cluster.detach(device, reg.since).await;
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "device registration failed");
-            Ended {
-                code: Some(close::TRY_AGAIN_LATER),
-                reason: "store unavailable",
-            }
-        }
+        ended
     };
-    ctx.hub.unregister(&device, reg.id);
-    seen(&ctx, &device, None);
+    ctx.hub.unregister(device, reg.id);
+    seen(ctx, device, None);
     if let Some(code) = ended.code {
-        close_with(&mut ws, code, ended.reason, ctx.write_timeout).await;
+        close_with(ws, code, ended.reason, ctx.write_timeout).await;
     }
     ended
 }
@@ -154,18 +159,19 @@ async fn session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let hello = ServerFrame::Hello {
-        v: protocol::VERSION,
-        user: &state.device().user,
-        device: &state.device().device,
-        idle_timeout_s: ctx.limits.idle_timeout.as_secs(),
-        max_body_bytes: ctx.limits.max_body_bytes,
-        max_recipients: ctx.limits.max_recipients,
+    // Serialized in a block of its own: the frame need not live across the write.
+    let hello = {
+        let frame = ServerFrame::Hello {
+            v: protocol::VERSION,
+            user: &state.device().user,
+            device: &state.device().device,
+            idle_timeout_s: ctx.limits.idle_timeout.as_secs(),
+            max_body_bytes: ctx.limits.max_body_bytes,
+            max_recipients: ctx.limits.max_recipients,
+        };
+        vec![frame.to_json().into()]
     };
-    if write(ws, vec![hello.to_json().into()], ctx.write_timeout)
-        .await
-        .is_err()
-    {
+    if write(ws, hello, ctx.write_timeout).await.is_err() {
         return Ended {
             code: None,
             reason: "write failed",
@@ -237,7 +243,8 @@ where
                     self.finish_pending().await;
                     return Err(Ended { code: Some(close::RESTART), reason: "relay restarting" });
                 }
-                _ = reg.outbox.evict.cancelled() => return Err(self.evicted(reg).await),
+                // Boxed: rare, and larger than the idle wait that every connection holds.
+                _ = reg.outbox.evict.cancelled() => return Err(Box::pin(self.evicted(reg)).await),
                 Ok(()) = reg.catch_up.changed(), if !replaying => {
                     if let Some(floor) = reg.next_catch_up() {
                         self.state.handle_catch_up(floor);
@@ -356,78 +363,92 @@ where
         let _ = write(self.ws, frames, self.ctx.write_timeout).await;
     }
 
-    /// One message (or the end) from the device.
-    async fn on_frame(&mut self, incoming: Option<Result<Message, WsError>>) -> Result<(), Ended> {
-        let now = Instant::now();
-        let rejected = |reason: &'static str, code: u16, why: &'static str| {
-            metrics::counter!("relay_frames_rejected_total", "reason" => reason).increment(1);
-            Ended {
-                code: Some(code),
-                reason: why,
+    /// One message (or the end) from the device. An `async` block (as is `reply`), not an
+    /// `async fn`, which would keep its argument twice: the largest future the session's loop
+    /// awaits sizes every connection's task, idle or not.
+    #[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
+    fn on_frame(
+        &mut self,
+        incoming: Option<Result<Message, WsError>>,
+    ) -> impl Future<Output = Result<(), Ended>> {
+        async move {
+            let now = Instant::now();
+            let rejected = |reason: &'static str, code: u16, why: &'static str| {
+                metrics::counter!("relay_frames_rejected_total", "reason" => reason).increment(1);
+                Ended {
+                    code: Some(code),
+                    reason: why,
+                }
+            };
+            let (action, pause_until) = match incoming {
+                None => {
+                    return Err(Ended {
+                        code: None,
+                        reason: "connection closed",
+                    });
+                }
+                Some(Err(WsError::Capacity(_))) => {
+                    return Err(rejected("too_big", close::TOO_BIG, "frame too big"));
+                }
+                Some(Err(WsError::Utf8(_))) => {
+                    return Err(rejected(
+                        "invalid_utf8",
+                        close::INVALID_DATA,
+                        "text frame is not utf-8",
+                    ));
+                }
+                Some(Err(WsError::Protocol(_))) => {
+                    return Err(rejected(
+                        "protocol_error",
+                        close::PROTOCOL_ERROR,
+                        "websocket protocol error",
+                    ));
+                }
+                Some(Err(_)) => {
+                    return Err(Ended {
+                        code: None,
+                        reason: "io error",
+                    });
+                }
+                Some(Ok(Message::Text(text))) => {
+                    let pause = self.state.inbound(now, text.len());
+                    (self.state.handle_text(now, &text), pause)
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let pause = self.state.inbound(now, b.len());
+                    (self.state.handle_binary(now), pause)
+                }
+                Some(Ok(Message::Close(_))) => {
+                    // tungstenite queued the close reply; push it out.
+                    let _ = tokio::time::timeout(self.ctx.write_timeout, self.ws.flush()).await;
+                    return Err(Ended {
+                        code: None,
+                        reason: "client closed",
+                    });
+                }
+                Some(Ok(_)) => {
+                    self.state.heard(now); // ping, pong
+                    (Action::None, None)
+                }
+            };
+            // Over its byte budget: stop reading for a moment (at most about one frame's worth of
+            // time); TCP slows the sender, and nobody else waits for it.
+            if let Some(until) = pause_until {
+                metrics::counter!("relay_inbound_paused_total").increment(1);
+                tokio::time::sleep_until(until.into()).await;
             }
-        };
-        let (action, pause_until) = match incoming {
-            None => {
-                return Err(Ended {
-                    code: None,
-                    reason: "connection closed",
-                });
-            }
-            Some(Err(WsError::Capacity(_))) => {
-                return Err(rejected("too_big", close::TOO_BIG, "frame too big"));
-            }
-            Some(Err(WsError::Utf8(_))) => {
-                return Err(rejected(
-                    "invalid_utf8",
-                    close::INVALID_DATA,
-                    "text frame is not utf-8",
-                ));
-            }
-            Some(Err(WsError::Protocol(_))) => {
-                return Err(rejected(
-                    "protocol_error",
-                    close::PROTOCOL_ERROR,
-                    "websocket protocol error",
-                ));
-            }
-            Some(Err(_)) => {
-                return Err(Ended {
-                    code: None,
-                    reason: "io error",
-                });
-            }
-            Some(Ok(Message::Text(text))) => {
-                let pause = self.state.inbound(now, text.len());
-                (self.state.handle_text(now, &text), pause)
-            }
-            Some(Ok(Message::Binary(b))) => {
-                let pause = self.state.inbound(now, b.len());
-                (self.state.handle_binary(now), pause)
-            }
-            Some(Ok(Message::Close(_))) => {
-                // tungstenite queued the close reply; push it out.
-                let _ = tokio::time::timeout(self.ctx.write_timeout, self.ws.flush()).await;
-                return Err(Ended {
-                    code: None,
-                    reason: "client closed",
-                });
-            }
-            Some(Ok(_)) => {
-                self.state.heard(now); // ping, pong
-                (Action::None, None)
-            }
-        };
-        // Over its byte budget: stop reading for a moment (at most about one frame's worth of
-        // time); TCP slows the sender, and nobody else waits for it.
-        if let Some(until) = pause_until {
-            metrics::counter!("relay_inbound_paused_total").increment(1);
-            tokio::time::sleep_until(until.into()).await;
+            // The answer's temporaries end with this statement, not across the write.
+            let reply = match self.act(now, action)? {
+                None => return Ok(()),
+                Some(reply) => reply,
+            };
+            self.reply(reply).await
         }
-        self.act(now, action).await
     }
 
-    /// Carries out what the state decided about a frame.
-    async fn act(&mut self, now: Instant, action: Action) -> Result<(), Ended> {
+    /// Carries out what the state decided about a frame, up to the answer to write. Not `async`:
+    /// an action is large, and what a session awaits is part of every connection's memory.
+    fn act(&mut self, now: Instant, action: Action) -> Result<Option<Reply>, Ended> {
         let ctx = self.ctx;
         // The account's daily storage quota is shared by its sessions: checked here.
         let action = match action {
@@ -443,7 +464,7 @@ where
             action => action,
         };
         let frame = match action {
-            Action::None => return Ok(()),
+            Action::None => return Ok(None),
             Action::Close(code, reason) => {
                 return Err(Ended {
                     code: Some(code),
@@ -453,7 +474,7 @@ where
             Action::Append(msg) => {
                 self.state.appending(now, msg.id, msg.body.len() as u64);
                 self.tickets.push_back(ctx.store.append(msg));
-                return Ok(());
+                return Ok(None);
             }
             Action::Ack(seqs) => {
                 metrics::counter!("relay_messages_acked_total").increment(seqs.len() as u64);
@@ -468,7 +489,7 @@ where
                     }
                 }
                 self.acks.add(seqs);
-                return Ok(());
+                return Ok(None);
             }
             Action::Reject(id, code) => {
                 metrics::counter!("relay_messages_rejected_total", "code" => code.code())
@@ -480,17 +501,7 @@ where
                 }
                 .to_json()
             }
-            Action::SetPushToken(token) => {
-                match set_push_token(ctx, self.state.device(), token).await {
-                    Ok(registered) => ServerFrame::PushTokenSaved { registered }.to_json(),
-                    Err((code, detail)) => ServerFrame::Error {
-                        code,
-                        message: &detail,
-                        id: None,
-                    }
-                    .to_json(),
-                }
-            }
+            Action::SetPushToken(token) => return Ok(Some(Reply::PushToken(token))),
             Action::Error(code, detail, id) => {
                 metrics::counter!("relay_frames_rejected_total", "reason" => code.code())
                     .increment(1);
@@ -502,7 +513,29 @@ where
                 .to_json()
             }
         };
-        self.send(vec![frame.into()]).await
+        Ok(Some(Reply::Frame(frame)))
+    }
+
+    /// Writes the answer to a frame (saving a push token first).
+    #[allow(clippy::manual_async_fn)] // not an `async fn`: see `on_frame`
+    fn reply(&mut self, reply: Reply) -> impl Future<Output = Result<(), Ended>> {
+        async move {
+            let frame = match reply {
+                Reply::Frame(frame) => frame,
+                Reply::PushToken(token) => {
+                    match set_push_token(self.ctx, self.state.device(), token).await {
+                        Ok(registered) => ServerFrame::PushTokenSaved { registered }.to_json(),
+                        Err((code, detail)) => ServerFrame::Error {
+                            code,
+                            message: &detail,
+                            id: None,
+                        }
+                        .to_json(),
+                    }
+                }
+            };
+            self.send(vec![frame.into()]).await
+        }
     }
 
     /// A deadline of the state's came due.
@@ -598,7 +631,7 @@ where
 }
 
 /// Records the device's last-seen time (and its user's organisation) in the background.
-fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option<(String, u64)>) {
+fn seen(ctx: &SessionContext, device: &crate::store::DeviceRef, org: Option<(String, u64)>) {
     let (store, device) = (ctx.store.clone(), device.clone());
     ctx.tasks.spawn(async move {
         let change = crate::access::Change::Seen {
@@ -615,17 +648,17 @@ fn seen(ctx: &Arc<SessionContext>, device: &crate::store::DeviceRef, org: Option
 /// A session of revoked credentials that the device has not confirmed yet: the `logout` frame
 /// first, then the close. Nothing else: no inbox, no live deliveries, no sends.
 pub async fn logged_out<S>(
-    mut ws: Ws<S>,
-    ctx: Arc<SessionContext>,
-    identity: Identity,
-    revocation: crate::access::Revocation,
+    ws: &mut Ws<S>,
+    ctx: &SessionContext,
+    identity: &Identity,
+    revocation: &crate::access::Revocation,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let ended = logout_phase(
-        &mut ws,
-        &ctx,
+        ws,
+        ctx,
         &identity.device,
         &revocation.reason,
         revocation.signal,
@@ -633,7 +666,7 @@ where
     )
     .await;
     if let Some(code) = ended.code {
-        close_with(&mut ws, code, ended.reason, ctx.write_timeout).await;
+        close_with(ws, code, ended.reason, ctx.write_timeout).await;
     }
     ended
 }

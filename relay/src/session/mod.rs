@@ -19,7 +19,7 @@ pub struct SessionContext {
     /// Live connections of this node.
     pub hub: Arc<Hub>,
     /// Per-session limits.
-    pub limits: state::Limits,
+    pub limits: Arc<state::Limits>,
     /// Deliveries queued per connection.
     pub outbound_queue: usize,
     /// Time a write may take before the device counts as a slow consumer.

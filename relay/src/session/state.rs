@@ -11,6 +11,7 @@
 //! a floor.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -154,7 +155,8 @@ pub enum Timeout {
 #[derive(Debug)]
 pub struct State {
     device: DeviceRef,
-    limits: Limits,
+    /// Shared by every session of the node (a copy would be ~100 bytes per connection).
+    limits: Arc<Limits>,
     last_activity: Instant,
     last_heard: Instant,
     next_ping: Instant,
@@ -273,7 +275,12 @@ pub const DEDUP_WINDOW: usize = 1024;
 
 impl State {
     /// A session for `device` whose token expires at `token_expiry`.
-    pub fn new(device: DeviceRef, limits: Limits, now: Instant, token_expiry: Instant) -> Self {
+    pub fn new(
+        device: DeviceRef,
+        limits: Arc<Limits>,
+        now: Instant,
+        token_expiry: Instant,
+    ) -> Self {
         State {
             device,
             sends: Bucket::full(limits.send_rate_per_s, f64::from(limits.send_burst), now),
@@ -790,7 +797,7 @@ mod tests {
     fn state(now: Instant) -> State {
         State::new(
             DeviceRef::new("alice", "phone"),
-            limits(),
+            Arc::new(limits()),
             now,
             now + Duration::from_secs(86_400),
         )
@@ -952,7 +959,7 @@ mod tests {
         let now = Instant::now();
         let mut s = State::new(
             DeviceRef::new("a", "b"),
-            limits(),
+            Arc::new(limits()),
             now,
             now + Duration::from_secs(5),
         );
