@@ -504,8 +504,7 @@ struct Admitted {
     /// The user's organisation now (for a token that names none).
     user_org: Option<String>,
     ip: IpAddr,
-    /// The connection's slots, given back when the session ends (never read: held for its drop).
-    #[allow(dead_code)]
+    /// The connection's slots, given back when the session ends.
     held: (Option<Arc<Slot>>, Option<SourceSlot>),
 }
 
@@ -573,6 +572,9 @@ fn session(
     admitted: Admitted,
 ) -> impl Future<Output = ()> {
     async move {
+        // Named so that the block captures it: an async block captures only the fields it
+        // uses, and the connection's slots would go back the moment the session was spawned.
+        let _slots = &admitted.held;
         let Ok(upgraded) = upgrade.await else {
             outcome("upgrade_failed");
             return;
