@@ -3,6 +3,7 @@
 #![no_main]
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
@@ -164,7 +165,7 @@ fuzz_target!(|input: (bool, Vec<Step>)| {
     let mut now = Instant::now();
     let mut s = State::new(
         device.clone(),
-        limits(),
+        Arc::new(limits()),
         now,
         now + Duration::from_secs(3600),
     );

@@ -122,10 +122,13 @@ async def test_an_ack_flood_from_one_session_neither_stalls_other_senders_nor_gr
     stop.set()
     await flooding
     grown = rss_bytes(relay.proc.pid) - rss_before
+    # The machine's own noise, sampled on both sides of the flood: one quiet sample on a shared
+    # two-core machine can be a lucky low one.
+    quiet = max(quiet, p99(await accept_latencies(sender, "drbob", 200)))
     print(f"ack flood: {frames} frames; accept p99 quiet {quiet * 1000:.1f} ms, during {during * 1000:.1f} ms; rss +{grown >> 20} MiB")
     assert frames > 200, frames
-    # Within 2x of the quiet p99 (plus 10 ms for a shared two-core machine's noise).
-    assert during <= 2 * quiet + 0.010, (quiet, during)
+    # Within 2x of the quiet p99, plus 20 ms of noise; a stalled writer costs seconds.
+    assert during <= 2 * quiet + 0.020, (quiet, during)
     assert grown < 64 * 1024 * 1024, grown
     # The abuser's session is intact and its real acks still work.
     acc = await sender.send_ok(["drack"], b"for the abuser")
