@@ -327,6 +327,12 @@ pub const CATALOGUE: &[Entry] = &[
         "Stored rows that failed authentication (tampering); never delivered.",
     ),
     (
+        "relay_last_seen_dropped_total",
+        Kind::Counter,
+        &[],
+        "Last-seen times not written because 100,000 devices were already waiting for a stalled store; each is rewritten at the device's next connect.",
+    ),
+    (
         "relay_store_unknown_key_rows_total",
         Kind::Counter,
         &[],

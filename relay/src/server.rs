@@ -28,6 +28,7 @@ use crate::pager::{self, Pager};
 use crate::protocol::close;
 use crate::seal::Keyring;
 use crate::session::budget::{ReplayMemory, SenderQuota};
+use crate::session::seen::LastSeen;
 use crate::session::{SessionContext, state::Limits};
 use crate::store::DeliverySink;
 use crate::store::embedded::EmbeddedStore;
@@ -540,6 +541,7 @@ pub async fn start(config: Config, metrics: PrometheusHandle) -> Result<Server, 
     let tracker = TaskTracker::new();
     let sessions = Arc::new(SessionContext {
         tasks: tracker.clone(),
+        last_seen: LastSeen::new(store.clone(), tracker.clone()),
         store: store.clone(),
         hub,
         limits: Arc::new(session_limits(&config)),

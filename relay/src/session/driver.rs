@@ -127,8 +127,7 @@ where
                     break 'started store_unavailable();
                 }
             };
-            seen(
-                ctx,
+            ctx.last_seen.record(
                 device,
                 identity.org.clone().map(|o| (o, identity.issued_at)),
             );
@@ -141,7 +140,7 @@ where
         ended
     };
     ctx.hub.unregister(device, reg.id);
-    seen(ctx, device, None);
+    ctx.last_seen.record(device, None);
     if let Some(code) = ended.code {
         close_with(ws, code, ended.reason, ctx.write_timeout).await;
     }
@@ -628,21 +627,6 @@ where
         }
         Ok(())
     }
-}
-
-/// Records the device's last-seen time (and its user's organisation) in the background.
-fn seen(ctx: &SessionContext, device: &crate::store::DeviceRef, org: Option<(String, u64)>) {
-    let (store, device) = (ctx.store.clone(), device.clone());
-    ctx.tasks.spawn(async move {
-        let change = crate::access::Change::Seen {
-            at: crate::store::now_ms(),
-            org,
-        };
-        let (user, dev) = (device.user.to_string(), device.device.to_string());
-        if let Err(e) = store.update_access(user, dev, change).await {
-            tracing::debug!(error = %e, "last-seen time not recorded");
-        }
-    });
 }
 
 /// A session of revoked credentials that the device has not confirmed yet: the `logout` frame

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod coalesce;
 pub mod driver;
+pub mod seen;
 pub mod state;
 
 use std::sync::Arc;
@@ -39,4 +40,6 @@ pub struct SessionContext {
     /// Tracks every session task and what sessions leave behind (acks, last-seen writes), so
     /// the drain waits for them before the store closes.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Last-seen times, written in batches on `tasks`.
+    pub last_seen: seen::LastSeen,
 }

@@ -239,6 +239,14 @@ pub trait AccessRows: Send + Sync + 'static {
         change: Change,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Applies each change as `update_access` would, in one call: the batch of last-seen times
+    /// a node's connects and disconnects leave (`session::seen`). Durable on return unless
+    /// every change is a `Change::Seen` (a last-seen time is rewritten at the next connect).
+    fn update_access_many(
+        &self,
+        changes: Vec<(DeviceRef, Change)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
     /// Users whose tokens named `org`.
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 

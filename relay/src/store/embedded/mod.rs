@@ -350,6 +350,49 @@ fn ids_key(
     Ok(ids)
 }
 
+/// Applies one access change: a read-modify-write of the device's row (and, for a last-seen
+/// time naming an organisation, of the user row and the organisation's index). The caller holds
+/// the access lock, so concurrent changes never undo each other.
+fn apply_access(t: &Tables, device: &DeviceRef, change: Change) -> Result<(), StoreError> {
+    let read = |id: &str| -> Result<(Vec<u8>, AccessRow), StoreError> {
+        let key = rows::device_key(&t.ids, &DeviceRef::new(&device.user, id)).to_vec();
+        let row = match t.access.get(&key).map_err(unavailable)? {
+            Some(v) => {
+                rows::open_access_value(&t.ids, &key, &v)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                    .1
+            }
+            None => AccessRow::default(),
+        };
+        Ok((key, row))
+    };
+    let (key, mut row) = read(&device.device)?;
+    if let Change::Seen {
+        at,
+        org: Some((org, since)),
+    } = &change
+    {
+        // The organisation belongs to the user row.
+        let (user_key, mut user_row) = read("")?;
+        let before = user_row.clone();
+        user_row.set_org(org.clone(), *since);
+        if user_row != before {
+            let value = rows::access_value(&t.ids, &user_key, "", &user_row);
+            t.access.insert(&user_key, value).map_err(unavailable)?;
+        }
+        let org_key = rows::org_user_key(&t.ids, org, &device.user);
+        if !t.org_users.contains_key(org_key).map_err(unavailable)? {
+            let value = rows::org_user_value(&t.ids, &org_key, &device.user);
+            t.org_users.insert(org_key, value).map_err(unavailable)?;
+        }
+        row.apply(Change::Seen { at: *at, org: None });
+    } else {
+        row.apply(change);
+    }
+    let value = rows::access_value(&t.ids, &key, &device.device, &row);
+    t.access.insert(&key, value).map_err(unavailable)
+}
+
 /// The devices of `user`.
 fn list_devices(t: &Tables, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
     let mut out = Vec::new();
@@ -576,53 +619,28 @@ impl AccessRows for EmbeddedStore {
         device: String,
         change: Change,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.update_access_many(vec![(DeviceRef::new(&user, &device), change)])
+    }
+
+    fn update_access_many(
+        &self,
+        changes: Vec<(DeviceRef, Change)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         let lock = self.access_lock.clone();
-        let seen = matches!(change, Change::Seen { .. });
-        // Not inline even for a last-seen time: a write takes fjall's journal lock, which the
+        let sync = changes
+            .iter()
+            .any(|(_, c)| !matches!(c, Change::Seen { .. }));
+        // Not inline even for last-seen times: a write takes fjall's journal lock, which the
         // writer thread holds through its fsync, and may sleep in a write stall.
         self.blocking(move |t: &Tables| {
             let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            let read = |device: &str| -> Result<(Vec<u8>, AccessRow), StoreError> {
-                let key = rows::device_key(&t.ids, &DeviceRef::new(&user, device)).to_vec();
-                let row = match t.access.get(&key).map_err(unavailable)? {
-                    Some(v) => {
-                        rows::open_access_value(&t.ids, &key, &v)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                            .1
-                    }
-                    None => AccessRow::default(),
-                };
-                Ok((key, row))
-            };
-            let (key, mut row) = read(&device)?;
-            if let Change::Seen {
-                at,
-                org: Some((org, since)),
-            } = &change
-            {
-                // The organisation belongs to the user row.
-                let (user_key, mut user_row) = read("")?;
-                let before = user_row.clone();
-                user_row.set_org(org.clone(), *since);
-                if user_row != before {
-                    let value = rows::access_value(&t.ids, &user_key, "", &user_row);
-                    t.access.insert(&user_key, value).map_err(unavailable)?;
-                }
-                let org_key = rows::org_user_key(&t.ids, org, &user);
-                if !t.org_users.contains_key(org_key).map_err(unavailable)? {
-                    let value = rows::org_user_value(&t.ids, &org_key, &user);
-                    t.org_users.insert(org_key, value).map_err(unavailable)?;
-                }
-                row.apply(Change::Seen { at: *at, org: None });
-            } else {
-                row.apply(change);
+            for (device, change) in changes {
+                apply_access(t, &device, change)?;
             }
-            let value = rows::access_value(&t.ids, &key, &device, &row);
-            t.access.insert(&key, value).map_err(unavailable)?;
-            // The row is written: the sync below need not hold up the other updates.
+            // The rows are written: the sync below need not hold up the other updates.
             drop(guard);
             // Last-seen times ride on the next journal sync; revocations are durable now.
-            if !seen {
+            if sync {
                 t.db.persist(PersistMode::SyncAll).map_err(unavailable)?;
             }
             Ok(())

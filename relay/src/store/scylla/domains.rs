@@ -326,6 +326,23 @@ impl AccessRows for ScyllaStore {
         .boxed()
     }
 
+    fn update_access_many(
+        &self,
+        changes: Vec<(DeviceRef, Change)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        use futures_util::{StreamExt as _, TryStreamExt as _};
+        // Each change is one request to its own partitions (an unlogged batch across
+        // partitions would only move the fan-out to a coordinator): sent concurrently, a few
+        // at a time, so a large batch does not crowd the connection pool.
+        futures_util::stream::iter(changes)
+            .map(|(device, change)| {
+                self.update_access(device.user.to_string(), device.device.to_string(), change)
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .boxed()
+    }
+
     fn org_users(&self, org: String) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         async move {
             let s = &self.shared;
