@@ -369,6 +369,37 @@ async def test_a_body_of_exactly_the_announced_maximum_is_accepted(make_relay):
     assert reply["type"] == "rejected" and reply["code"] == "too_large", reply
 
 
+@run
+async def test_hello_the_replay_and_synced_leave_in_one_write(relay):
+    """A connect costs the relay one write after the `101`, not one per frame: `hello`, the
+    first replay page and `synced` arrive together, whether the device is new, known or has
+    messages waiting. (Read as soon as anything arrives: frames written apart would come apart.)"""
+    sender = await relay.online("drone-sender", "web")
+    await relay.register_offline("drone", "known")
+    await sender.send_ok(["drone"], b"waiting")
+
+    def first_read(device):
+        ws = RawWs(relay.port, relay.token("drone", device))
+        assert ws.status == 101
+        if not ws.buf:
+            ws.buf = ws.sock.recv(65536)
+        ws.sock.setblocking(False)  # what arrived together only: `_read` fails on anything more
+        types = []
+        try:
+            while ws.buf:
+                op, payload = ws.frame()
+                types.append(json.loads(payload)["type"] if op == 1 else op)
+        except BlockingIOError:
+            types.append("(more came later)")
+        ws.close()
+        return types
+
+    for device in ("new1", "new2", "new3"):
+        assert first_read(device) == ["hello", "synced"], device
+    assert first_read("known") == ["hello", "deliver", "synced"]
+    await sender.close()
+
+
 def test_invalid_utf8_closes_with_1007_and_unmasked_frames_with_1002(relay):
     for frame, code in [
         (ws_frame(1, b'{"type":"active","x":"\xff\xfe"}'), 1007),

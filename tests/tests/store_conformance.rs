@@ -436,20 +436,17 @@ async fn access_state(kind: Kind) {
     assert_eq!(devices, vec!["laptop", "phone"]);
     assert!(store.access(u.into(), None).await.expect("read").is_empty());
 
-    // The organisation of the newest token wins, whatever order the devices connect in.
-    for (device, org, iat) in [
+    // The organisation of the newest token wins, whatever order the devices connect in; both
+    // times in one call, as a node's batch of connects writes them.
+    let seen = [
         ("phone", "clinic-a", 1_700_000_100),
         ("laptop", "clinic-old", 1_700_000_000),
-    ] {
-        let seen = Change::Seen {
-            at: 5,
-            org: Some((org.into(), iat)),
-        };
-        store
-            .update_access(u.into(), device.into(), seen)
-            .await
-            .expect("seen");
-    }
+    ]
+    .map(|(device, org, iat)| {
+        let org = Some((org.to_string(), iat));
+        (DeviceRef::new(u, device), Change::Seen { at: 5, org })
+    });
+    store.update_access_many(seen.into()).await.expect("seen");
     store
         .update_access(u.into(), "phone".into(), Change::Fresh(1_000_600))
         .await

@@ -38,10 +38,25 @@ impl ReplayMemory {
     /// carry them (base64 plus the JSON around each of up to `entries` messages). A page larger
     /// than the whole budget waits for all of it.
     pub async fn reserve(&self, bodies: usize, entries: usize) -> Held {
-        let frames = bodies.div_ceil(3) * 4 + entries * 512;
-        let n = frames.min(self.total) as u32;
+        let n = self.permits_for(bodies, entries);
         // Never closed, so acquiring cannot fail; `None` would only mean holding nothing.
         let permit = self.permits.clone().acquire_many_owned(n).await.ok();
+        self.held(permit)
+    }
+
+    /// As `reserve`, when there is room now.
+    pub fn try_reserve(&self, bodies: usize, entries: usize) -> Option<Held> {
+        let n = self.permits_for(bodies, entries);
+        let permit = self.permits.clone().try_acquire_many_owned(n).ok()?;
+        Some(self.held(Some(permit)))
+    }
+
+    fn permits_for(&self, bodies: usize, entries: usize) -> u32 {
+        let frames = bodies.div_ceil(3) * 4 + entries * 512;
+        frames.min(self.total) as u32
+    }
+
+    fn held(&self, permit: Option<OwnedSemaphorePermit>) -> Held {
         let held = Held {
             permit,
             permits: self.permits.clone(),

@@ -168,27 +168,46 @@ where
             max_body_bytes: ctx.limits.max_body_bytes,
             max_recipients: ctx.limits.max_recipients,
         };
-        vec![frame.to_json().into()]
+        Message::Text(frame.to_json().into())
     };
-    if write(ws, hello, ctx.write_timeout).await.is_err() {
-        return Ended {
-            code: None,
-            reason: "write failed",
-        };
-    }
     let mut io = Io {
         acks: Acks::new(&ctx.store, &ctx.tasks, state.device().clone()),
         ws,
         ctx,
         state,
         tickets: VecDeque::new(),
-        out: VecDeque::new(),
+        out: VecDeque::from([hello]),
         page_held: None,
     };
-    match io.run(reg, shutdown).await {
-        Ok(never) => match never {},
-        Err(ended) => ended,
+    // The first page joins `hello` when its memory is free now: one write for `hello`, the
+    // page and, for most connects, `synced`. Otherwise `hello` goes out first, as the loop
+    // writes whatever waits before it waits for memory.
+    let first = ctx
+        .replay_memory
+        .try_reserve(page_estimate(ctx), REPLAY_PAGE);
+    let ended = match first {
+        Some(held) => match io.replay_page(reg, held).await {
+            Ok(()) => None,
+            // As when `hello` went out on its own: the device has it before the close.
+            Err(ended) => {
+                let hello = io.out.pop_front().into_iter().collect();
+                Some(io.send(hello).await.err().unwrap_or(ended))
+            }
+        },
+        None => None,
+    };
+    match ended {
+        Some(ended) => ended,
+        None => match io.run(reg, shutdown).await {
+            Ok(never) => match never {},
+            Err(ended) => ended,
+        },
     }
+}
+
+/// What one replay page may hold: its bodies and at least one message of the largest size.
+fn page_estimate(ctx: &SessionContext) -> usize {
+    REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes
 }
 
 /// The IO of a running session: the socket, the store's tickets and acks, and the frames
@@ -231,7 +250,7 @@ where
     ) -> Result<Infallible, Ended> {
         let ctx = self.ctx;
         let mut reserving: Reserving<'a> = None;
-        let page_estimate = REPLAY_PAGE_BYTES + ctx.limits.max_body_bytes;
+        let page_estimate = page_estimate(ctx);
         loop {
             let deadline = tokio::time::Instant::from_std(self.state.next_deadline());
             let replaying = self.state.phase() == Phase::Replaying;
