@@ -846,13 +846,38 @@ async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies:
     held
 }
 
+/// A text frame longer than this goes out in fragments of this size (RFC 6455, section 5.4).
+/// tungstenite formats each frame into a buffer that keeps its largest size for the
+/// connection's life: one delivery of a 256 KiB body would pin ~350 KB in the session.
+const FRAGMENT_BYTES: usize = 4 * 1024;
+
+/// `frame` as the frames that carry it: itself, or a long text in fragments.
+fn fragments(frame: Message) -> impl Iterator<Item = Message> {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (whole, text) = match frame {
+        Message::Text(text) if text.len() > FRAGMENT_BYTES => {
+            (None, Some(bytes::Bytes::from(text)))
+        }
+        other => (Some(other), None),
+    };
+    let text = text.unwrap_or_default();
+    let count = text.len().div_ceil(FRAGMENT_BYTES);
+    let parts = (0..count).map(move |i| {
+        let part = text.slice(i * FRAGMENT_BYTES..text.len().min((i + 1) * FRAGMENT_BYTES));
+        let opcode = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
+        Message::Frame(Frame::message(part, opcode, i + 1 == count))
+    });
+    whole.into_iter().chain(parts)
+}
+
 /// Writes frames and flushes once, within `limit`.
 async fn write<S>(ws: &mut Ws<S>, frames: Vec<Message>, limit: Duration) -> Result<(), ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let io = async {
-        for frame in frames {
+        for frame in frames.into_iter().flat_map(fragments) {
             ws.feed(frame).await?;
         }
         ws.flush().await
@@ -895,6 +920,41 @@ mod tests {
     struct Nowhere;
     impl DeliverySink for Nowhere {
         fn deliver(&self, _: &[DeviceRef], _: &InboxEntry) {}
+    }
+
+    /// A long text goes out as fragments no longer than `FRAGMENT_BYTES` (tungstenite keeps
+    /// room for the largest frame it ever wrote), which together are the text; a short one and
+    /// every other message go out as they are.
+    #[test]
+    fn long_texts_go_out_in_fragments_that_make_up_the_text() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let text: String = (0..FRAGMENT_BYTES * 3 + 17)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect();
+        let frames: Vec<Message> = fragments(Message::text(text.clone())).collect();
+        assert_eq!(frames.len(), 4);
+        let mut joined = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let Message::Frame(f) = frame else {
+                panic!("not a frame: {frame:?}")
+            };
+            let want = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
+            assert_eq!(f.header().opcode, want);
+            assert_eq!(f.header().is_final, i == 3);
+            assert!(
+                f.header().mask.is_none(),
+                "a server's frames are not masked"
+            );
+            assert!(f.payload().len() <= FRAGMENT_BYTES);
+            joined.extend_from_slice(f.payload());
+        }
+        assert_eq!(joined, text.as_bytes());
+
+        let short = "x".repeat(FRAGMENT_BYTES);
+        let out: Vec<Message> = fragments(Message::text(short.clone())).collect();
+        assert_eq!(out, vec![Message::text(short)]);
+        let out: Vec<Message> = fragments(Message::Ping(vec![1u8; 8].into())).collect();
+        assert_eq!(out, vec![Message::Ping(vec![1u8; 8].into())]);
     }
 
     #[tokio::test(flavor = "multi_thread")]
