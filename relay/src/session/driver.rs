@@ -598,7 +598,7 @@ where
         }
         if self.out.is_empty() {
             drop(self.page_held.take()); // the page is written: its memory goes back
-            // And the room it was queued in (a page is up to 256 frames): an idle session
+            // And the room it was queued in (a replay page is up to 128 frames): an idle session
             // holds none; the next delivery allocates what it needs.
             self.out = VecDeque::new();
         }
