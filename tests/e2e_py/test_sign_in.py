@@ -97,15 +97,31 @@ class RawWs:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def frame(self):
-        """(opcode, payload) of the next frame from the relay."""
+    def _raw_frame(self):
+        """(fin, opcode, payload) of the next frame on the wire."""
         b0, b1 = self._read(2)
         n = b1 & 0x7F
         if n == 126:
             n = int.from_bytes(self._read(2), "big")
         elif n == 127:
             n = int.from_bytes(self._read(8), "big")
-        return b0 & 0x0F, self._read(n)
+        return bool(b0 & 0x80), b0 & 0x0F, self._read(n)
+
+    def frame(self):
+        """(opcode, payload) of the next message from the relay, its fragments joined (the
+        relay sends a long message as fragments, RFC 6455 section 5.4)."""
+        if getattr(self, "controls", None):
+            return self.controls.pop(0)
+        fin, opcode, payload = self._raw_frame()
+        while not fin:
+            fin, more, part = self._raw_frame()
+            if more >= 8:  # a control frame may come between fragments
+                self.controls = getattr(self, "controls", []) + [(more, part)]
+                fin = False
+                continue
+            assert more == 0, f"opcode {more} inside a fragmented message"
+            payload += part
+        return opcode, payload
 
     def json_frames_until_close(self):
         """Text frames until the relay's close frame; returns (frames, close code or None on EOF)."""

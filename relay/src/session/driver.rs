@@ -851,24 +851,22 @@ async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies:
 /// connection's life: one delivery of a 256 KiB body would pin ~350 KB in the session.
 const FRAGMENT_BYTES: usize = 4 * 1024;
 
-/// `frame` as the frames that carry it: itself, or a long text in fragments.
-fn fragments(frame: Message) -> impl Iterator<Item = Message> {
+/// Feeds a long text to the socket in fragments.
+async fn feed_fragments<S>(ws: &mut Ws<S>, text: bytes::Bytes) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    let (whole, text) = match frame {
-        Message::Text(text) if text.len() > FRAGMENT_BYTES => {
-            (None, Some(bytes::Bytes::from(text)))
-        }
-        other => (Some(other), None),
-    };
-    let text = text.unwrap_or_default();
-    let count = text.len().div_ceil(FRAGMENT_BYTES);
-    let parts = (0..count).map(move |i| {
-        let part = text.slice(i * FRAGMENT_BYTES..text.len().min((i + 1) * FRAGMENT_BYTES));
-        let opcode = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
-        Message::Frame(Frame::message(part, opcode, i + 1 == count))
-    });
-    whole.into_iter().chain(parts)
+    let mut at = 0;
+    while at < text.len() {
+        let end = text.len().min(at + FRAGMENT_BYTES);
+        let opcode = OpCode::Data(if at == 0 { Data::Text } else { Data::Continue });
+        let part = Frame::message(text.slice(at..end), opcode, end == text.len());
+        ws.feed(Message::Frame(part)).await?;
+        at = end;
+    }
+    Ok(())
 }
 
 /// Writes frames and flushes once, within `limit`.
@@ -877,8 +875,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let io = async {
-        for frame in frames.into_iter().flat_map(fragments) {
-            ws.feed(frame).await?;
+        for frame in frames {
+            match frame {
+                // Boxed: rare, and larger than feeding one frame, inside every session's
+                // future (whose size is every connection's memory).
+                Message::Text(text) if text.len() > FRAGMENT_BYTES => {
+                    Box::pin(feed_fragments(ws, text.into())).await?
+                }
+                frame => ws.feed(frame).await?,
+            }
         }
         ws.flush().await
     };
@@ -923,38 +928,67 @@ mod tests {
     }
 
     /// A long text goes out as fragments no longer than `FRAGMENT_BYTES` (tungstenite keeps
-    /// room for the largest frame it ever wrote), which together are the text; a short one and
-    /// every other message go out as they are.
-    #[test]
-    fn long_texts_go_out_in_fragments_that_make_up_the_text() {
-        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-        let text: String = (0..FRAGMENT_BYTES * 3 + 17)
+    /// room for the largest frame it ever wrote), which together are the text; a short text
+    /// and a ping go out whole. Read as raw frames from the other end of the socket.
+    #[tokio::test]
+    async fn long_texts_go_out_in_fragments_that_make_up_the_text() {
+        use tokio::io::AsyncReadExt as _;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let long: String = (0..FRAGMENT_BYTES * 3 + 17)
             .map(|i| (b'a' + (i % 26) as u8) as char)
             .collect();
-        let frames: Vec<Message> = fragments(Message::text(text.clone())).collect();
-        assert_eq!(frames.len(), 4);
-        let mut joined = Vec::new();
-        for (i, frame) in frames.iter().enumerate() {
-            let Message::Frame(f) = frame else {
-                panic!("not a frame: {frame:?}")
-            };
-            let want = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
-            assert_eq!(f.header().opcode, want);
-            assert_eq!(f.header().is_final, i == 3);
-            assert!(
-                f.header().mask.is_none(),
-                "a server's frames are not masked"
-            );
-            assert!(f.payload().len() <= FRAGMENT_BYTES);
-            joined.extend_from_slice(f.payload());
-        }
-        assert_eq!(joined, text.as_bytes());
-
         let short = "x".repeat(FRAGMENT_BYTES);
-        let out: Vec<Message> = fragments(Message::text(short.clone())).collect();
-        assert_eq!(out, vec![Message::text(short)]);
-        let out: Vec<Message> = fragments(Message::Ping(vec![1u8; 8].into())).collect();
-        assert_eq!(out, vec![Message::Ping(vec![1u8; 8].into())]);
+        let messages = vec![
+            Message::text(long.clone()),
+            Message::text(short.clone()),
+            Message::Ping(vec![1u8; 8].into()),
+        ];
+        write(&mut ws, messages, Duration::from_secs(5))
+            .await
+            .expect("write");
+        drop(ws);
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw).await.expect("read");
+
+        // (fin, opcode, payload) of each frame: server frames are never masked.
+        let mut frames = Vec::new();
+        let mut rest = raw.as_slice();
+        while !rest.is_empty() {
+            let (fin, opcode, masked) = (rest[0] & 0x80 != 0, rest[0] & 0x0F, rest[1] & 0x80 != 0);
+            assert!(!masked, "a server's frames are not masked");
+            let (len, head) = match rest[1] & 0x7F {
+                126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+                127 => panic!("no frame here is that long"),
+                n => (usize::from(n), 2),
+            };
+            frames.push((fin, opcode, &rest[head..head + len]));
+            rest = &rest[head + len..];
+        }
+        let (text, cont, ping) = (0x1, 0x0, 0x9);
+        let shape: Vec<(bool, u8, usize)> =
+            frames.iter().map(|(f, o, p)| (*f, *o, p.len())).collect();
+        let f = FRAGMENT_BYTES;
+        assert_eq!(
+            shape,
+            vec![
+                (false, text, f),
+                (false, cont, f),
+                (false, cont, f),
+                (true, cont, 17),
+                (true, text, f),
+                (true, ping, 8)
+            ]
+        );
+        assert_eq!(
+            frames[..4]
+                .iter()
+                .flat_map(|(_, _, p)| p.iter().copied())
+                .collect::<Vec<u8>>(),
+            long.as_bytes()
+        );
+        assert_eq!(frames[4].2, short.as_bytes());
     }
 
     #[tokio::test(flavor = "multi_thread")]
