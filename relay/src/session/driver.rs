@@ -918,14 +918,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::Keyring;
-    use crate::store::embedded::{EmbeddedStore, Memory};
-    use crate::store::{DeliverySink, InboxEntry, NewMessage};
-
-    struct Nowhere;
-    impl DeliverySink for Nowhere {
-        fn deliver(&self, _: &[DeviceRef], _: &InboxEntry) {}
-    }
+    use crate::store::NewMessage;
+    use crate::store::embedded::open_for_tests;
 
     /// A long text goes out as fragments no longer than `FRAGMENT_BYTES` (tungstenite keeps
     /// room for the largest frame it ever wrote), which together are the text; a short text
@@ -994,17 +988,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_session_that_ends_leaves_every_ack_it_took_to_the_store() {
         let dir = tempfile::tempdir().expect("dir");
-        let ring =
-            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring");
-        let memory = Memory {
-            cache_bytes: 1 << 20,
-            memtable_bytes: 1 << 20,
-            idle_flush: Duration::from_secs(30),
-        };
-        let store: Arc<dyn MessageStore> = Arc::new(
-            EmbeddedStore::open(dir.path(), memory, Arc::new(ring), Arc::new(Nowhere))
-                .expect("open"),
-        );
+        let store = open_for_tests(dir.path());
         let bob = DeviceRef::new("bob", "phone");
         store.register_device(bob.clone()).await.expect("register");
         let mut seqs = Vec::new();

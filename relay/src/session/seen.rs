@@ -128,17 +128,8 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::seal::Keyring;
-    use crate::store::embedded::{EmbeddedStore, Memory};
-    use crate::store::{DeliverySink, InboxEntry};
-
-    struct Nowhere;
-    impl DeliverySink for Nowhere {
-        fn deliver(&self, _: &[DeviceRef], _: &InboxEntry) {}
-    }
+    use crate::store::embedded::open_for_tests;
 
     fn devices(n: usize) -> Vec<DeviceRef> {
         (0..n)
@@ -151,17 +142,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_storm_of_connects_is_written_in_a_few_calls() {
         let dir = tempfile::tempdir().expect("dir");
-        let ring =
-            Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring");
-        let memory = Memory {
-            cache_bytes: 1 << 20,
-            memtable_bytes: 8 << 20,
-            idle_flush: Duration::from_secs(30),
-        };
-        let store: Arc<dyn MessageStore> = Arc::new(
-            EmbeddedStore::open(dir.path(), memory, Arc::new(ring), Arc::new(Nowhere))
-                .expect("open"),
-        );
+        let store = open_for_tests(dir.path());
         let tasks = TaskTracker::new();
         let seen = LastSeen::new(store.clone(), tasks.clone());
         let all = devices(3_000);

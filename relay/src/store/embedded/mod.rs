@@ -406,6 +406,22 @@ fn list_devices(t: &Tables, user: &str) -> Result<Vec<DeviceRef>, StoreError> {
     Ok(out)
 }
 
+/// A store for unit tests elsewhere in the crate: a fresh key, 1 MiB of memory, no sink.
+#[cfg(test)]
+pub(crate) fn open_for_tests(dir: &Path) -> Arc<dyn MessageStore> {
+    struct Nowhere;
+    impl DeliverySink for Nowhere {
+        fn deliver(&self, _: &[DeviceRef], _: &InboxEntry) {}
+    }
+    let ring = Keyring::parse(&format!("k:{}", Keyring::generate_key_b64()), "k").expect("ring");
+    let memory = Memory {
+        cache_bytes: 1 << 20,
+        memtable_bytes: 1 << 20,
+        idle_flush: Duration::from_secs(30),
+    };
+    Arc::new(EmbeddedStore::open(dir, memory, Arc::new(ring), Arc::new(Nowhere)).expect("open"))
+}
+
 impl EmbeddedStore {
     /// Runs `f` on the caller's thread with the tables: for a few point reads, microseconds on
     /// cached data, where a trip to the blocking pool costs two context switches (the handshake
