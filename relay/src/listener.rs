@@ -21,9 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,7 +30,7 @@ use crate::audit::{Event, EventKind};
 use crate::auth::{self, FailureLimits, Identity, TokenSource, Verifier};
 use crate::config::Config;
 use crate::protocol;
-use crate::session::coalesce::Coalesce;
+use crate::session::socket::Socket;
 use crate::session::{SessionContext, driver};
 
 /// Pause after a failed accept (out of file descriptors and similar) instead of spinning.
@@ -60,8 +58,8 @@ pub struct App {
     pub connections: Arc<Semaphore>,
     /// Caps open connections per client address.
     pub sources: SourceCounts,
-    /// WebSocket buffer sizes and message limit.
-    pub ws_config: WebSocketConfig,
+    /// Largest WebSocket message a device may send.
+    pub max_message_bytes: usize,
     /// Cancelled when the relay starts draining: no new devices.
     pub draining: CancellationToken,
     /// Cancelled when the remaining sessions must close.
@@ -579,9 +577,7 @@ fn session(
             outcome("upgrade_failed");
             return;
         };
-        // Frames wait in `Coalesce` for the driver's flush: one `send` per batch.
-        let io = Coalesce::new(TokioIo::new(upgraded));
-        let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
+        let mut ws = Socket::new(TokioIo::new(upgraded), app.max_message_bytes);
         let identity = &admitted.identity;
         let (device, ip) = (&identity.device, &admitted.ip);
         if let Some(revocation) = &admitted.revocation {
@@ -770,6 +766,6 @@ mod tests {
     #[test]
     fn a_session_task_holds_no_copies_of_its_arguments() {
         let size = output_size(&session);
-        assert!(size <= 2_400, "the session future is {size} bytes");
+        assert!(size <= 2_200, "the session future is {size} bytes");
     }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -332,20 +331,6 @@ fn session_limits(config: &Config) -> Limits {
     }
 }
 
-/// WebSocket settings. Small buffers: most connections sit idle, and tungstenite's default
-/// 128 KiB read buffer per connection would dominate memory. The buffer grows on demand for
-/// large frames. tungstenite writes each frame straight on; `session::coalesce` below it
-/// holds them until the driver flushes a batch, and frees its buffer after.
-fn ws_config(config: &Config) -> WebSocketConfig {
-    let max_frame = config.max_frame_bytes();
-    WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(max_frame.max(1 << 20) * 4)
-        .max_message_size(Some(max_frame))
-        .max_frame_size(Some(max_frame))
-}
-
 /// Starts the push dispatcher and the pager task that feeds it, when push is configured.
 fn start_push(
     config: &Config,
@@ -465,7 +450,7 @@ fn listener_state(
         },
         connections: Arc::new(Semaphore::new(l.max_connections)),
         sources: listener::SourceCounts::new(l.max_connections_per_ip),
-        ws_config: ws_config(&config),
+        max_message_bytes: config.max_frame_bytes(),
         verifier,
         sessions,
         metrics,

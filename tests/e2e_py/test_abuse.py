@@ -356,3 +356,28 @@ async def test_a_sender_over_its_daily_storage_quota_is_refused_with_quota_excee
     got = await phone.expect("deliver")
     assert body_of(got) == b"hello"
     assert 'relay_messages_rejected_total{code="quota_exceeded"} 2' in relay.metrics()
+
+
+@run
+async def test_a_large_frame_read_once_is_not_kept_by_its_session(make_relay):
+    """A device that once sent a large frame holds no room for it afterwards (one attachment per
+    phone must not pin a frame's worth of memory until it disconnects). 100 sessions each send
+    one ~300 KB text frame that the relay refuses (nothing stored), then sit idle; the relay's
+    live heap grows by far less than one frame per session."""
+    relay = make_relay()
+    devices = [await relay.online(f"big{i}", "phone") for i in range(100)]
+    await asyncio.sleep(0.5)
+    before = gauge(relay, "relay_allocator_allocated_bytes")
+    junk = "x" * 300_000  # under the frame limit (~350 KB); not JSON: answered with an error
+    for dev in devices:
+        await dev.ws.send(junk)
+    for dev in devices:
+        reply = await dev.recv(timeout=10)
+        assert reply["type"] == "error", reply
+    await asyncio.sleep(0.5)
+    kept = (gauge(relay, "relay_allocator_allocated_bytes") - before) / len(devices)
+    print(f"live heap kept per session after one 300 KB frame: {kept / 1000:.1f} KB")
+    # Pinned, it is ≥ 300 KB per session; jemalloc's thread caches add ~10 KB of noise.
+    assert kept < 50_000, kept
+    healthy = await relay.online("after", "phone")
+    await healthy.close()

@@ -17,18 +17,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt as _};
-use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::SessionContext;
 use super::budget::{Held, REPLAY_PAGE_BYTES, ReplayMemory};
+use super::socket::{Incoming, ReadError, Socket};
 use super::state::{Action, Answer, Appended, Phase, State, Timeout};
 use crate::access::Start;
 use crate::auth::Identity;
@@ -63,7 +60,7 @@ pub struct Ended {
     pub reason: &'static str,
 }
 
-type Ws<S> = WebSocketStream<S>;
+type Ws<S> = Socket<S>;
 
 /// Room in the node's replay memory being waited for; kept across loop turns so the session keeps
 /// its place in line while it reads frames.
@@ -168,7 +165,7 @@ where
             max_body_bytes: ctx.limits.max_body_bytes,
             max_recipients: ctx.limits.max_recipients,
         };
-        Message::Text(frame.to_json().into())
+        Utf8Bytes::from(frame.to_json())
     };
     let mut io = Io {
         acks: Acks::new(&ctx.store, &ctx.tasks, state.device().clone()),
@@ -220,7 +217,7 @@ struct Io<'a, S> {
     tickets: VecDeque<AppendTicket>,
     acks: Acks<'a>,
     /// Frames not written yet, and the replay memory the replayed ones hold.
-    out: VecDeque<Message>,
+    out: VecDeque<Utf8Bytes>,
     page_held: Option<Held>,
 }
 
@@ -284,14 +281,14 @@ where
                 _ = reg.outbox.ready.notified(), if !replaying && self.out.is_empty() => {
                     let frames = self.state.handle_live(reg.outbox.take(LIVE_BATCH));
                     metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
-                    self.out.extend(frames.into_iter().map(Message::Text));
+                    self.out.extend(frames);
                 }
             }
         }
     }
 
     /// Writes frames within the write timeout; a device that does not read them is closed.
-    async fn send(&mut self, frames: Vec<Message>) -> Result<(), Ended> {
+    async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), Ended> {
         write(self.ws, frames, self.ctx.write_timeout)
             .await
             .map_err(|()| slow_consumer("write timed out"))
@@ -330,7 +327,7 @@ where
         let mut next = Some(result);
         while let Some(result) = next.take() {
             if let Some(answer) = self.state.handle_appended(now, result) {
-                frames.push(Message::Text(self.settle(answer).into()));
+                frames.push(self.settle(answer).into());
             }
             if let Some(ready) = self.tickets.front_mut().and_then(|t| t.now_or_never()) {
                 self.tickets.pop_front();
@@ -375,7 +372,7 @@ where
         while let Some(mut ticket) = self.tickets.pop_front() {
             let result = (&mut ticket).await.unwrap_or(Err(StoreError::Closed));
             if let Some(answer) = self.state.handle_appended(Instant::now(), result) {
-                frames.push(Message::Text(self.settle(answer).into()));
+                frames.push(self.settle(answer).into());
             }
         }
         let _ = write(self.ws, frames, self.ctx.write_timeout).await;
@@ -387,7 +384,7 @@ where
     #[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
     fn on_frame(
         &mut self,
-        incoming: Option<Result<Message, WsError>>,
+        incoming: Option<Result<Incoming, ReadError>>,
     ) -> impl Future<Output = Result<(), Ended>> {
         async move {
             let now = Instant::now();
@@ -405,47 +402,47 @@ where
                         reason: "connection closed",
                     });
                 }
-                Some(Err(WsError::Capacity(_))) => {
+                Some(Err(ReadError::TooBig(_))) => {
                     return Err(rejected("too_big", close::TOO_BIG, "frame too big"));
                 }
-                Some(Err(WsError::Utf8(_))) => {
+                Some(Err(ReadError::Utf8)) => {
                     return Err(rejected(
                         "invalid_utf8",
                         close::INVALID_DATA,
                         "text frame is not utf-8",
                     ));
                 }
-                Some(Err(WsError::Protocol(_))) => {
+                Some(Err(ReadError::Protocol(_))) => {
                     return Err(rejected(
                         "protocol_error",
                         close::PROTOCOL_ERROR,
                         "websocket protocol error",
                     ));
                 }
-                Some(Err(_)) => {
+                Some(Err(ReadError::Io(_))) => {
                     return Err(Ended {
                         code: None,
                         reason: "io error",
                     });
                 }
-                Some(Ok(Message::Text(text))) => {
+                Some(Ok(Incoming::Text(text))) => {
                     let pause = self.state.inbound(now, text.len());
                     (self.state.handle_text(now, &text), pause)
                 }
-                Some(Ok(Message::Binary(b))) => {
-                    let pause = self.state.inbound(now, b.len());
+                Some(Ok(Incoming::Binary(len))) => {
+                    let pause = self.state.inbound(now, len);
                     (self.state.handle_binary(now), pause)
                 }
-                Some(Ok(Message::Close(_))) => {
-                    // tungstenite queued the close reply; push it out.
+                Some(Ok(Incoming::Close)) => {
+                    // The socket queued the close reply; push it out.
                     let _ = tokio::time::timeout(self.ctx.write_timeout, self.ws.flush()).await;
                     return Err(Ended {
                         code: None,
                         reason: "client closed",
                     });
                 }
-                Some(Ok(_)) => {
-                    self.state.heard(now); // ping, pong
+                Some(Ok(Incoming::Ping | Incoming::Pong)) => {
+                    self.state.heard(now); // a ping is answered by the socket
                     (Action::None, None)
                 }
             };
@@ -560,7 +557,10 @@ where
     async fn on_deadline(&mut self) -> Result<(), Ended> {
         match self.state.poll_timeout(Instant::now()) {
             Timeout::None => Ok(()),
-            Timeout::Ping => self.send(vec![Message::Ping(Default::default())]).await,
+            Timeout::Ping => {
+                self.ws.feed_ping();
+                self.send(Vec::new()).await
+            }
             Timeout::IdleLogoff => {
                 metrics::counter!("relay_idle_logoffs_total").increment(1);
                 let frame = ServerFrame::SessionExpired {
@@ -642,8 +642,8 @@ where
             metrics::histogram!("relay_replay_messages").record(done.messages as f64);
             frames.push(done.frame);
         }
-        self.out.extend(frames.into_iter().map(Message::Text));
-        held.shrink(self.out.iter().map(Message::len).sum());
+        self.out.extend(frames);
+        held.shrink(self.out.iter().map(|f| f.len()).sum());
         if !self.out.is_empty() {
             self.page_held.replace(held);
         }
@@ -708,8 +708,8 @@ where
     });
     let wait = async {
         while let Some(Ok(msg)) = ws.next().await {
-            let Message::Text(text) = msg else {
-                if matches!(msg, Message::Close(_)) {
+            let Incoming::Text(text) = msg else {
+                if matches!(msg, Incoming::Close) {
                     return false;
                 }
                 continue;
@@ -846,48 +846,16 @@ async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies:
     held
 }
 
-/// A text frame longer than this goes out in fragments of this size (RFC 6455, section 5.4).
-/// tungstenite formats each frame into a buffer that keeps its largest size for the
-/// connection's life: one delivery of a 256 KiB body would pin ~350 KB in the session.
-const FRAGMENT_BYTES: usize = 4 * 1024;
-
-/// Feeds a long text to the socket in fragments.
-async fn feed_fragments<S>(ws: &mut Ws<S>, text: bytes::Bytes) -> Result<(), WsError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    let mut at = 0;
-    while at < text.len() {
-        let end = text.len().min(at + FRAGMENT_BYTES);
-        let opcode = OpCode::Data(if at == 0 { Data::Text } else { Data::Continue });
-        let part = Frame::message(text.slice(at..end), opcode, end == text.len());
-        ws.feed(Message::Frame(part)).await?;
-        at = end;
-    }
-    Ok(())
-}
-
 /// Writes frames and flushes once, within `limit`.
-async fn write<S>(ws: &mut Ws<S>, frames: Vec<Message>, limit: Duration) -> Result<(), ()>
+async fn write<S>(ws: &mut Ws<S>, frames: Vec<Utf8Bytes>, limit: Duration) -> Result<(), ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let io = async {
-        for frame in frames {
-            match frame {
-                // Boxed: rare, and larger than feeding one frame, inside every session's
-                // future (whose size is every connection's memory).
-                Message::Text(text) if text.len() > FRAGMENT_BYTES => {
-                    Box::pin(feed_fragments(ws, text.into())).await?
-                }
-                frame => ws.feed(frame).await?,
-            }
-        }
-        ws.flush().await
-    };
-    match tokio::time::timeout(limit, io).await {
+    for frame in &frames {
+        ws.feed_text(frame);
+    }
+    drop(frames);
+    match tokio::time::timeout(limit, ws.flush()).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
@@ -897,20 +865,16 @@ async fn close_with<S>(ws: &mut Ws<S>, code: u16, reason: &'static str, limit: D
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
-    };
     // Complete the closing handshake: read (and discard) until the peer's Close. Closing a socket
     // with unread input makes the kernel send a RST, which can destroy the close frame in flight.
     let handshake = async {
-        ws.close(Some(frame)).await?;
+        ws.close(code, reason).await?;
         while let Some(msg) = ws.next().await {
-            if matches!(msg?, Message::Close(_)) {
+            if matches!(msg?, Incoming::Close) {
                 break;
             }
         }
-        Ok::<(), WsError>(())
+        Ok::<(), ReadError>(())
     };
     let _ = tokio::time::timeout(limit.min(CLOSE_HANDSHAKE), handshake).await;
 }
@@ -920,70 +884,6 @@ mod tests {
     use super::*;
     use crate::store::NewMessage;
     use crate::store::embedded::open_for_tests;
-
-    /// A long text goes out as fragments no longer than `FRAGMENT_BYTES` (tungstenite keeps
-    /// room for the largest frame it ever wrote), which together are the text; a short text
-    /// and a ping go out whole. Read as raw frames from the other end of the socket.
-    #[tokio::test]
-    async fn long_texts_go_out_in_fragments_that_make_up_the_text() {
-        use tokio::io::AsyncReadExt as _;
-        use tokio_tungstenite::tungstenite::protocol::Role;
-        let (server, mut client) = tokio::io::duplex(1 << 20);
-        let mut ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
-        let long: String = (0..FRAGMENT_BYTES * 3 + 17)
-            .map(|i| (b'a' + (i % 26) as u8) as char)
-            .collect();
-        let short = "x".repeat(FRAGMENT_BYTES);
-        let messages = vec![
-            Message::text(long.clone()),
-            Message::text(short.clone()),
-            Message::Ping(vec![1u8; 8].into()),
-        ];
-        write(&mut ws, messages, Duration::from_secs(5))
-            .await
-            .expect("write");
-        drop(ws);
-        let mut raw = Vec::new();
-        client.read_to_end(&mut raw).await.expect("read");
-
-        // (fin, opcode, payload) of each frame: server frames are never masked.
-        let mut frames = Vec::new();
-        let mut rest = raw.as_slice();
-        while !rest.is_empty() {
-            let (fin, opcode, masked) = (rest[0] & 0x80 != 0, rest[0] & 0x0F, rest[1] & 0x80 != 0);
-            assert!(!masked, "a server's frames are not masked");
-            let (len, head) = match rest[1] & 0x7F {
-                126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
-                127 => panic!("no frame here is that long"),
-                n => (usize::from(n), 2),
-            };
-            frames.push((fin, opcode, &rest[head..head + len]));
-            rest = &rest[head + len..];
-        }
-        let (text, cont, ping) = (0x1, 0x0, 0x9);
-        let shape: Vec<(bool, u8, usize)> =
-            frames.iter().map(|(f, o, p)| (*f, *o, p.len())).collect();
-        let f = FRAGMENT_BYTES;
-        assert_eq!(
-            shape,
-            vec![
-                (false, text, f),
-                (false, cont, f),
-                (false, cont, f),
-                (true, cont, 17),
-                (true, text, f),
-                (true, ping, 8)
-            ]
-        );
-        assert_eq!(
-            frames[..4]
-                .iter()
-                .flat_map(|(_, _, p)| p.iter().copied())
-                .collect::<Vec<u8>>(),
-            long.as_bytes()
-        );
-        assert_eq!(frames[4].2, short.as_bytes());
-    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_session_that_ends_leaves_every_ack_it_took_to_the_store() {

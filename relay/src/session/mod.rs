@@ -1,10 +1,10 @@
 //! One device's WebSocket session: `state.rs` holds the protocol logic (no IO, no clocks),
-//! `driver.rs` owns the socket and feeds it, `coalesce.rs` turns its batches into single writes.
+//! `driver.rs` owns the socket and feeds it, `socket.rs` reads and writes its WebSocket frames.
 
 pub mod budget;
-pub mod coalesce;
 pub mod driver;
 pub mod seen;
+pub mod socket;
 pub mod state;
 
 use std::sync::Arc;
