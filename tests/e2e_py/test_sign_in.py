@@ -109,7 +109,7 @@ class RawWs:
 
     def frame(self):
         """(opcode, payload) of the next message from the relay, its fragments joined (the
-        relay sends a long message as fragments, RFC 6455 section 5.4)."""
+        relay may send a message as fragments, RFC 6455 section 5.4, as PROTOCOL.md says)."""
         if getattr(self, "controls", None):
             return self.controls.pop(0)
         fin, opcode, payload = self._raw_frame()
