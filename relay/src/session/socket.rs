@@ -264,14 +264,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 
     /// The input ends in an incomplete frame (of `total` bytes when its header is read): drop
-    /// what was consumed, and make room for the whole frame at once.
+    /// what was consumed, and make room for more of the frame, doubling with what arrived (a
+    /// header alone buys no more than a read's worth) and never past the frame's end.
     fn keep_for(&mut self, total: Option<usize>) {
         if self.at > 0 {
             self.input.drain(..self.at);
             self.at = 0;
         }
         if let Some(total) = total {
-            self.input.reserve(total - self.input.len());
+            let len = self.input.len();
+            self.input
+                .reserve_exact(total.min(len + len.max(READ_CHUNK)) - len);
         }
     }
 
@@ -420,6 +423,7 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
     use futures_util::{SinkExt as _, StreamExt as _};
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message;
@@ -493,6 +497,26 @@ mod tests {
         assert_eq!((socket.input.capacity(), socket.at), (0, 0));
         assert!(socket.partial.is_none());
         drop(writer.await);
+    }
+
+    /// A header claiming a long frame is not paid for in advance: room grows with what arrives
+    /// (a client that sends only headers must not make the relay hold a frame's worth each).
+    #[tokio::test]
+    async fn a_long_frame_is_given_room_as_it_arrives_not_as_its_header_claims() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut socket = Socket::new(server, MAX);
+        let whole = frame(0x80 | OP_TEXT, &vec![b'y'; 300_000]);
+        client.write_all(&whole[..100]).await.expect("write");
+        let reading = tokio::time::timeout(Duration::from_millis(50), socket.next()).await;
+        assert!(reading.is_err(), "nothing whole yet");
+        assert!(
+            socket.input.capacity() <= 2 * READ_CHUNK + 100,
+            "{}",
+            socket.input.capacity()
+        );
+        client.write_all(&whole[100..]).await.expect("write");
+        assert_eq!(text(&mut socket).await.len(), 300_000);
+        assert_eq!(socket.input.capacity(), 0);
     }
 
     #[tokio::test]
