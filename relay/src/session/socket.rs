@@ -221,6 +221,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             let mut buf = ReadBuf::new(&mut scratch[..]);
             ready!(io.poll_read(cx, &mut buf))?;
             let filled = buf.filled();
+            // Exactly: amortized growth would double a long frame's room for its last read.
+            self.input.reserve_exact(filled.len());
             self.input.extend_from_slice(filled);
             Poll::Ready(Ok(filled.len()))
         })
