@@ -17,7 +17,6 @@ use std::sync::Mutex;
 
 use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
 
 use crate::access::model::{Target, covers};
 use crate::protocol::{self, ServerFrame, close};
@@ -47,19 +46,20 @@ impl LiveFrame {
 /// One connection's bounded outbound queue and the signals it shares with the hub.
 ///
 /// A `VecDeque` behind a mutex rather than a channel: it allocates nothing until the first
-/// delivery, which matters when most connections sit idle.
+/// delivery, which matters when most connections sit idle. One [`Notify`] carries every
+/// signal (a delivery, an eviction, a catch-up): an idle session waits on it alone, which keeps
+/// its task small and spares each turn of its loop a wait on a token shared by every session.
 #[derive(Debug, Default)]
 pub struct Outbox {
     queue: Mutex<VecDeque<Outbound>>,
     capacity: usize,
-    /// Woken when deliveries are queued.
-    pub ready: Notify,
+    /// Woken when deliveries are queued, the session is evicted, or the hub asks for a
+    /// catch-up: the session looks at which.
+    pub wake: Notify,
     /// Set when a delivery found the queue full.
     pub overflowed: AtomicBool,
-    /// Cancelled to make the session close, with `evict_code`.
-    pub evict: CancellationToken,
-    /// Close code for an eviction.
-    pub evict_code: AtomicU16,
+    /// The close code of an eviction; 0 while the session may go on.
+    evict_code: AtomicU16,
     /// Set before an eviction with [`close::LOGGED_OUT`]: the reason and the signal.
     pub logout: Mutex<Option<(String, uuid::Uuid)>>,
 }
@@ -72,9 +72,22 @@ impl Outbox {
         }
     }
 
+    /// Makes the session close with `code`; a logout, once asked for, is never replaced.
     fn evict(&self, code: u16) {
-        self.evict_code.store(code, Ordering::Relaxed);
-        self.evict.cancel();
+        let _ = self
+            .evict_code
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |old| {
+                (old != close::LOGGED_OUT).then_some(code)
+            });
+        self.wake.notify_one();
+    }
+
+    /// The close code, once the hub evicted the session.
+    pub fn evicted(&self) -> Option<u16> {
+        match self.evict_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
     }
 
     fn push(&self, item: Outbound) {
@@ -87,7 +100,7 @@ impl Outbox {
         }
         q.push_back(item);
         drop(q);
-        self.ready.notify_one();
+        self.wake.notify_one();
     }
 
     /// Takes up to `max` queued deliveries, oldest first. Frees the queue's memory once empty.
@@ -98,7 +111,7 @@ impl Outbox {
         if q.is_empty() {
             *q = VecDeque::new();
         } else {
-            self.ready.notify_one(); // more to take: come back
+            self.wake.notify_one(); // more to take: come back
         }
         batch
     }
@@ -178,6 +191,8 @@ pub struct Hub {
     conns: DashMap<DeviceRef, Conn>,
     next_id: AtomicU64,
     catch_up: watch::Sender<CatchUps>,
+    /// The close code every session gets once the relay stops; 0 before.
+    closing: AtomicU16,
 }
 
 impl Default for Hub {
@@ -186,6 +201,7 @@ impl Default for Hub {
             conns: DashMap::new(),
             next_id: AtomicU64::new(0),
             catch_up: watch::Sender::new(CatchUps::default()),
+            closing: AtomicU16::new(0),
         }
     }
 }
@@ -209,6 +225,11 @@ impl Hub {
             metrics::counter!("relay_connections_displaced_total").increment(1);
         }
         metrics::gauge!("relay_devices_online").set(self.conns.len() as f64);
+        // After the insert: a close either finds this connection or is seen here.
+        match self.closing.load(Ordering::SeqCst) {
+            0 => {}
+            code => outbox.evict(code),
+        }
         let catch_up = self.catch_up.subscribe();
         let catch_ups_seen = catch_up.borrow().asked;
         Registration {
@@ -252,6 +273,18 @@ impl Hub {
             }
             c.recent.push_back(floor);
         });
+        for conn in self.conns.iter() {
+            conn.outbox.wake.notify_one();
+        }
+    }
+
+    /// Closes every session with `code` at once, and any that registers from now on: the relay
+    /// is stopping.
+    pub fn close(&self, code: u16) {
+        self.closing.store(code, Ordering::SeqCst);
+        for conn in self.conns.iter() {
+            conn.outbox.evict(code);
+        }
     }
 
     /// Closes every connection with `code`, spread evenly over `spread` in random order, so
@@ -396,11 +429,7 @@ mod tests {
         let d = DeviceRef::new("u", "d");
         let first = hub.register(&d, 4, 1);
         let second = hub.register(&d, 4, 1);
-        assert!(first.outbox.evict.is_cancelled());
-        assert_eq!(
-            first.outbox.evict_code.load(Ordering::Relaxed),
-            close::DISPLACED
-        );
+        assert_eq!(first.outbox.evicted(), Some(close::DISPLACED));
         // The displaced session's cleanup must not remove the newer registration.
         hub.unregister(&d, first.id);
         assert!(hub.is_online(&d));
@@ -426,14 +455,48 @@ mod tests {
             2
         );
         for gone in [old, ahead] {
-            assert_eq!(
-                gone.outbox.evict_code.load(Ordering::Relaxed),
-                close::LOGGED_OUT
-            );
+            assert_eq!(gone.outbox.evicted(), Some(close::LOGGED_OUT));
         }
         for kept in [newer, spared, other] {
-            assert!(!kept.outbox.evict.is_cancelled());
+            assert_eq!(kept.outbox.evicted(), None);
         }
+    }
+
+    #[test]
+    fn a_closed_hub_evicts_every_session_and_any_that_registers_later() {
+        let hub = Hub::default();
+        let before = hub.register(&DeviceRef::new("u", "a"), 4, 1);
+        hub.close(close::RESTART);
+        // An upgrade in flight when the relay began to stop registers after the close.
+        let late = hub.register(&DeviceRef::new("u", "b"), 4, 1);
+        for reg in [before, late] {
+            assert_eq!(reg.outbox.evicted(), Some(close::RESTART));
+        }
+    }
+
+    #[tokio::test]
+    async fn one_wake_reaches_a_session_for_a_delivery_an_eviction_or_a_catch_up() {
+        let hub = Hub::default();
+        let d = DeviceRef::new("u", "d");
+        let mut reg = hub.register(&d, 4, 1);
+        let woken = |reg: &Registration| {
+            futures_util::FutureExt::now_or_never(reg.outbox.wake.notified()).is_some()
+        };
+        assert!(!woken(&reg));
+        hub.deliver(std::slice::from_ref(&d), &entry(1));
+        assert!(woken(&reg), "a delivery wakes the session");
+        hub.catch_up(0);
+        assert!(woken(&reg), "a catch-up wakes the session");
+        assert_eq!(reg.next_catch_up(), Some(0));
+        assert_eq!(reg.outbox.evicted(), None);
+        hub.logout(
+            &Target::Device(d.clone()),
+            "lost_device",
+            uuid::Uuid::nil(),
+            100_000,
+        );
+        assert!(woken(&reg), "an eviction wakes the session");
+        assert_eq!(reg.outbox.evicted(), Some(close::LOGGED_OUT));
     }
 
     #[test]

@@ -664,6 +664,7 @@ impl Server {
             let spread = self.app.config.cluster.drain_spread.0.min(grace / 2);
             self.app.sessions.hub.drain(close::RESTART, spread).await;
         }
+        self.app.sessions.hub.close(close::RESTART);
         self.app.shutdown.cancel();
         self.app.tracker.close();
         if tokio::time::timeout(grace, self.app.tracker.wait())

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -67,12 +66,7 @@ type Ws<S> = Socket<S>;
 type Reserving<'a> = Option<Pin<Box<dyn Future<Output = Held> + Send + 'a>>>;
 
 /// Runs a session to its end. Never panics on network input; every exit path closes the socket.
-pub async fn run<S>(
-    ws: &mut Ws<S>,
-    ctx: &SessionContext,
-    identity: &Identity,
-    shutdown: &CancellationToken,
-) -> Ended
+pub async fn run<S>(ws: &mut Ws<S>, ctx: &SessionContext, identity: &Identity) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -129,7 +123,7 @@ where
                 identity.org.clone().map(|o| (o, identity.issued_at)),
             );
             state.start_at(crate::store::seq_floor(floor_ms));
-            session(ws, ctx, &mut state, &mut reg, shutdown).await
+            session(ws, ctx, &mut state, &mut reg).await
         };
         if let Some(cluster) = &ctx.cluster {
             cluster.detach(device, reg.since).await;
@@ -150,7 +144,6 @@ async fn session<S>(
     ctx: &SessionContext,
     state: &mut State,
     reg: &mut Registration,
-    shutdown: &CancellationToken,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -195,7 +188,7 @@ where
     };
     match ended {
         Some(ended) => ended,
-        None => match io.run(reg, shutdown).await {
+        None => match io.run(reg).await {
             Ok(never) => match never {},
             Err(ended) => ended,
         },
@@ -240,30 +233,35 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     /// Runs until the session ends; the `Err` says how.
-    async fn run(
-        &mut self,
-        reg: &mut Registration,
-        shutdown: &CancellationToken,
-    ) -> Result<Infallible, Ended> {
+    async fn run(&mut self, reg: &mut Registration) -> Result<Infallible, Ended> {
         let ctx = self.ctx;
         let mut reserving: Reserving<'a> = None;
         let page_estimate = page_estimate(ctx);
+        // The outbox woke the session for deliveries not taken yet (taken once it is live and
+        // its writes are done: the queue's bound is the backpressure).
+        let mut live_waiting = false;
         loop {
             let deadline = tokio::time::Instant::from_std(self.state.next_deadline());
             let replaying = self.state.phase() == Phase::Replaying;
             let reading = self.state.may_read();
+            // A catch-up asked for during the replay waits for its end.
+            if !replaying
+                && reg.catch_up.has_changed().unwrap_or(false)
+                && let Some(floor) = reg.next_catch_up()
+            {
+                self.state.handle_catch_up(floor);
+                continue;
+            }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.finish_pending().await;
-                    return Err(Ended { code: Some(close::RESTART), reason: "relay restarting" });
-                }
-                // Boxed: rare, and larger than the idle wait that every connection holds.
-                _ = reg.outbox.evict.cancelled() => return Err(Box::pin(self.evicted(reg)).await),
-                Ok(()) = reg.catch_up.changed(), if !replaying => {
-                    if let Some(floor) = reg.next_catch_up() {
-                        self.state.handle_catch_up(floor);
+                // Every signal of the hub: an eviction (displaced, logged out, the relay
+                // stopping), a delivery, a catch-up (seen above, on the next turn).
+                _ = reg.outbox.wake.notified() => {
+                    if reg.outbox.evicted().is_some() {
+                        // Boxed: rare, and larger than the idle wait every connection holds.
+                        return Err(Box::pin(self.evicted(reg)).await);
                     }
+                    live_waiting = true;
                 }
                 result = self.acks.applied() => result.map_err(|_| store_unavailable())?,
                 result = next_reply(&mut self.tickets) => {
@@ -278,7 +276,8 @@ where
                 held = reserve(&mut reserving, &ctx.replay_memory, page_estimate), if replaying && self.out.is_empty() => {
                     self.replay_page(reg, held).await?;
                 }
-                _ = reg.outbox.ready.notified(), if !replaying && self.out.is_empty() => {
+                _ = std::future::ready(()), if live_waiting && !replaying && self.out.is_empty() => {
+                    live_waiting = false;
                     let frames = self.state.handle_live(reg.outbox.take(LIVE_BATCH));
                     metrics::counter!("relay_messages_delivered_total", "path" => "live").increment(frames.len() as u64);
                     self.out.extend(frames);
@@ -294,10 +293,10 @@ where
             .map_err(|()| slow_consumer("write timed out"))
     }
 
-    /// The hub evicted the session: displaced, draining, or logged out.
+    /// The hub evicted the session: displaced, logged out, or the relay stopping.
     async fn evicted(&mut self, reg: &Registration) -> Ended {
         self.finish_pending().await;
-        let code = reg.outbox.evict_code.load(Ordering::Relaxed);
+        let code = reg.outbox.evicted().unwrap_or(close::RESTART);
         let logout = reg
             .outbox
             .logout
