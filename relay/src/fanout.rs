@@ -60,8 +60,9 @@ pub struct Outbox {
     pub overflowed: AtomicBool,
     /// The close code of an eviction; 0 while the session may go on.
     evict_code: AtomicU16,
-    /// Set before an eviction with [`close::LOGGED_OUT`]: the reason and the signal.
-    pub logout: Mutex<Option<(String, uuid::Uuid)>>,
+    /// Set before an eviction with [`close::LOGGED_OUT`]: the reason and the signal. Boxed:
+    /// rare, and every connection's outbox would hold its room.
+    pub logout: Mutex<Option<Box<(String, uuid::Uuid)>>>,
 }
 
 impl Outbox {
@@ -314,7 +315,7 @@ impl Hub {
             if revoked && &*conn.key().user == target.user() && target.includes(&conn.key().device)
             {
                 *conn.outbox.logout.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((reason.to_string(), signal));
+                    Some(Box::new((reason.to_string(), signal)));
                 conn.outbox.evict(close::LOGGED_OUT);
                 n += 1;
             }

@@ -101,12 +101,11 @@ where
             cluster.attach(device, reg.since).await;
         }
         let ended = 'started: {
-            let floor_ms = match ctx.access.session_start(device, identity.issued_at).await {
-                Ok(Start::Open { floor_ms }) => floor_ms,
-                Ok(Start::LoggedOut(r)) => {
-                    break 'started logout_phase(ws, ctx, device, &r.reason, r.signal, "live")
-                        .await;
-                }
+            // The revocation is boxed out of the awaited result, so that neither lives across
+            // the logout's await (nor takes room beside the session's).
+            let start = match ctx.access.session_start(device, identity.issued_at).await {
+                Ok(Start::Open { floor_ms }) => Ok(floor_ms),
+                Ok(Start::LoggedOut(r)) => Err(Box::new(r)),
                 Ok(Start::Locked) => {
                     break 'started Ended {
                         code: Some(close::LOGGED_OUT),
@@ -116,6 +115,13 @@ where
                 Err(e) => {
                     tracing::warn!(error = %e, "access check at registration failed");
                     break 'started store_unavailable();
+                }
+            };
+            let floor_ms = match start {
+                Ok(floor_ms) => floor_ms,
+                Err(r) => {
+                    break 'started logout_phase(ws, ctx, device, &r.reason, r.signal, "live")
+                        .await;
                 }
             };
             ctx.last_seen.record(
@@ -287,10 +293,10 @@ where
     }
 
     /// Writes frames within the write timeout; a device that does not read them is closed.
-    async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), Ended> {
+    /// Not an `async fn`, for the reason `write` is not.
+    fn send(&mut self, frames: Vec<Utf8Bytes>) -> impl Future<Output = Result<(), Ended>> + '_ {
         write(self.ws, frames, self.ctx.write_timeout)
-            .await
-            .map_err(|()| slow_consumer("write timed out"))
+            .map(|r| r.map_err(|()| slow_consumer("write timed out")))
     }
 
     /// The hub evicted the session: displaced, logged out, or the relay stopping.
@@ -302,7 +308,8 @@ where
             .logout
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
+            .take()
+            .map(|b| *b);
         if let (close::LOGGED_OUT, Some((reason, signal))) = (code, logout) {
             let device = self.state.device().clone();
             return logout_phase(self.ws, self.ctx, &device, &reason, signal, "live").await;
@@ -838,15 +845,27 @@ async fn next_reply(tickets: &mut VecDeque<AppendTicket>) -> Result<Accepted, St
 }
 
 /// Waits for room in the node's replay memory for one page, keeping its place in line in `slot`.
-async fn reserve<'a>(slot: &mut Reserving<'a>, memory: &'a ReplayMemory, bodies: usize) -> Held {
-    let waiting = slot.get_or_insert_with(|| Box::pin(memory.reserve(bodies, REPLAY_PAGE)));
-    let held = waiting.as_mut().await;
-    *slot = None;
-    held
+fn reserve<'s, 'a>(
+    slot: &'s mut Reserving<'a>,
+    memory: &'a ReplayMemory,
+    bodies: usize,
+) -> impl Future<Output = Held> + 's {
+    std::future::poll_fn(move |cx| {
+        let waiting = slot.get_or_insert_with(|| Box::pin(memory.reserve(bodies, REPLAY_PAGE)));
+        let held = std::task::ready!(waiting.as_mut().poll(cx));
+        *slot = None;
+        std::task::Poll::Ready(held)
+    })
 }
 
-/// Writes frames and flushes once, within `limit`.
-async fn write<S>(ws: &mut Ws<S>, frames: Vec<Utf8Bytes>, limit: Duration) -> Result<(), ()>
+/// Writes frames and flushes once, within `limit`. Not an `async fn`: the frames are fed to
+/// the socket now, so the future holds only the flush and its timer (every session awaits one,
+/// inside most of what it awaits).
+fn write<'w, S>(
+    ws: &'w mut Ws<S>,
+    frames: Vec<Utf8Bytes>,
+    limit: Duration,
+) -> impl Future<Output = Result<(), ()>> + 'w
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -854,10 +873,10 @@ where
         ws.feed_text(frame);
     }
     drop(frames);
-    match tokio::time::timeout(limit, ws.flush()).await {
+    tokio::time::timeout(limit, ws.flush()).map(|r| match r {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
-    }
+    })
 }
 
 async fn close_with<S>(ws: &mut Ws<S>, code: u16, reason: &'static str, limit: Duration)

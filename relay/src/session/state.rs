@@ -210,34 +210,61 @@ impl PerMinute {
     }
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+/// A bucket's refill: `per_s` tokens a second, at most `burst` saved up. The node's limits
+/// hold it; each session's buckets hold only their level.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    per_s: f64,
+    burst: f64,
+}
+
+impl Limits {
+    fn send_rate(&self) -> Rate {
+        Rate {
+            per_s: self.send_rate_per_s,
+            burst: f64::from(self.send_burst),
+        }
+    }
+
+    fn urgent_rate(&self) -> Rate {
+        Rate {
+            per_s: f64::from(self.urgent_per_minute) / 60.0,
+            burst: f64::from(self.urgent_per_minute),
+        }
+    }
+
+    fn inbound_rate(&self) -> Rate {
+        Rate {
+            per_s: self.inbound_bytes_per_s,
+            burst: self.inbound_burst_bytes,
+        }
+    }
+}
+
+/// A token bucket's level, refilled at its [`Rate`].
 #[derive(Debug)]
 struct Bucket {
     level: f64,
     at: Instant,
-    rate: f64,
-    burst: f64,
 }
 
 impl Bucket {
-    fn full(rate: f64, burst: f64, now: Instant) -> Self {
+    fn full(rate: Rate, now: Instant) -> Self {
         Bucket {
-            level: burst,
+            level: rate.burst,
             at: now,
-            rate,
-            burst,
         }
     }
 
-    fn refill(&mut self, now: Instant) {
+    fn refill(&mut self, rate: Rate, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
-        self.level = (self.level + elapsed * self.rate).min(self.burst);
+        self.level = (self.level + elapsed * rate.per_s).min(rate.burst);
     }
 
     /// Takes one token, if there is one.
-    fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
+    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+        self.refill(rate, now);
         let ok = self.level >= 1.0;
         if ok {
             self.level -= 1.0;
@@ -246,10 +273,10 @@ impl Bucket {
     }
 
     /// Spends `n`, into debt if need be; in debt, the instant it is paid off.
-    fn spend(&mut self, now: Instant, n: f64) -> Option<Instant> {
-        self.refill(now);
+    fn spend(&mut self, rate: Rate, now: Instant, n: f64) -> Option<Instant> {
+        self.refill(rate, now);
         self.level -= n;
-        (self.level < 0.0).then(|| now + Duration::from_secs_f64(-self.level / self.rate))
+        (self.level < 0.0).then(|| now + Duration::from_secs_f64(-self.level / rate.per_s))
     }
 }
 
@@ -283,14 +310,10 @@ impl State {
     ) -> Self {
         State {
             device,
-            sends: Bucket::full(limits.send_rate_per_s, f64::from(limits.send_burst), now),
+            sends: Bucket::full(limits.send_rate(), now),
             may_page: false,
-            urgent: Bucket::full(
-                f64::from(limits.urgent_per_minute) / 60.0,
-                f64::from(limits.urgent_per_minute),
-                now,
-            ),
-            inbound: Bucket::full(limits.inbound_bytes_per_s, limits.inbound_burst_bytes, now),
+            urgent: Bucket::full(limits.urgent_rate(), now),
+            inbound: Bucket::full(limits.inbound_rate(), now),
             next_ping: now + limits.ping_interval,
             limits,
             last_activity: now,
@@ -608,7 +631,8 @@ impl State {
     /// Reads `len` more bytes from the device at `now`: when it has sent more than its byte
     /// budget, the instant until which the driver stops reading (TCP then slows the sender).
     pub fn inbound(&mut self, now: Instant, len: usize) -> Option<Instant> {
-        self.inbound.spend(now, len as f64)
+        self.inbound
+            .spend(self.limits.inbound_rate(), now, len as f64)
     }
 
     /// Cheap checks first (size, recipients, rate), the base64 decode last: a refused send
@@ -638,7 +662,9 @@ impl State {
         if urgent && !self.may_page {
             return self.refuse(now, id, RejectCode::UrgentNotAllowed);
         }
-        if !self.sends.take(now) || (urgent && !self.urgent.take(now)) {
+        if !self.sends.take(self.limits.send_rate(), now)
+            || (urgent && !self.urgent.take(self.limits.urgent_rate(), now))
+        {
             return self.refuse(now, id, RejectCode::RateLimited);
         }
         let Some(body) = protocol::decode_body(body) else {
@@ -722,8 +748,16 @@ mod tests {
             urgent(&mut s, now),
             Action::Reject(_, RejectCode::UrgentNotAllowed)
         ));
-        let mut s = state(now);
-        s.sends = Bucket::full(1.0, 100.0, now);
+        // Sends themselves not rate-limited here: only the urgent budget is.
+        let mut s = State::new(
+            DeviceRef::new("alice", "phone"),
+            Arc::new(Limits {
+                send_burst: 100,
+                ..limits()
+            }),
+            now,
+            now + Duration::from_secs(3600),
+        );
         s.allow_urgent();
         assert!(matches!(urgent(&mut s, now), Action::Append(m) if m.urgent));
         assert!(matches!(urgent(&mut s, now), Action::Append(_)));
