@@ -475,6 +475,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_logout_asked_for_is_not_replaced_by_a_later_eviction() {
+        let hub = Hub::default();
+        let d = DeviceRef::new("u", "d");
+        let reg = hub.register(&d, 4, 1);
+        hub.logout(
+            &Target::Device(d.clone()),
+            "lost_device",
+            uuid::Uuid::nil(),
+            100_000,
+        );
+        // The session has not acted on it yet when a newer connection or a stop comes.
+        let _newer = hub.register(&d, 4, 1);
+        hub.close(close::RESTART);
+        assert_eq!(reg.outbox.evicted(), Some(close::LOGGED_OUT));
+    }
+
     #[tokio::test]
     async fn one_wake_reaches_a_session_for_a_delivery_an_eviction_or_a_catch_up() {
         let hub = Hub::default();
