@@ -72,7 +72,9 @@ async def test_a_restart_with_the_clock_stepped_back_never_reuses_a_sequence_num
             delivered.append(frame["id"])
             if frame["seq"] in first_seqs:
                 acking.append(frame["seq"])
-            if len(acking) == 20:
+            # Acks go out at 20, or as soon as the first run's messages stop coming: a remainder
+            # held until `synced` would have fallen out of the 1,024-message window by then.
+            if len(acking) == 20 or (acking and frame["seq"] not in first_seqs):
                 await bob.ack(acking)
                 acking = []
         if acking:
