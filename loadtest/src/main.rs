@@ -137,6 +137,15 @@ struct Args {
     /// User-id prefix, so runs do not share inboxes.
     #[arg(long, default_value = "lt")]
     prefix: String,
+    /// Send to another run's users (this prefix) instead of the ring, to fill the inboxes of
+    /// devices that are offline: send `k` of connection `c` goes to user `(c + k·connections) mod
+    /// --to-users`. Their delivery is checked by the run that reconnects them
+    /// (`delivered_from_other_runs`), not by this one's loss count.
+    #[arg(long)]
+    to_prefix: Option<String>,
+    /// With --to-prefix: how many users that run has (default: --connections).
+    #[arg(long)]
+    to_users: Option<usize>,
     /// Organisation the minted tokens name (`org` claim): the relay then also writes each
     /// connect into that org's access report partitions, as with real tokens.
     #[arg(long)]
@@ -205,6 +214,8 @@ struct WorkerReport {
     accepted: HashMap<u32, Vec<u32>>,
     /// Per sender: message indices delivered, with the sequence each came with (and repeats).
     delivered: HashMap<u32, Vec<(u32, u64)>>,
+    /// Deliveries of messages an earlier run sent (--to-prefix), with repeats.
+    from_other_runs: u64,
     reconnects: u64,
     /// Reconnect (after a drop) to `synced`, µs.
     resync: String,
@@ -268,6 +279,10 @@ struct Report {
     accepted_per_s: f64,
     delivered: u64,
     delivered_per_s: f64,
+    /// Messages sent by earlier runs (--to-prefix) and delivered to this run's devices, with
+    /// repeats: the replay of what waited for them.
+    delivered_from_other_runs: u64,
+    /// Of the messages to this run's own devices (none with --to-prefix).
     lost: u64,
     /// Messages stored more than once (one send, several sequence numbers): must be 0.
     duplicates: u64,
@@ -338,6 +353,7 @@ struct Ctx {
     last_delivery_us: AtomicU64,
     accepted: AtomicU64,
     delivered: AtomicU64,
+    other_runs: AtomicU64,
     report: Mutex<WorkerReport>,
     handshake: Mutex<Histogram<u64>>,
     accept: Mutex<Histogram<u64>>,
@@ -356,7 +372,9 @@ impl Ctx {
     ) -> anyhow::Result<()> {
         let b = B64.decode(body)?;
         if b.len() < 24 || u64::from_be_bytes(b[16..24].try_into()?) != self.run_id {
-            return Ok(()); // another run's message: acked, not counted
+            // Another run's message: acked, counted apart.
+            self.other_runs.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
         let sent_us = u64::from_be_bytes(b[..8].try_into()?);
         let sender = u32::from_be_bytes(b[8..12].try_into()?);
@@ -465,9 +483,17 @@ fn send_frame(ctx: &Ctx, conn: usize, k: u32) -> String {
     b[12..16].copy_from_slice(&k.to_be_bytes());
     b[16..24].copy_from_slice(&ctx.run_id.to_be_bytes());
     let urgent = ctx.args.urgent > 0.0 && (k as f64 * 0.618_034).fract() < ctx.args.urgent;
-    let to = &ctx.tokens[(conn + 1) % ctx.tokens.len()].0;
-    ctx.args
-        .protocol
+    let a = &ctx.args;
+    let elsewhere;
+    let to = match &a.to_prefix {
+        Some(prefix) => {
+            let users = a.to_users.unwrap_or(a.connections).max(1);
+            elsewhere = format!("{prefix}-{}", (conn + k as usize * a.connections) % users);
+            &elsewhere
+        }
+        None => &ctx.tokens[(conn + 1) % ctx.tokens.len()].0,
+    };
+    a.protocol
         .send(message_id(ctx, conn, k), k, to, &B64.encode(b), urgent)
 }
 
@@ -684,6 +710,7 @@ async fn worker(
         last_delivery_us: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        other_runs: AtomicU64::new(0),
         report: Mutex::new(WorkerReport::default()),
         handshake: Mutex::new(histogram()),
         accept: Mutex::new(histogram()),
@@ -813,6 +840,7 @@ async fn worker(
     r.end_to_end = encode(&*ctx.end_to_end.lock().await)?;
     r.resync = encode(&*ctx.resync.lock().await)?;
     r.reconnects = ctx.reconnects.load(Ordering::Relaxed);
+    r.from_other_runs = ctx.other_runs.load(Ordering::Relaxed);
     Ok(r)
 }
 
@@ -1009,7 +1037,7 @@ fn merge(
 ) -> anyhow::Result<Report> {
     let (mut hs, mut acc, mut e2e, mut resync) =
         (histogram(), histogram(), histogram(), histogram());
-    let mut reconnects = 0;
+    let (mut reconnects, mut from_other_runs) = (0, 0);
     let mut accepted: HashMap<u32, Vec<u32>> = HashMap::new();
     let mut delivered: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
     let mut rejected_by_code = BTreeMap::new();
@@ -1021,6 +1049,7 @@ fn merge(
         e2e.add(decode(&r.end_to_end)?)?;
         resync.add(decode(&r.resync)?)?;
         reconnects += r.reconnects;
+        from_other_runs += r.from_other_runs;
         for (s, v) in r.accepted {
             accepted.entry(s).or_default().extend(v);
         }
@@ -1052,6 +1081,9 @@ fn merge(
         // A resent message may be answered `accepted` twice.
         let acc_idx: std::collections::HashSet<u32> = acc_idx.iter().copied().collect();
         n_accepted += acc_idx.len() as u64;
+        if args.to_prefix.is_some() {
+            continue; // delivered to another run's devices, later
+        }
         let mut missing: Vec<u32> = acc_idx
             .iter()
             .copied()
@@ -1103,6 +1135,7 @@ fn merge(
         accepted_per_s: n_accepted as f64 / send_seconds.max(1e-9),
         delivered: n_delivered,
         delivered_per_s: n_delivered as f64 / send_seconds.max(1e-9),
+        delivered_from_other_runs: from_other_runs,
         lost,
         duplicates,
         redeliveries,
@@ -1158,6 +1191,15 @@ fn finish(args: &Args, report: Report) -> anyhow::Result<()> {
             e.p99_ms,
             e.p999_ms,
             e.max_ms
+        );
+    }
+    if let Some(prefix) = &args.to_prefix {
+        summary += &format!("\n  sent to {prefix}'s users: their run checks the delivery");
+    }
+    if report.delivered_from_other_runs > 0 {
+        summary += &format!(
+            "\n  delivered from earlier runs {}",
+            report.delivered_from_other_runs
         );
     }
     if let Some(b) = report.relay_rss_per_conn_bytes {

@@ -65,6 +65,22 @@ def test_a_connect_storm_keeps_the_relays_threads_bounded(relay):
     assert after <= before + 16, f"{before} threads before the storm, {after} after"
 
 
+def test_messages_for_offline_devices_are_replayed_when_they_reconnect(relay):
+    """--to-prefix fills another run's inboxes while its devices are offline; the run that
+    reconnects them counts what it was replayed (scripts/bench reconnect, with waiting messages)."""
+    storm = ["--scenario", "storm", "--prefix", "away", "--connections", "50", "--handshake-rate", "0",
+             "--duration", "1"]
+    first = loadtest(relay, *storm)
+    assert first["connection_errors"] == 0 and first["delivered_from_other_runs"] == 0
+    sent = loadtest(relay, "--prefix", "fill", "--connections", "10", "--rate", "200", "--duration", "2",
+                    "--to-prefix", "away", "--to-users", "50")
+    # Nobody of this run receives them: nothing is counted lost here.
+    assert sent["accepted"] >= 300 and sent["delivered"] == 0 and sent["lost"] == 0
+    back = loadtest(relay, *storm)
+    assert back["connection_errors"] == 0
+    assert back["delivered_from_other_runs"] == sent["accepted"]
+
+
 def test_workers_source_addresses_and_thresholds(relay):
     r = loadtest(relay, "--workers", "2", "--connections", "60", "--rate", "600", "--duration", "3", "--prefix", "w")
     assert r["workers"] == 2 and r["accepted"] > 0 and r["lost"] == 0 and r["duplicates"] == 0
