@@ -254,8 +254,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Threads for blocking work: the embedded store's page reads and writes off the writer
-/// thread, audit file appends, backups. Tokio's default (512) let a connect storm start hundreds
+/// Threads for blocking work: the embedded store's reads (but inbox pages: its reader threads)
+/// and writes off the writer thread, audit file appends, backups. Tokio's default (512) let a connect storm start hundreds
 /// of threads whose stacks and allocator caches stayed in the relay's memory; the writes
 /// serialize on the store's journal anyway, and a page read is a few point lookups.
 const BLOCKING_THREADS: usize = 16;

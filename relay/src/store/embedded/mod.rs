@@ -33,6 +33,7 @@ use crate::audit::model as audit;
 use crate::seal::Keyring;
 
 mod migrate;
+mod readers;
 
 /// Most requests committed in one batch.
 const MAX_BATCH: usize = 2048;
@@ -164,6 +165,8 @@ pub struct EmbeddedStore {
     status: Arc<Status>,
     /// Serializes read-modify-writes of access rows.
     access_lock: Arc<std::sync::Mutex<()>>,
+    /// Inbox pages are read here, not on Tokio's blocking pool.
+    readers: readers::Readers,
 }
 
 /// The open tables, shared by readers and the writer; empty while the writer reopens the
@@ -262,6 +265,7 @@ impl EmbeddedStore {
             ops: tx,
             status,
             access_lock: Arc::default(),
+            readers: readers::Readers::start().map_err(unavailable)?,
         })
     }
 
@@ -489,7 +493,18 @@ impl Messages for EmbeddedStore {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, StoreError>> {
-        self.blocking(move |t| Self::read_page(t, &device, after, limit, max_bytes))
+        let t = match self.tables() {
+            Ok(t) => t,
+            Err(e) => return std::future::ready(Err(e)).boxed(),
+        };
+        let read = self
+            .readers
+            .run(move || Self::read_page(&t, &device, after, limit, max_bytes));
+        async move {
+            read.await
+                .unwrap_or_else(|| Err(unavailable("inbox read failed")))
+        }
+        .boxed()
     }
 
     fn ack(&self, device: DeviceRef, seqs: Vec<u64>) -> BoxFuture<'_, Result<(), StoreError>> {
