@@ -447,9 +447,9 @@ where
                         reason: "client closed",
                     });
                 }
-                Some(Ok(Incoming::Ping | Incoming::Pong)) => {
+                Some(Ok(Incoming::Ping(len) | Incoming::Pong(len))) => {
                     self.state.heard(now); // a ping is answered by the socket
-                    (Action::None, None)
+                    (Action::None, self.state.inbound(now, len))
                 }
             };
             // Over its byte budget: stop reading for a moment (at most about one frame's worth of
