@@ -72,6 +72,27 @@ async def test_a_client_over_its_byte_budget_is_read_slower_and_loses_nothing(ma
     assert [d["id"] for d in await nurse.handshake()] == ids
 
 
+async def flood(relay, raw, chunk, seconds=3):
+    """Writes `chunk` to a raw session as fast as the relay takes it, for `seconds` (or until
+    the relay stops reading for half a second): the bytes it took and the relay's CPU seconds."""
+    cpu_before, started = proc_cpu_seconds(relay.proc.pid), time.monotonic()
+
+    def write():
+        sent = 0
+        raw.sock.settimeout(0.5)
+        try:
+            while time.monotonic() - started < seconds:
+                raw.sock.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            pass  # the relay stopped reading: its budget
+        return sent
+
+    sent = await asyncio.to_thread(write)
+    await asyncio.sleep(max(0.0, started + seconds - time.monotonic()))
+    return sent, proc_cpu_seconds(relay.proc.pid) - cpu_before
+
+
 @run
 async def test_pings_count_in_the_byte_budget(make_relay):
     """A ping costs the relay a read and a pong like any frame: a client flooding pings is read
@@ -82,30 +103,32 @@ async def test_pings_count_in_the_byte_budget(make_relay):
     relay = make_relay({"RELAY_LIMITS__INBOUND_BYTES_PER_S": "1000000", "RELAY_LIMITS__MAX_BODY_BYTES": "100000"})
     raw = RawWs(relay.port, relay.token("drping", "p"))
     assert raw.status == 101
-    # Pings as fast as the socket takes them for 3 s (~1 MB per write); the pongs are not read,
-    # so the relay answers one and holds the rest (RFC 6455 allows it).
-    chunk = ws_frame(9, b"x" * 125) * 8_000
-    cpu_before, started = proc_cpu_seconds(relay.proc.pid), time.monotonic()
-
-    def flood():
-        sent = 0
-        raw.sock.settimeout(0.5)
-        try:
-            while time.monotonic() - started < 3:
-                raw.sock.sendall(chunk)
-                sent += len(chunk)
-        except TimeoutError:
-            pass  # the relay stopped reading: its budget
-        return sent
-
-    sent = await asyncio.to_thread(flood)
-    await asyncio.sleep(max(0.0, started + 3 - time.monotonic()))
-    cpu = proc_cpu_seconds(relay.proc.pid) - cpu_before
+    # The pongs are not read, so the relay answers one and holds the rest (RFC 6455 allows it).
+    sent, cpu = await flood(relay, raw, ws_frame(9, b"x" * 125) * 8_000)
     raw.close()
     print(f"ping flood: {sent / 1e6:.1f} MB of pings taken in 3 s, relay CPU {cpu:.2f} s")
     assert "relay_inbound_paused_total 0\n" not in relay.metrics(), "pings were read past the budget"
     assert cpu < 1.5, cpu
     # The relay stays fine for everyone else.
+    await relay.online("nurse", "web")
+
+
+@run
+async def test_a_flood_of_small_frames_costs_the_relay_little(make_relay):
+    """Every frame costs the relay about the same to read and parse, whatever its size: tiny
+    frames (here `active`, which the relay must read) used to pass the byte budget by the
+    hundred thousand a second. A frame counts as at least 1 KiB of it."""
+    from test_sign_in import RawWs, ws_frame
+
+    relay = make_relay({"RELAY_LIMITS__INBOUND_BYTES_PER_S": "1000000", "RELAY_LIMITS__MAX_BODY_BYTES": "100000"})
+    raw = RawWs(relay.port, relay.token("dractive", "p"))
+    assert raw.status == 101
+    sent, cpu = await flood(relay, raw, ws_frame(1, b'{"type":"active"}') * 40_000)  # ~1 MB a write
+    raw.close()
+    print(f"small-frame flood: {sent / 1e6:.1f} MB of 23-byte frames taken in 3 s, relay CPU {cpu:.2f} s")
+    # About 4,000 frames read (a 1 MB burst, then 1,000 a second), not ~240,000 (0.7 s of the
+    # debug relay's CPU before, 0.2 s after).
+    assert cpu < 0.4, cpu
     await relay.online("nurse", "web")
 
 

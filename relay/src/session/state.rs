@@ -300,6 +300,11 @@ struct Delivered {
 /// Sequences a session remembers having delivered.
 pub const DEDUP_WINDOW: usize = 1024;
 
+/// What a frame counts for in the inbound byte budget at the least: reading, parsing and
+/// answering any frame costs the relay about what a kilobyte of payload does, so a flood of
+/// tiny frames is read no faster than about 4,000 a second at the default budget.
+pub const MIN_FRAME_BYTES: usize = 1024;
+
 impl State {
     /// A session for `device` whose token expires at `token_expiry`.
     pub fn new(
@@ -628,11 +633,12 @@ impl State {
         }
     }
 
-    /// Reads `len` more bytes from the device at `now`: when it has sent more than its byte
-    /// budget, the instant until which the driver stops reading (TCP then slows the sender).
+    /// Reads a frame of `len` bytes from the device at `now`: when it has sent more than its
+    /// byte budget, the instant until which the driver stops reading (TCP then slows the
+    /// sender). A frame counts as at least [`MIN_FRAME_BYTES`].
     pub fn inbound(&mut self, now: Instant, len: usize) -> Option<Instant> {
-        self.inbound
-            .spend(self.limits.inbound_rate(), now, len as f64)
+        let cost = len.max(MIN_FRAME_BYTES) as f64;
+        self.inbound.spend(self.limits.inbound_rate(), now, cost)
     }
 
     /// Cheap checks first (size, recipients, rate), the base64 decode last: a refused send
@@ -818,14 +824,23 @@ mod tests {
     }
 
     #[test]
+    fn a_small_frame_costs_what_any_frame_costs() {
+        let now = Instant::now();
+        let mut s = state(now);
+        assert_eq!(s.inbound(now, 10), None);
+        // A second 10-byte frame at once is over the 2,000-byte burst.
+        assert!(s.inbound(now, 10).is_some());
+    }
+
+    #[test]
     fn reading_pauses_when_the_byte_budget_is_spent() {
         let now = Instant::now();
         let mut s = state(now);
         assert_eq!(s.inbound(now, 1500), None);
-        let until = s.inbound(now, 1000).expect("over budget");
-        assert_eq!(until, now + Duration::from_millis(500));
+        let until = s.inbound(now, 1100).expect("over budget");
+        assert_eq!(until, now + Duration::from_millis(600));
         // Refilled by then.
-        assert_eq!(s.inbound(until + Duration::from_secs(1), 500), None);
+        assert_eq!(s.inbound(until + Duration::from_secs(2), 1500), None);
     }
 
     fn state(now: Instant) -> State {
