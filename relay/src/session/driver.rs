@@ -447,9 +447,10 @@ where
                         reason: "client closed",
                     });
                 }
-                Some(Ok(Incoming::Ping(len) | Incoming::Pong(len))) => {
+                Some(Ok(Incoming::Ping | Incoming::Pong)) => {
                     self.state.heard(now); // a ping is answered by the socket
-                    (Action::None, self.state.inbound(now, len))
+                    // Its payload is at most 125 bytes: it counts as the least a frame does.
+                    (Action::None, self.state.inbound(now, 0))
                 }
             };
             // Over its byte budget: stop reading for a moment (at most about one frame's worth of

@@ -42,11 +42,10 @@ pub enum Incoming {
     Text(Utf8Bytes),
     /// The relay speaks text only; its length, for the inbound budget.
     Binary(usize),
-    /// A ping (its pong is queued unless one is still unwritten), and its length on the wire,
-    /// for the inbound budget.
-    Ping(usize),
-    /// A pong, and its length on the wire.
-    Pong(usize),
+    /// A ping (its pong is queued unless one is still unwritten).
+    Ping,
+    /// A pong.
+    Pong,
     /// The device closes; the reply waits for the next flush.
     Close,
 }
@@ -314,8 +313,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 
     fn on_control(&mut self, opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
-        // A client's control frame: a 2-byte header and a 4-byte mask before its short payload.
-        let wire = 6 + payload.len();
         match opcode {
             OP_PING => {
                 // Answered unless an earlier answer is still unwritten: a peer that pings
@@ -323,9 +320,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                 if self.output.is_empty() {
                     self.queue(OP_PONG, &payload);
                 }
-                Ok(Incoming::Ping(wire))
+                Ok(Incoming::Ping)
             }
-            OP_PONG => Ok(Incoming::Pong(wire)),
+            OP_PONG => Ok(Incoming::Pong),
             _ => {
                 // OP_CLOSE: an empty body, or a code the peer may send and a UTF-8 reason.
                 if let Some(code) = payload.get(..2) {
@@ -556,7 +553,7 @@ mod tests {
         for b in bytes {
             client.write_all(&[b]).await.expect("write");
         }
-        assert!(matches!(socket.next().await, Some(Ok(Incoming::Ping(19)))));
+        assert!(matches!(socket.next().await, Some(Ok(Incoming::Ping))));
         assert_eq!(text(&mut socket).await, "héllo wörld!");
         let mut pong = [0u8; 15];
         client.read_exact(&mut pong).await.expect("pong");

@@ -256,6 +256,7 @@ impl EmbeddedStore {
                 slot: slot.clone(),
             },
         };
+        let readers = readers::Readers::start().map_err(unavailable)?;
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(writer, rx, &runtime))
@@ -265,7 +266,7 @@ impl EmbeddedStore {
             ops: tx,
             status,
             access_lock: Arc::default(),
-            readers: readers::Readers::start().map_err(unavailable)?,
+            readers,
         })
     }
 
