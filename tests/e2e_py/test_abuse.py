@@ -3,6 +3,7 @@ a misbehaving session, with a well-behaved client beside it."""
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import time
@@ -86,6 +87,8 @@ async def flood(relay, raw, chunk, seconds=3):
                 sent += len(chunk)
         except TimeoutError:
             pass  # the relay stopped reading: its budget
+        except OSError:
+            pass  # the relay closed the connection
         return sent
 
     sent = await asyncio.to_thread(write)
@@ -128,6 +131,34 @@ async def test_a_flood_of_small_frames_costs_the_relay_little(make_relay):
     print(f"small-frame flood: {sent / 1e6:.1f} MB of 23-byte frames taken in 3 s, relay CPU {cpu:.2f} s")
     # About 4,000 frames read (a 1 MB burst, then 1,000 a second), not ~240,000 (0.7 s of the
     # debug relay's CPU before, 0.2 s after).
+    assert cpu < 0.4, cpu
+    await relay.online("nurse", "web")
+
+
+@run
+async def test_a_message_in_tiny_fragments_costs_what_as_many_frames_do(make_relay):
+    """A fragment is a frame to read and parse like any other: a message sent one byte per
+    fragment was charged once, at its end, so the relay parsed fragments unpaused until the
+    message reached its size limit (~135,000 of them here). Each fragment counts as a frame."""
+    from test_sign_in import RawWs, ws_frame
+
+    relay = make_relay({"RELAY_LIMITS__INBOUND_BYTES_PER_S": "1000000", "RELAY_LIMITS__MAX_BODY_BYTES": "100000"})
+    raw = RawWs(relay.port, relay.token("drfrag", "p"))
+    assert raw.status == 101
+    raw.sock.sendall(ws_frame(1, b"[", fin=False))
+    sent, cpu = await flood(relay, raw, ws_frame(0, b" ", fin=False) * 100_000)  # 700 KB a write
+    # Read within its budget (a 1 MB burst, then 1,000 fragments a second), the message is
+    # still far from its limit; read past it, it was refused as too big (1009) within the 3 s.
+    raw.sock.settimeout(0.5)
+    closed = None
+    with contextlib.suppress(OSError, EOFError):
+        while (frame := raw.frame())[0] != 8:
+            pass
+        closed = int.from_bytes(frame[1][:2], "big")
+    raw.close()
+    print(f"fragment flood: {sent / 1e6:.1f} MB of 1-byte fragments written in 3 s, relay CPU {cpu:.2f} s")
+    assert closed is None, f"all ~135,000 fragments read in 3 s: the message was refused ({closed})"
+    assert "relay_inbound_paused_total 0\n" not in relay.metrics(), "fragments were read past the budget"
     assert cpu < 0.4, cpu
     await relay.online("nurse", "web")
 

@@ -44,8 +44,8 @@ def upgrade_request(port, token, path="/v1/ws", extra=""):
     ).encode()
 
 
-def ws_frame(opcode, payload: bytes, mask=True) -> bytes:
-    head = bytes([0x80 | opcode])
+def ws_frame(opcode, payload: bytes, mask=True, fin=True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
     bit = 0x80 if mask else 0
     n = len(payload)
     if n < 126:

@@ -447,9 +447,10 @@ where
                         reason: "client closed",
                     });
                 }
-                Some(Ok(Incoming::Ping | Incoming::Pong)) => {
+                Some(Ok(Incoming::Ping | Incoming::Pong | Incoming::Fragment)) => {
                     self.state.heard(now); // a ping is answered by the socket
-                    // Its payload is at most 125 bytes: it counts as the least a frame does.
+                    // A control frame's payload is at most 125 bytes, and a fragment's bytes
+                    // count with its message's: each counts as the least a frame does.
                     (Action::None, self.state.inbound(now, 0))
                 }
             };

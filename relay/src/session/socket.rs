@@ -40,6 +40,9 @@ thread_local! {
 pub enum Incoming {
     /// A whole text message, checked to be UTF-8.
     Text(Utf8Bytes),
+    /// A fragment of a message still being put together: a frame read, for the inbound budget
+    /// (a message sent a byte per fragment costs a frame's parse per byte).
+    Fragment,
     /// The relay speaks text only; its length, for the inbound budget.
     Binary(usize),
     /// A ping (its pong is queued unless one is still unwritten).
@@ -103,8 +106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
     }
 
-    /// The next message; `None` once the peer closed or the connection ended. Cancel-safe:
-    /// what was read stays for the next call.
+    /// The next message, fragment of one, or control frame; `None` once the peer closed or the
+    /// connection ended. Cancel-safe: what was read stays for the next call.
     pub async fn next(&mut self) -> Option<Result<Incoming, ReadError>> {
         poll_fn(|cx| self.poll_next(cx)).await
     }
@@ -228,41 +231,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         })
     }
 
-    /// Takes whole frames from the input until one completes a message; `None` when the input
-    /// ends before that.
+    /// Takes the next whole frame from the input: a message, a fragment of one, or a control
+    /// frame; `None` when the input ends before the frame does.
     fn next_message(&mut self) -> Result<Option<Incoming>, ReadError> {
-        loop {
-            let buf = &self.input[self.at..];
-            let Some(head) = Header::parse(buf)? else {
-                self.keep_for(None);
-                return Ok(None);
-            };
-            let limit = match head.opcode {
-                OP_CLOSE | OP_PING | OP_PONG => MAX_CONTROL,
-                _ => self.max_message - self.partial.as_ref().map_or(0, |(_, b)| b.len()),
-            };
-            if head.len > limit as u64 {
-                return Err(match head.opcode {
-                    OP_CLOSE | OP_PING | OP_PONG => ReadError::Protocol("control frame too long"),
-                    _ => ReadError::TooBig(self.max_message),
-                });
-            }
-            let total = head.size + head.len as usize;
-            if buf.len() < total {
-                self.keep_for(Some(total));
-                return Ok(None);
-            }
-            let mut payload = buf[head.size..total].to_vec();
-            unmask(&mut payload, head.mask);
-            self.at += total;
-            if self.at == self.input.len() {
-                self.input = Vec::new();
-                self.at = 0;
-            }
-            if let Some(message) = self.on_frame(head.fin, head.opcode, payload)? {
-                return Ok(Some(message));
-            }
+        let buf = &self.input[self.at..];
+        let Some(head) = Header::parse(buf)? else {
+            self.keep_for(None);
+            return Ok(None);
+        };
+        let limit = match head.opcode {
+            OP_CLOSE | OP_PING | OP_PONG => MAX_CONTROL,
+            _ => self.max_message - self.partial.as_ref().map_or(0, |(_, b)| b.len()),
+        };
+        if head.len > limit as u64 {
+            return Err(match head.opcode {
+                OP_CLOSE | OP_PING | OP_PONG => ReadError::Protocol("control frame too long"),
+                _ => ReadError::TooBig(self.max_message),
+            });
         }
+        let total = head.size + head.len as usize;
+        if buf.len() < total {
+            self.keep_for(Some(total));
+            return Ok(None);
+        }
+        let mut payload = buf[head.size..total].to_vec();
+        unmask(&mut payload, head.mask);
+        self.at += total;
+        if self.at == self.input.len() {
+            self.input = Vec::new();
+            self.at = 0;
+        }
+        self.on_frame(head.fin, head.opcode, payload).map(Some)
     }
 
     /// The input ends in an incomplete frame (of `total` bytes when its header is read): drop
@@ -280,12 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
     }
 
-    fn on_frame(
-        &mut self,
-        fin: bool,
-        opcode: u8,
-        payload: Vec<u8>,
-    ) -> Result<Option<Incoming>, ReadError> {
+    fn on_frame(&mut self, fin: bool, opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
         let (text, bytes) = match (opcode, self.partial.take()) {
             (OP_TEXT | OP_BINARY, None) => (opcode == OP_TEXT, payload),
             (OP_CONTINUATION, Some((text, mut bytes))) => {
@@ -298,18 +292,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             (OP_CONTINUATION, None) => return Err(ReadError::Protocol("continuation of nothing")),
             (_, partial) => {
                 self.partial = partial;
-                return self.on_control(opcode, payload).map(Some);
+                return self.on_control(opcode, payload);
             }
         };
         if !fin {
             self.partial = Some((text, bytes));
-            return Ok(None);
+            return Ok(Incoming::Fragment);
         }
         if !text {
-            return Ok(Some(Incoming::Binary(bytes.len())));
+            return Ok(Incoming::Binary(bytes.len()));
         }
         let text = String::from_utf8(bytes).map_err(|_| ReadError::Utf8)?;
-        Ok(Some(Incoming::Text(text.into())))
+        Ok(Incoming::Text(text.into()))
     }
 
     fn on_control(&mut self, opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
@@ -553,7 +547,10 @@ mod tests {
         for b in bytes {
             client.write_all(&[b]).await.expect("write");
         }
+        // Each fragment is reported as it is read (the inbound budget charges it as a frame).
+        assert!(matches!(socket.next().await, Some(Ok(Incoming::Fragment))));
         assert!(matches!(socket.next().await, Some(Ok(Incoming::Ping))));
+        assert!(matches!(socket.next().await, Some(Ok(Incoming::Fragment))));
         assert_eq!(text(&mut socket).await, "héllo wörld!");
         let mut pong = [0u8; 15];
         client.read_exact(&mut pong).await.expect("pong");
