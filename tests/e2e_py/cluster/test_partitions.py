@@ -21,12 +21,13 @@ import os
 import random
 import subprocess
 import time
+import uuid
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import forwarder
-from conftest import cassandra_port
+from conftest import cassandra_port, run
 from test_cluster import Cluster, Nats, loadtest, metric
 
 NS = f"relay-part-{os.getpid()}"
@@ -279,3 +280,77 @@ def test_a_node_cut_from_the_bus_the_database_and_both_then_healed_loses_nothing
     unconfirmed = report["delivered"] - report["accepted"]
     assert 0 <= unconfirmed <= report["rejected_by_code"].get("unavailable", 0), summary
     assert report["accepted"] >= 10000, summary
+
+
+async def accepted(dev, msg_id, timeout=20):
+    """The `accepted` for `msg_id` and when it came (deliveries to the sender's other devices
+    are skipped)."""
+    while True:
+        frame = await dev.recv(timeout=timeout)
+        if frame["type"] != "deliver":
+            assert frame["type"] == "accepted" and frame["id"] == msg_id, frame
+            return frame, time.monotonic()
+
+
+@run
+async def test_over_a_slow_database_link_a_send_waits_for_its_own_batch_only(parted):
+    """Issue 16: the ScyllaDB writer keeps several batches in flight. Over a database link with
+    50 ms each way, a batch is a few round trips; a send that arrives while another batch is
+    being written used to wait for that batch, then for its own (about twice a lone send's
+    time). Now it is written at once, beside it. Fan-out and answers still follow sequence
+    order, and an id sent again while its first attempt is in flight is stored once."""
+    cluster, slow = parted
+    far = cluster[2]  # the namespaced node, whose database link is slow
+    devs = []
+    for i in range(3):
+        dev = await far.connect(f"train{i}", "phone", token=cluster.token(f"train{i}", "phone"))
+        await dev.handshake()
+        devs.append(dev)
+    twins = []
+    for name in ("a", "b"):
+        dev = await far.connect("twin", name, token=cluster.token("twin", name))
+        await dev.handshake()
+        twins.append(dev)
+    slow.slow(0.05)
+    try:
+        for dev in devs:  # warm: device lists cached, a reservation made
+            await dev.send_ok(["dr-sink"], b"warm")
+        lone = []
+        for _ in range(3):
+            started = time.monotonic()
+            msg_id = await devs[0].send(["dr-sink"], b"lone")
+            _, at = await accepted(devs[0], msg_id)
+            lone.append(at - started)
+        lone = sorted(lone)[1]
+
+        async def one(dev, delay):
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            msg_id = await dev.send(["dr-sink"], b"train")
+            frame, at = await accepted(dev, msg_id)
+            return frame, at - started
+
+        # Three sends 60 ms apart: the second and third arrive while the first is written.
+        train = await asyncio.gather(*(one(dev, 0.06 * i) for i, dev in enumerate(devs)))
+        took = [t for _, t in train]
+        seqs = [f["seq"] for f, _ in train]
+        print(f"lone send {lone * 1000:.0f} ms; a train of three: {[round(t * 1000) for t in took]} ms; seqs {seqs}")
+        assert seqs == sorted(seqs), "sequence numbers follow arrival across batches"
+        assert max(took) < 1.4 * lone, (lone, took)
+
+        # One id from two devices of a user, the second while the first is in flight.
+        msg_id = str(uuid.uuid4())
+        first, second = await asyncio.gather(one_id(twins[0], msg_id, 0), one_id(twins[1], msg_id, 0.06))
+        assert first["seq"] == second["seq"], (first, second)
+        assert [first["duplicate"], second["duplicate"]] == [False, True], (first, second)
+    finally:
+        slow.slow()
+        for dev in devs + twins:
+            await dev.close()
+
+
+async def one_id(dev, msg_id, delay):
+    await asyncio.sleep(delay)
+    await dev.send(["dr-sink"], b"twice", msg_id=msg_id)
+    frame, _ = await accepted(dev, msg_id)
+    return frame

@@ -5,7 +5,7 @@
 //!
 //! Appends go through one writer task per node, like the embedded backend, so sequence numbers
 //! follow call order and fan-out follows commit order. A batch of appends is written in phases,
-//! each phase's statements concurrently:
+//! each phase's statements concurrently, and several batches at once (`writer.rs`):
 //!
 //! 1. read `message_ids` for every message id;
 //! 2. write `message_ids` rows (`complete = false`) for new ids, reserving their seq;
@@ -499,14 +499,7 @@ impl ScyllaStore {
         // next holder of a leased id) continues above everything issued under that id before.
         let reserved = read_reservation(&shared, node_id).await?;
         let (tx, rx) = queue::channel(QUEUE_DEPTH, MAX_BATCH);
-        let writer = Writer {
-            s: shared.clone(),
-            sink,
-            clock: SeqClock::new(node_id, reserved.max(seq_floor(now_ms()))),
-            node_id,
-            reserved,
-            devices: HashMap::new(),
-        };
+        let writer = Writer::new(shared.clone(), sink, node_id, reserved);
         tokio::spawn(writer.run(rx));
         let pinger = tokio::spawn(ping(shared.clone()));
         let lease = leased.then(|| {

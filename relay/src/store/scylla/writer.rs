@@ -1,17 +1,61 @@
 //! The one writer task per node: batches of registrations, acks and appends, the appends
 //! written in phases (see the module docs of `scylla`) and fanned out in sequence order.
+//!
+//! Each phase is a round trip to the cluster, so one batch at a time would cap a node at one
+//! batch per four round trips however fast the cluster is. Up to [`PIPELINE`] batches are
+//! written at once, each in a task of its own; the writer loop alone issues sequence numbers
+//! (in batch order, under the durable reservation) and fans out and answers batch by batch, in
+//! that order. An id already in flight holds its batch back until the earlier batches are
+//! done, so that its second attempt finds the first one's row.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
 
 use super::*;
 
+/// Batches written at once.
+const PIPELINE: usize = 4;
+
+/// What the writer loop keeps: sequence numbers and what is in flight.
 pub(super) struct Writer {
-    pub(super) s: Arc<Shared>,
-    pub(super) sink: Arc<dyn DeliverySink>,
+    pub(super) cx: Arc<Context>,
     pub(super) clock: SeqClock,
     pub(super) node_id: u8,
     /// Above every sequence number this node id has issued, and durable (`node_seq`).
     pub(super) reserved: u64,
-    pub(super) devices: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
+    /// Numbers the batches, in the order they are started (and fanned out).
+    pub(super) batches: u64,
+    /// Each message id in flight, with its batch's number.
+    pub(super) in_flight: HashMap<MessageKey, u64>,
 }
+
+/// What the batches in flight share.
+pub(super) struct Context {
+    pub(super) s: Arc<Shared>,
+    pub(super) sink: Arc<dyn DeliverySink>,
+    pub(super) devices: Mutex<DeviceCache>,
+    /// The oldest sequence number each batch in flight may write, by batch number.
+    pub(super) storing: Mutex<BTreeMap<u64, u64>>,
+}
+
+/// A message id, as its sender names it.
+type MessageKey = (Arc<str>, Uuid);
+
+/// A batch in flight.
+type Flight = BoxFuture<'static, Written>;
+
+/// A batch's number, when it started, its message ids, and its appends once written (`None`
+/// if its task panicked: its callers are answered by their dropped replies).
+type Written = (u64, Instant, Vec<MessageKey>, Option<Vec<Pending>>);
+
+/// Each user's device list, and when it was read.
+type DeviceCache = HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>;
+
+/// The device lists a batch resolved its recipients from.
+type DeviceLists = HashMap<String, Vec<DeviceRef>>;
 
 /// One append in flight through the phases.
 pub(super) struct Pending {
@@ -32,30 +76,60 @@ pub(super) struct Pending {
 }
 
 impl Writer {
+    pub(super) fn new(
+        s: Arc<Shared>,
+        sink: Arc<dyn DeliverySink>,
+        node_id: u8,
+        reserved: u64,
+    ) -> Self {
+        Writer {
+            cx: Arc::new(Context {
+                s,
+                sink,
+                devices: Mutex::default(),
+                storing: Mutex::default(),
+            }),
+            clock: SeqClock::new(node_id, reserved.max(seq_floor(now_ms()))),
+            node_id,
+            reserved,
+            batches: 0,
+            in_flight: HashMap::new(),
+        }
+    }
+
     pub(super) async fn run(mut self, mut batches: Batches) {
-        while let Some(batch) = batches.next().await {
-            let started = Instant::now();
-            let close = self.commit(batch).await;
-            metrics::histogram!("relay_store_commit_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            if let Some(reply) = close {
-                let _ = reply.send(Ok(()));
-                return;
+        let mut flight: FuturesOrdered<Flight> = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = flight.next(), if !flight.is_empty() => self.finish(done),
+                batch = batches.next(), if flight.len() < PIPELINE => {
+                    let Some(batch) = batch else { break };
+                    if let Some(close) = self.start(batch, &mut flight).await {
+                        self.drain(&mut flight).await;
+                        let _ = close.send(Ok(()));
+                        return;
+                    }
+                }
             }
         }
+        self.drain(&mut flight).await;
     }
 
-    fn mark(&self, ok: bool) {
-        self.s.healthy.store(ok, Ordering::Relaxed);
-        if !ok {
-            metrics::counter!("relay_store_errors_total", "op" => "write").increment(1);
+    async fn drain(&mut self, flight: &mut FuturesOrdered<Flight>) {
+        while let Some(done) = flight.next().await {
+            self.finish(done);
         }
     }
 
-    async fn commit(
+    /// Takes a batch: what needs the loop (cache invalidations, the lease, sequence numbers)
+    /// here, the writing in a task of its own. Returns a `Close` request's reply.
+    async fn start(
         &mut self,
         Batch { ops, acks }: Batch,
+        flight: &mut FuturesOrdered<Flight>,
     ) -> Option<oneshot::Sender<Result<(), StoreError>>> {
+        let started = Instant::now();
         let mut appends = Vec::new();
         let mut registers = Vec::new();
         let mut close = None;
@@ -65,17 +139,164 @@ impl Writer {
                 Op::Register(d, r) => registers.push((d, r)),
                 Op::Seen(d) => {
                     // A device registered on another node: re-read the user's devices.
-                    if self
-                        .devices
+                    let mut cache = self.cx.devices.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache
                         .get(&d.user)
                         .is_some_and(|(list, _)| !list.contains(&d))
                     {
-                        self.devices.remove(&d.user);
+                        cache.remove(&d.user);
                     }
                 }
                 Op::Close(r) => close = Some(r),
             }
         }
+        let p = self.number(appends, flight).await;
+        let no = self.batches;
+        self.batches += 1;
+        let keys: Vec<MessageKey> = p
+            .iter()
+            .filter(|x| x.same_as.is_none())
+            .map(|x| (x.msg.from.user.clone(), x.msg.id))
+            .collect();
+        for key in &keys {
+            self.in_flight.insert(key.clone(), no);
+        }
+        let cx = self.cx.clone();
+        let task = tokio::spawn(async move { cx.commit(no, acks, registers, p).await });
+        flight.push_back(Box::pin(
+            async move { (no, started, keys, task.await.ok()) },
+        ));
+        close
+    }
+
+    /// The appends of a batch, each id's first numbered: a tentative sequence number, kept
+    /// unless phase 1 finds the id stored with one already.
+    async fn number(
+        &mut self,
+        batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
+        flight: &mut FuturesOrdered<Flight>,
+    ) -> Vec<Pending> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        if now_ms() >= self.cx.s.lease_until.load(Ordering::Relaxed) {
+            // The node id may be another node's by now: issue no sequence numbers.
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Unavailable("node id lease lapsed".into())));
+            }
+            return Vec::new();
+        }
+        let mut first: HashMap<MessageKey, usize> = HashMap::new();
+        let mut p: Vec<Pending> = Vec::with_capacity(batch.len());
+        for (msg, reply) in batch {
+            let key = (msg.from.user.clone(), msg.id);
+            let same_as = first.get(&key).copied();
+            if same_as.is_none() {
+                first.insert(key, p.len());
+            }
+            p.push(Pending {
+                msg,
+                reply,
+                same_as,
+                seq: 0,
+                ts: 0,
+                duplicate: false,
+                reserve: false,
+                targets: Vec::new(),
+                stored: None,
+                failed: None,
+            });
+        }
+        if first.keys().any(|k| self.in_flight.contains_key(k)) {
+            // A second attempt while the first is written: it must find the first's row.
+            self.drain(flight).await;
+        }
+        let now = now_ms();
+        let reserved = self.reserve_for(now, first.len()).await;
+        for x in p.iter_mut().filter(|x| x.same_as.is_none()) {
+            match &reserved {
+                Ok(()) => (x.seq, x.ts) = (self.clock.next(now), now),
+                Err(e) => x.failed = Some(StoreError::Unavailable(e.to_string())),
+            }
+        }
+        p
+    }
+
+    /// Fans out a written batch and answers its callers; batches come here in start order.
+    fn finish(
+        &mut self,
+        (no, started, keys, p): (u64, Instant, Vec<MessageKey>, Option<Vec<Pending>>),
+    ) {
+        for key in keys {
+            if self.in_flight.get(&key) == Some(&no) {
+                self.in_flight.remove(&key);
+            }
+        }
+        match p {
+            Some(p) if !p.is_empty() => self.cx.fan_out_and_answer(p),
+            Some(_) => {}
+            None => {
+                self.cx.mark(false);
+                tracing::error!("a writer batch panicked; its callers are told to retry");
+            }
+        }
+        self.cx.stored(no);
+        metrics::histogram!("relay_store_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Makes sure `n` new sequence numbers at `now` stay below a durable reservation.
+    async fn reserve_for(&mut self, now: u64, n: usize) -> Result<(), StoreError> {
+        let bound = self.clock.bound_after(now, n);
+        if bound.saturating_add(seq_span(RESERVE_HEADROOM_MS)) <= self.reserved {
+            return Ok(());
+        }
+        let reserved = bound + seq_span(RESERVE_AHEAD_MS);
+        let s = &self.cx.s;
+        s.session
+            .execute_unpaged(
+                &s.st.reserve,
+                (reserved as i64, reserved as i64, i32::from(self.node_id)),
+            )
+            .await
+            .map_err(unavailable)?;
+        self.reserved = reserved;
+        Ok(())
+    }
+}
+
+impl Context {
+    fn mark(&self, ok: bool) {
+        self.s.healthy.store(ok, Ordering::Relaxed);
+        if !ok {
+            metrics::counter!("relay_store_errors_total", "op" => "write").increment(1);
+        }
+    }
+
+    /// Batch `no` may write rows from `oldest` on, which only this node's fan-out announces.
+    fn storing(&self, no: u64, oldest: u64) {
+        let mut storing = self.storing.lock().unwrap_or_else(|e| e.into_inner());
+        storing.insert(no, oldest);
+        self.sink.storing(storing.values().min().copied());
+    }
+
+    /// Batch `no` is fanned out (or gone).
+    fn stored(&self, no: u64) {
+        let mut storing = self.storing.lock().unwrap_or_else(|e| e.into_inner());
+        if storing.remove(&no).is_some() {
+            self.sink.storing(storing.values().min().copied());
+        }
+    }
+
+    /// Writes one batch: acks, then registrations, then the appends' phases. Returns the
+    /// appends, to be fanned out in batch order.
+    async fn commit(
+        &self,
+        no: u64,
+        acks: Vec<queue::Ack>,
+        registers: Vec<(DeviceRef, oneshot::Sender<Result<(), StoreError>>)>,
+        mut p: Vec<Pending>,
+    ) -> Vec<Pending> {
         // Acks first: a later answer in this batch then implies they are applied. The ack lane
         // bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never wait behind a flood.
         // One delete per device and week: an inbox partition.
@@ -112,140 +333,92 @@ impl Writer {
         // Registrations before appends, so appends in the same batch reach the new devices.
         let now = now_ms() as i64;
         let results = join_all(registers.iter().map(|(d, _)| {
-            self.s
-                .session
-                .execute_unpaged(&self.s.st.insert_device, device_row(&self.s.ids, d, now))
+            s.session
+                .execute_unpaged(&s.st.insert_device, device_row(&s.ids, d, now))
         }))
         .await;
         for ((device, reply), result) in registers.into_iter().zip(results) {
             self.mark(result.is_ok());
-            if result.is_ok()
-                && let Some((list, _)) = self.devices.get_mut(&device.user)
-                && !list.contains(&device)
-            {
-                list.push(device.clone());
+            if result.is_ok() {
+                let mut cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((list, _)) = cache.get_mut(&device.user)
+                    && !list.contains(&device)
+                {
+                    list.push(device.clone());
+                }
             }
             let _ = reply.send(result.map(|_| ()).map_err(unavailable));
         }
-        if !appends.is_empty() {
-            metrics::histogram!("relay_store_commit_batch_size").record(appends.len() as f64);
-            self.appends(appends).await;
+        if p.is_empty() {
+            return p;
         }
-        close
-    }
-
-    async fn devices_of(&mut self, users: &[String]) -> Result<(), StoreError> {
-        // Make room first: what this call loads must stay until the batch has used it.
-        if self.devices.len() + users.len() > crate::store::DEVICE_CACHE_USERS {
-            self.devices
-                .retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
-            if self.devices.len() + users.len() > crate::store::DEVICE_CACHE_USERS {
-                self.devices.clear();
-            }
-        }
-        let stale: Vec<&str> = users
-            .iter()
-            .map(String::as_str)
-            .filter(|u| {
-                self.devices
-                    .get(*u)
-                    .is_none_or(|(_, at)| at.elapsed() > DEVICE_CACHE_TTL)
-            })
-            .collect();
-        let reads = join_all(stale.iter().map(|u| load_devices(&self.s, u))).await;
-        for (user, result) in stale.into_iter().zip(reads) {
-            self.devices.insert(user.into(), (result?, Instant::now()));
-        }
-        metrics::gauge!("relay_device_cache_users").set(self.devices.len() as f64);
-        Ok(())
-    }
-
-    /// Makes sure `n` new sequence numbers at `now` stay below a durable reservation.
-    async fn reserve_for(&mut self, now: u64, n: usize) -> Result<(), StoreError> {
-        let bound = self.clock.bound_after(now, n);
-        if bound.saturating_add(seq_span(RESERVE_HEADROOM_MS)) <= self.reserved {
-            return Ok(());
-        }
-        let reserved = bound + seq_span(RESERVE_AHEAD_MS);
-        let s = &self.s;
-        s.session
-            .execute_unpaged(
-                &s.st.reserve,
-                (reserved as i64, reserved as i64, i32::from(self.node_id)),
-            )
-            .await
-            .map_err(unavailable)?;
-        self.reserved = reserved;
-        Ok(())
-    }
-
-    async fn appends(
-        &mut self,
-        batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
-    ) {
-        let s = self.s.clone();
-        if now_ms() >= s.lease_until.load(Ordering::Relaxed) {
-            // The node id may be another node's by now: issue no sequence numbers.
-            for (_, reply) in batch {
-                let _ = reply.send(Err(StoreError::Unavailable("node id lease lapsed".into())));
-            }
-            return;
-        }
-        let mut first: HashMap<(Arc<str>, Uuid), usize> = HashMap::new();
-        let mut p: Vec<Pending> = Vec::with_capacity(batch.len());
-        for (msg, reply) in batch {
-            let key = (msg.from.user.clone(), msg.id);
-            let same_as = first.get(&key).copied();
-            if same_as.is_none() {
-                first.insert(key, p.len());
-            }
-            p.push(Pending {
-                msg,
-                reply,
-                same_as,
-                seq: 0,
-                ts: 0,
-                duplicate: false,
-                reserve: false,
-                targets: Vec::new(),
-                stored: None,
-                failed: None,
-            });
-        }
-
+        metrics::histogram!("relay_store_commit_batch_size").record(p.len() as f64);
         let firsts: Vec<usize> = (0..p.len()).filter(|&i| p[i].same_as.is_none()).collect();
         self.read_ids(&mut p, &firsts).await;
         // From here rows may land that only this node's fan-out announces (retries keep
         // their first, older, numbers).
-        let oldest = p.iter().filter(|x| x.seq > 0).map(|x| x.seq).min();
-        self.sink.storing(oldest);
+        if let Some(oldest) = p
+            .iter()
+            .filter(|x| x.seq > 0 && x.failed.is_none())
+            .map(|x| x.seq)
+            .min()
+        {
+            self.storing(no, oldest);
+        }
         self.reserve_ids(&mut p, &firsts).await;
         let writing = self.write_rows(&mut p, &firsts).await;
         self.mark_complete(&mut p, &writing).await;
         self.read_duplicates(&mut p, &firsts).await;
-        self.fan_out_and_answer(p);
-        self.sink.storing(None);
+        p
+    }
+
+    /// The device lists of `users`: from the cache while fresh, else read (and cached).
+    async fn device_lists(&self, users: &[String]) -> Result<DeviceLists, StoreError> {
+        let mut lists = DeviceLists::new();
+        let mut stale = Vec::new();
+        {
+            let cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+            for user in users {
+                match cache.get(user.as_str()) {
+                    Some((list, at)) if at.elapsed() <= DEVICE_CACHE_TTL => {
+                        lists.insert(user.clone(), list.clone());
+                    }
+                    _ => stale.push(user.as_str()),
+                }
+            }
+        }
+        let reads = join_all(stale.iter().map(|u| load_devices(&self.s, u))).await;
+        let mut cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() + stale.len() > crate::store::DEVICE_CACHE_USERS {
+            cache.retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
+            if cache.len() + stale.len() > crate::store::DEVICE_CACHE_USERS {
+                cache.clear();
+            }
+        }
+        for (user, result) in stale.into_iter().zip(reads) {
+            let list = result?;
+            cache.insert(user.into(), (list.clone(), Instant::now()));
+            lists.insert(user.to_string(), list);
+        }
+        metrics::gauge!("relay_device_cache_users").set(cache.len() as f64);
+        Ok(lists)
     }
 
     /// Phase 1: what the database knows of these ids (`firsts`: each id's first append in the
-    /// batch); a new id gets its sequence number, under a durable reservation.
-    async fn read_ids(&mut self, p: &mut [Pending], firsts: &[usize]) {
-        let s = self.s.clone();
+    /// batch). A known id takes its stored sequence number; a new one keeps its tentative one.
+    async fn read_ids(&self, p: &mut [Pending], firsts: &[usize]) {
+        let s = &self.s;
+        let firsts: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| p[i].failed.is_none())
+            .collect();
         let reads = join_all(firsts.iter().map(|&i| {
             s.session
                 .execute_unpaged(&s.st.select_msg_id, msg_p(&s.ids, &p[i].msg))
         }))
         .await;
-        let now = now_ms();
-        if let Err(e) = self.reserve_for(now, firsts.len()).await {
-            for i in firsts.iter().copied() {
-                p[i].failed = Some(StoreError::Unavailable(e.to_string()));
-            }
-        }
         for (&i, read) in firsts.iter().zip(reads) {
-            if p[i].failed.is_some() {
-                continue;
-            }
             let known = read
                 .map_err(unavailable)
                 .and_then(|r| r.into_rows_result().map_err(unavailable))
@@ -259,16 +432,13 @@ impl Writer {
                     (p[i].seq, p[i].ts) = (seq as u64, ts as u64);
                     p[i].duplicate = complete.unwrap_or(false);
                 }
-                Ok(None) => {
-                    (p[i].seq, p[i].ts) = (self.clock.next(now), now);
-                    p[i].reserve = true;
-                }
+                Ok(None) => p[i].reserve = true,
             }
         }
     }
 
     /// Phase 2: reserve new ids (`complete = false`).
-    async fn reserve_ids(&mut self, p: &mut [Pending], firsts: &[usize]) {
+    async fn reserve_ids(&self, p: &mut [Pending], firsts: &[usize]) {
         let s = self.s.clone();
         let idem_ttl = ttl_secs(s.retention.idempotency_ms);
         let reserving: Vec<usize> = firsts
@@ -293,18 +463,22 @@ impl Writer {
 
     /// Phase 3: inbox and archive rows, for every device of the recipients; the appends that
     /// write rows.
-    async fn write_rows(&mut self, p: &mut [Pending], firsts: &[usize]) -> Vec<usize> {
+    async fn write_rows(&self, p: &mut [Pending], firsts: &[usize]) -> Vec<usize> {
         let s = self.s.clone();
         let writing: Vec<usize> = firsts
             .iter()
             .copied()
             .filter(|&i| !p[i].duplicate && p[i].failed.is_none())
             .collect();
-        if let Err(e) = self.devices_of(&users_of(p, &writing)).await {
-            for &i in &writing {
-                p[i].failed = Some(unavailable(&e));
+        let lists = match self.device_lists(&users_of(p, &writing)).await {
+            Ok(lists) => lists,
+            Err(e) => {
+                for &i in &writing {
+                    p[i].failed = Some(unavailable(&e));
+                }
+                DeviceLists::new()
             }
-        }
+        };
         let inbox_ttl = ttl_secs(s.retention.inbox_ms);
         let archive_ttl = ttl_secs(s.retention.archive_ms);
         let mut statements = Vec::new();
@@ -315,7 +489,7 @@ impl Writer {
             .collect();
         for i in ready {
             let m = &p[i].msg;
-            let targets = self.targets(m);
+            let targets = targets(m, &lists);
             let (seq, ts) = (p[i].seq, p[i].ts);
             let rec = Record {
                 ts,
@@ -362,7 +536,7 @@ impl Writer {
     }
 
     /// Phase 4: mark complete, so a retry of the same id answers `duplicate`.
-    async fn mark_complete(&mut self, p: &mut [Pending], writing: &[usize]) {
+    async fn mark_complete(&self, p: &mut [Pending], writing: &[usize]) {
         let s = self.s.clone();
         let idem_ttl = ttl_secs(s.retention.idempotency_ms);
         let completing: Vec<usize> = writing
@@ -383,24 +557,11 @@ impl Writer {
         }
     }
 
-    /// Every device whose inbox gets `m`, from the cached device lists (`devices_of`).
-    fn targets(&self, m: &NewMessage) -> Vec<DeviceRef> {
-        let mut targets = Vec::new();
-        for user in recipient_users(m) {
-            let devices = self
-                .devices
-                .get(user)
-                .map_or(&[][..], |(l, _)| l.as_slice());
-            add_recipients(&mut targets, m, devices);
-        }
-        targets
-    }
-
     /// Phase 5, for ids phase 1 found complete: the node that stored one may have died
     /// before its fan-out reached the bus, so the rows still in the recipients' inboxes are
     /// read back to be delivered again, as stored (devices skip a sequence number they have).
     /// Best effort: a row not read waits in its inbox for the device's next replay.
-    async fn read_duplicates(&mut self, p: &mut [Pending], firsts: &[usize]) {
+    async fn read_duplicates(&self, p: &mut [Pending], firsts: &[usize]) {
         let dups: Vec<usize> = firsts
             .iter()
             .copied()
@@ -409,13 +570,16 @@ impl Writer {
         if dups.is_empty() {
             return;
         }
-        if let Err(e) = self.devices_of(&users_of(p, &dups)).await {
-            tracing::warn!(error = %e, "resent messages not delivered again: device lists unread");
-            return;
-        }
+        let lists = match self.device_lists(&users_of(p, &dups)).await {
+            Ok(lists) => lists,
+            Err(e) => {
+                tracing::warn!(error = %e, "resent messages not delivered again: device lists unread");
+                return;
+            }
+        };
         let mut reads: Vec<(usize, DeviceRef)> = Vec::new();
         for &i in &dups {
-            reads.extend(self.targets(&p[i].msg).into_iter().map(|d| (i, d)));
+            reads.extend(targets(&p[i].msg, &lists).into_iter().map(|d| (i, d)));
         }
         let s = self.s.clone();
         let rows = join_all(reads.iter().map(|(i, d)| {
@@ -436,7 +600,7 @@ impl Writer {
     }
 
     /// Fans the stored appends out in sequence order, then answers every sender.
-    fn fan_out_and_answer(&mut self, p: Vec<Pending>) {
+    fn fan_out_and_answer(&self, p: Vec<Pending>) {
         let any_failed = p.iter().any(|x| x.failed.is_some());
         self.mark(!any_failed);
         if any_failed {
@@ -502,4 +666,14 @@ fn users_of(p: &[Pending], which: &[usize]) -> Vec<String> {
     users.sort_unstable();
     users.dedup();
     users
+}
+
+/// Every device whose inbox gets `m`, from the batch's device lists.
+fn targets(m: &NewMessage, lists: &DeviceLists) -> Vec<DeviceRef> {
+    let mut targets = Vec::new();
+    for user in recipient_users(m) {
+        let devices = lists.get(user).map_or(&[][..], Vec::as_slice);
+        add_recipients(&mut targets, m, devices);
+    }
+    targets
 }
