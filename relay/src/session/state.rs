@@ -305,6 +305,11 @@ pub const DEDUP_WINDOW: usize = 1024;
 /// tiny frames is read no faster than about 4,000 a second at the default budget.
 pub const MIN_FRAME_BYTES: usize = 1024;
 
+/// The shortest pause of a reader over its byte budget: paused until just its last frame is
+/// paid for, a flood of small frames woke the reader once per frame, which cost more than
+/// reading the frame. The budget is the same; the frames come in bursts.
+pub const MIN_PAUSE: Duration = Duration::from_millis(10);
+
 impl State {
     /// A session for `device` whose token expires at `token_expiry`.
     pub fn new(
@@ -638,7 +643,8 @@ impl State {
     /// sender). A frame counts as at least [`MIN_FRAME_BYTES`].
     pub fn inbound(&mut self, now: Instant, len: usize) -> Option<Instant> {
         let cost = len.max(MIN_FRAME_BYTES) as f64;
-        self.inbound.spend(self.limits.inbound_rate(), now, cost)
+        let paid = self.inbound.spend(self.limits.inbound_rate(), now, cost)?;
+        Some(paid.max(now + MIN_PAUSE))
     }
 
     /// Cheap checks first (size, recipients, rate), the base64 decode last: a refused send
@@ -841,6 +847,25 @@ mod tests {
         assert_eq!(until, now + Duration::from_millis(600));
         // Refilled by then.
         assert_eq!(s.inbound(until + Duration::from_secs(2), 1500), None);
+    }
+
+    #[test]
+    fn once_over_budget_reading_pauses_long_enough_for_several_frames() {
+        // At 1 MB/s a frame's debt is paid in about a millisecond; waking the reader once per
+        // frame costs more than reading it, so a pause lasts at least `MIN_PAUSE`.
+        let now = Instant::now();
+        let mut limits = limits();
+        (limits.inbound_bytes_per_s, limits.inbound_burst_bytes) = (1_000_000.0, 100_000.0);
+        let mut s = State::new(DeviceRef::new("alice", "phone"), Arc::new(limits), now, now);
+        let until = (0..100)
+            .find_map(|_| s.inbound(now, 10))
+            .expect("over budget");
+        assert_eq!(until, now + MIN_PAUSE);
+        // What refilled meanwhile is read without a pause.
+        let frames = (0..100)
+            .take_while(|_| s.inbound(until, 10).is_none())
+            .count();
+        assert!(frames >= 8, "{frames} frames read at the wake");
     }
 
     fn state(now: Instant) -> State {
