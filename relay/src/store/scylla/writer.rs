@@ -21,24 +21,24 @@ const PIPELINE: usize = 4;
 
 /// What the writer loop keeps: sequence numbers and what is in flight.
 pub(super) struct Writer {
-    pub(super) cx: Arc<Context>,
-    pub(super) clock: SeqClock,
-    pub(super) node_id: u8,
+    cx: Arc<Context>,
+    clock: SeqClock,
+    node_id: u8,
     /// Above every sequence number this node id has issued, and durable (`node_seq`).
-    pub(super) reserved: u64,
+    reserved: u64,
     /// Numbers the batches, in the order they are started (and fanned out).
-    pub(super) batches: u64,
+    batches: u64,
     /// Each message id in flight, with its batch's number.
-    pub(super) in_flight: HashMap<MessageKey, u64>,
+    in_flight: HashMap<MessageKey, u64>,
 }
 
 /// What the batches in flight share.
-pub(super) struct Context {
-    pub(super) s: Arc<Shared>,
-    pub(super) sink: Arc<dyn DeliverySink>,
-    pub(super) devices: Mutex<DeviceCache>,
+struct Context {
+    s: Arc<Shared>,
+    sink: Arc<dyn DeliverySink>,
+    devices: Mutex<DeviceCache>,
     /// The oldest sequence number each batch in flight may write, by batch number.
-    pub(super) storing: Mutex<BTreeMap<u64, u64>>,
+    storing: Mutex<BTreeMap<u64, u64>>,
 }
 
 /// A message id, as its sender names it.
