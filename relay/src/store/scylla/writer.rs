@@ -6,7 +6,10 @@
 //! written at once, each in a task of its own; the writer loop alone issues sequence numbers
 //! (in batch order, under the durable reservation) and fans out and answers batch by batch, in
 //! that order. An id already in flight holds its batch back until the earlier batches are
-//! done, so that its second attempt finds the first one's row.
+//! done, so that its second attempt finds the first one's row. What the serial writer got from
+//! running one batch at a time is kept explicitly: a batch applies its acks, then registers its
+//! devices, and starts its appends once every earlier batch has registered its own; a device
+//! list read across a registration is not cached (`DeviceCache`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -30,6 +33,8 @@ pub(super) struct Writer {
     batches: u64,
     /// Each message id in flight, with its batch's number.
     in_flight: HashMap<MessageKey, u64>,
+    /// Sent once the last batch started has registered its devices, and every batch before it.
+    registered: Option<oneshot::Receiver<()>>,
 }
 
 /// What the batches in flight share.
@@ -51,8 +56,78 @@ type Flight = BoxFuture<'static, Written>;
 /// if its task panicked: its callers are answered by their dropped replies).
 type Written = (u64, Instant, Vec<MessageKey>, Option<Vec<Pending>>);
 
-/// Each user's device list, and when it was read.
-type DeviceCache = HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>;
+/// Each user's device list, and when it was read. A batch reads lists while other batches
+/// register devices (and `Seen` reports registrations on other nodes): a list read before a
+/// registration must not be cached after it, or the new device would miss every message
+/// until the entry went stale.
+#[derive(Default)]
+struct DeviceCache {
+    lists: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
+    /// Registrations and invalidations so far: a list read across one is used, not cached.
+    changes: u64,
+}
+
+impl DeviceCache {
+    /// The fresh lists of `users`, into `lists`; the others, to be read, and the count to give
+    /// `fill` with them.
+    fn lookup<'a>(&self, users: &'a [String], lists: &mut DeviceLists) -> (Vec<&'a str>, u64) {
+        let mut stale = Vec::new();
+        for user in users {
+            match self.lists.get(user.as_str()) {
+                Some((list, at)) if at.elapsed() <= DEVICE_CACHE_TTL => {
+                    lists.insert(user.clone(), list.clone());
+                }
+                _ => stale.push(user.as_str()),
+            }
+        }
+        (stale, self.changes)
+    }
+
+    /// Caches lists read since `lookup` answered `changes`, unless a device changed meanwhile.
+    fn fill<'a>(
+        &mut self,
+        changes: u64,
+        read: impl ExactSizeIterator<Item = (&'a str, &'a Vec<DeviceRef>)>,
+    ) {
+        if changes != self.changes {
+            return;
+        }
+        let max = crate::store::DEVICE_CACHE_USERS;
+        if self.lists.len() + read.len() > max {
+            self.lists
+                .retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
+            if self.lists.len() + read.len() > max {
+                self.lists.clear();
+            }
+        }
+        for (user, list) in read {
+            self.lists
+                .insert(user.into(), (list.clone(), Instant::now()));
+        }
+    }
+
+    /// `device` is registered (here).
+    fn registered(&mut self, device: &DeviceRef) {
+        self.changes += 1;
+        if let Some((list, _)) = self.lists.get_mut(&device.user)
+            && !list.contains(device)
+        {
+            list.push(device.clone());
+        }
+    }
+
+    /// `device` registered on another node: its user's list is read again if it lacks it.
+    fn seen(&mut self, device: &DeviceRef) {
+        self.changes += 1;
+        if self
+            .lists
+            .get(&device.user)
+            .is_some_and(|(list, _)| !list.contains(device))
+        {
+            self.lists.remove(&device.user);
+        }
+    }
+}
 
 /// The device lists a batch resolved its recipients from.
 type DeviceLists = HashMap<String, Vec<DeviceRef>>;
@@ -94,6 +169,7 @@ impl Writer {
             reserved,
             batches: 0,
             in_flight: HashMap::new(),
+            registered: None,
         }
     }
 
@@ -137,16 +213,7 @@ impl Writer {
             match op {
                 Op::Append(m, r) => appends.push((m, r)),
                 Op::Register(d, r) => registers.push((d, r)),
-                Op::Seen(d) => {
-                    // A device registered on another node: re-read the user's devices.
-                    let mut cache = self.cx.devices.lock().unwrap_or_else(|e| e.into_inner());
-                    if cache
-                        .get(&d.user)
-                        .is_some_and(|(list, _)| !list.contains(&d))
-                    {
-                        cache.remove(&d.user);
-                    }
-                }
+                Op::Seen(d) => self.cx.devices().seen(&d),
                 Op::Close(r) => close = Some(r),
             }
         }
@@ -162,7 +229,18 @@ impl Writer {
             self.in_flight.insert(key.clone(), no);
         }
         let cx = self.cx.clone();
-        let task = tokio::spawn(async move { cx.commit(no, acks, registers, p).await });
+        let (registered, next) = oneshot::channel();
+        let before = self.registered.replace(next);
+        let task = tokio::spawn(async move {
+            cx.acks(acks).await;
+            cx.register(registers).await;
+            // Appends queued after a registration reach the device, whichever batch has them.
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let _ = registered.send(());
+            cx.commit(no, p).await
+        });
         flight.push_back(Box::pin(
             async move { (no, started, keys, task.await.ok()) },
         ));
@@ -266,6 +344,10 @@ impl Writer {
 }
 
 impl Context {
+    fn devices(&self) -> std::sync::MutexGuard<'_, DeviceCache> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn mark(&self, ok: bool) {
         self.s.healthy.store(ok, Ordering::Relaxed);
         if !ok {
@@ -288,18 +370,29 @@ impl Context {
         }
     }
 
-    /// Writes one batch: acks, then registrations, then the appends' phases. Returns the
-    /// appends, to be fanned out in batch order.
-    async fn commit(
-        &self,
-        no: u64,
-        acks: Vec<queue::Ack>,
-        registers: Vec<(DeviceRef, oneshot::Sender<Result<(), StoreError>>)>,
-        mut p: Vec<Pending>,
-    ) -> Vec<Pending> {
-        // Acks first: a later answer in this batch then implies they are applied. The ack lane
-        // bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never wait behind a flood.
-        // One delete per device and week: an inbox partition.
+    /// Registers a batch's devices (before its appends, so that appends in the same batch, and
+    /// in every later one, reach them).
+    async fn register(&self, registers: Vec<(DeviceRef, oneshot::Sender<Result<(), StoreError>>)>) {
+        let s = &self.s;
+        let now = now_ms() as i64;
+        let results = join_all(registers.iter().map(|(d, _)| {
+            s.session
+                .execute_unpaged(&s.st.insert_device, device_row(&s.ids, d, now))
+        }))
+        .await;
+        for ((device, reply), result) in registers.into_iter().zip(results) {
+            self.mark(result.is_ok());
+            if result.is_ok() {
+                self.devices().registered(&device);
+            }
+            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
+        }
+    }
+
+    /// Applies a batch's acks, first: a later answer in this batch then implies they are
+    /// applied. The ack lane bounds them per batch (`queue::MAX_BATCH_ACKS`), so appends never
+    /// wait behind a flood. One delete per device and week: an inbox partition.
+    async fn acks(&self, acks: Vec<queue::Ack>) {
         let mut partitions: HashMap<(&DeviceRef, i32), Vec<i64>> = HashMap::new();
         for a in &acks {
             for &seq in &a.seqs {
@@ -330,25 +423,10 @@ impl Context {
         for ack in acks {
             let _ = ack.done.send(Ok(()));
         }
-        // Registrations before appends, so appends in the same batch reach the new devices.
-        let now = now_ms() as i64;
-        let results = join_all(registers.iter().map(|(d, _)| {
-            s.session
-                .execute_unpaged(&s.st.insert_device, device_row(&s.ids, d, now))
-        }))
-        .await;
-        for ((device, reply), result) in registers.into_iter().zip(results) {
-            self.mark(result.is_ok());
-            if result.is_ok() {
-                let mut cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((list, _)) = cache.get_mut(&device.user)
-                    && !list.contains(&device)
-                {
-                    list.push(device.clone());
-                }
-            }
-            let _ = reply.send(result.map(|_| ()).map_err(unavailable));
-        }
+    }
+
+    /// Writes one batch's appends in phases. Returns them, to be fanned out in batch order.
+    async fn commit(&self, no: u64, mut p: Vec<Pending>) -> Vec<Pending> {
         if p.is_empty() {
             return p;
         }
@@ -375,32 +453,17 @@ impl Context {
     /// The device lists of `users`: from the cache while fresh, else read (and cached).
     async fn device_lists(&self, users: &[String]) -> Result<DeviceLists, StoreError> {
         let mut lists = DeviceLists::new();
-        let mut stale = Vec::new();
-        {
-            let cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-            for user in users {
-                match cache.get(user.as_str()) {
-                    Some((list, at)) if at.elapsed() <= DEVICE_CACHE_TTL => {
-                        lists.insert(user.clone(), list.clone());
-                    }
-                    _ => stale.push(user.as_str()),
-                }
-            }
-        }
+        let (stale, changes) = self.devices().lookup(users, &mut lists);
         let reads = join_all(stale.iter().map(|u| load_devices(&self.s, u))).await;
-        let mut cache = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() + stale.len() > crate::store::DEVICE_CACHE_USERS {
-            cache.retain(|_, (_, at)| at.elapsed() <= DEVICE_CACHE_TTL);
-            if cache.len() + stale.len() > crate::store::DEVICE_CACHE_USERS {
-                cache.clear();
-            }
-        }
+        let mut read = Vec::with_capacity(stale.len());
         for (user, result) in stale.into_iter().zip(reads) {
-            let list = result?;
-            cache.insert(user.into(), (list.clone(), Instant::now()));
-            lists.insert(user.to_string(), list);
+            read.push((user, result?));
         }
-        metrics::gauge!("relay_device_cache_users").set(cache.len() as f64);
+        let mut cache = self.devices();
+        cache.fill(changes, read.iter().map(|(u, l)| (*u, l)));
+        metrics::gauge!("relay_device_cache_users").set(cache.lists.len() as f64);
+        drop(cache);
+        lists.extend(read.into_iter().map(|(u, l)| (u.to_string(), l)));
         Ok(lists)
     }
 
@@ -676,4 +739,45 @@ fn targets(m: &NewMessage, lists: &DeviceLists) -> Vec<DeviceRef> {
         add_recipients(&mut targets, m, devices);
     }
     targets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(cache: &DeviceCache, user: &str) -> (Option<Vec<DeviceRef>>, u64) {
+        let users = [user.to_string()];
+        let mut lists = DeviceLists::new();
+        let (_, changes) = cache.lookup(&users, &mut lists);
+        (lists.remove(user), changes)
+    }
+
+    #[test]
+    fn a_device_list_read_across_a_registration_is_used_but_not_cached() {
+        let (phone, tablet) = (DeviceRef::new("v", "phone"), DeviceRef::new("v", "tablet"));
+        let read = vec![phone.clone()];
+        for change in ["registered here", "seen on another node"] {
+            let mut cache = DeviceCache::default();
+            let (cached, changes) = lookup(&cache, "v");
+            assert_eq!(cached, None);
+            // The tablet registers while the list (without it) is being read.
+            match change {
+                "registered here" => cache.registered(&tablet),
+                _ => cache.seen(&tablet),
+            }
+            cache.fill(changes, [("v", &read)].into_iter());
+            assert_eq!(
+                lookup(&cache, "v").0,
+                None,
+                "{change}: a list without the tablet was cached"
+            );
+        }
+        // Read with no registration meanwhile: cached, and a later registration joins it.
+        let mut cache = DeviceCache::default();
+        let (_, changes) = lookup(&cache, "v");
+        cache.fill(changes, [("v", &read)].into_iter());
+        assert_eq!(lookup(&cache, "v").0, Some(vec![phone.clone()]));
+        cache.registered(&tablet);
+        assert_eq!(lookup(&cache, "v").0, Some(vec![phone, tablet]));
+    }
 }
