@@ -454,8 +454,8 @@ where
                     (Action::None, self.state.inbound(now, 0))
                 }
             };
-            // Over its byte budget: stop reading for a moment (at most about one frame's worth of
-            // time); TCP slows the sender, and nobody else waits for it.
+            // Over its byte budget: stop reading for a moment (until paid for, and at least
+            // `MIN_PAUSE`); TCP slows the sender, and nobody else waits for it.
             if let Some(until) = pause_until {
                 metrics::counter!("relay_inbound_paused_total").increment(1);
                 tokio::time::sleep_until(until.into()).await;

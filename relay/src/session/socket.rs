@@ -190,7 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             if self.read_closed {
                 return Poll::Ready(None);
             }
-            match self.next_message() {
+            match self.next_frame() {
                 Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
                 Ok(None) => {}
                 Err(e) => {
@@ -233,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
 
     /// Takes the next whole frame from the input: a message, a fragment of one, or a control
     /// frame; `None` when the input ends before the frame does.
-    fn next_message(&mut self) -> Result<Option<Incoming>, ReadError> {
+    fn next_frame(&mut self) -> Result<Option<Incoming>, ReadError> {
         let buf = &self.input[self.at..];
         let Some(head) = Header::parse(buf)? else {
             self.keep_for(None);

@@ -217,14 +217,9 @@ impl Writer {
                 Op::Close(r) => close = Some(r),
             }
         }
-        let p = self.number(appends, flight).await;
+        let (p, keys) = self.number(appends, flight).await;
         let no = self.batches;
         self.batches += 1;
-        let keys: Vec<MessageKey> = p
-            .iter()
-            .filter(|x| x.same_as.is_none())
-            .map(|x| (x.msg.from.user.clone(), x.msg.id))
-            .collect();
         for key in &keys {
             self.in_flight.insert(key.clone(), no);
         }
@@ -248,21 +243,21 @@ impl Writer {
     }
 
     /// The appends of a batch, each id's first numbered: a tentative sequence number, kept
-    /// unless phase 1 finds the id stored with one already.
+    /// unless phase 1 finds the id stored with one already. With them, their ids.
     async fn number(
         &mut self,
         batch: Vec<(NewMessage, oneshot::Sender<Result<Accepted, StoreError>>)>,
         flight: &mut FuturesOrdered<Flight>,
-    ) -> Vec<Pending> {
+    ) -> (Vec<Pending>, Vec<MessageKey>) {
         if batch.is_empty() {
-            return Vec::new();
+            return Default::default();
         }
         if now_ms() >= self.cx.s.lease_until.load(Ordering::Relaxed) {
             // The node id may be another node's by now: issue no sequence numbers.
             for (_, reply) in batch {
                 let _ = reply.send(Err(StoreError::Unavailable("node id lease lapsed".into())));
             }
-            return Vec::new();
+            return Default::default();
         }
         let mut first: HashMap<MessageKey, usize> = HashMap::new();
         let mut p: Vec<Pending> = Vec::with_capacity(batch.len());
@@ -297,7 +292,7 @@ impl Writer {
                 Err(e) => x.failed = Some(StoreError::Unavailable(e.to_string())),
             }
         }
-        p
+        (p, first.into_keys().collect())
     }
 
     /// Fans out a written batch and answers its callers; batches come here in start order.
