@@ -173,11 +173,21 @@ const CATCH_UPS_KEPT: usize = 32;
 pub trait LiveLogout: Send + Sync + 'static {
     /// Closes the sessions `target` covers whose token the revocation at `at` (ms) revokes.
     fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64);
+
+    /// A count that moves whenever this node takes a logout, or may have missed one (a bus
+    /// catch-up); `None` while it may be missing them unseen (the bus is down). A session
+    /// admitted on an access read made after one reading, and registered before a second
+    /// equal one, missed no logout: any stored meanwhile reaches it live.
+    fn logouts_taken(&self) -> Option<u64>;
 }
 
 impl LiveLogout for Hub {
     fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) {
         self.logout(target, reason, signal, at);
+    }
+
+    fn logouts_taken(&self) -> Option<u64> {
+        Some(self.logouts.load(Ordering::SeqCst))
     }
 }
 
@@ -194,6 +204,10 @@ pub struct Hub {
     catch_up: watch::Sender<CatchUps>,
     /// The close code every session gets once the relay stops; 0 before.
     closing: AtomicU16,
+    /// Logouts and catch-ups taken ([`LiveLogout::logouts_taken`]). Counted before the
+    /// sessions are looked at, so a session that registers while a logout runs is either
+    /// closed by it or sees the count move.
+    logouts: AtomicU64,
 }
 
 impl Default for Hub {
@@ -203,6 +217,7 @@ impl Default for Hub {
             next_id: AtomicU64::new(0),
             catch_up: watch::Sender::new(CatchUps::default()),
             closing: AtomicU16::new(0),
+            logouts: AtomicU64::new(0),
         }
     }
 }
@@ -267,6 +282,8 @@ impl Hub {
 
     /// Asks every session to re-read its inbox from `floor`.
     pub fn catch_up(&self, floor: u64) {
+        // What the bus lost may include a logout.
+        self.logouts.fetch_add(1, Ordering::SeqCst);
         self.catch_up.send_modify(|c| {
             c.asked += 1;
             if c.recent.len() == CATCH_UPS_KEPT {
@@ -309,6 +326,7 @@ impl Hub {
     /// `logout_ack`, and closes with [`close::LOGGED_OUT`]. A session of a newer login is left
     /// alone, so a stale or replayed logout signal cannot end it.
     pub fn logout(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) -> usize {
+        self.logouts.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         for conn in self.conns.iter() {
             let revoked = covers(at, conn.issued_at);
@@ -398,6 +416,26 @@ mod tests {
             urgent: false,
             body: Bytes::from_static(b"hi"),
         }
+    }
+
+    /// The count a session start compares moves with every logout (whoever it covers) and
+    /// every catch-up (the bus may have lost one).
+    #[test]
+    fn logouts_and_catch_ups_move_the_count_a_session_start_compares() {
+        let hub = Hub::default();
+        let first = hub.logouts_taken();
+        hub.register(&DeviceRef::new("u", "d"), 4, 1);
+        assert_eq!(hub.logouts_taken(), first, "a registration is no logout");
+        hub.logout(
+            &Target::Device(DeviceRef::new("v", "d")),
+            "admin",
+            uuid::Uuid::nil(),
+            5,
+        );
+        let second = hub.logouts_taken();
+        assert_ne!(second, first);
+        hub.catch_up(7);
+        assert_ne!(hub.logouts_taken(), second);
     }
 
     #[test]

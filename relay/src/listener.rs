@@ -25,13 +25,14 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::{Revocation, Verdict};
+use crate::access::{Checked, Opening, Revocation, Verdict};
 use crate::audit::{Event, EventKind};
 use crate::auth::{self, FailureLimits, Identity, TokenSource, Verifier};
 use crate::config::Config;
 use crate::protocol;
+use crate::session::SessionContext;
+use crate::session::driver::{self, Admission};
 use crate::session::socket::Socket;
-use crate::session::{SessionContext, driver};
 
 /// Pause after a failed accept (out of file descriptors and similar) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -415,7 +416,7 @@ async fn public(
     } else {
         None
     };
-    let (revocation, user_org) = match check_access(&app, &identity, ip).await {
+    let (revocation, user_org, opening) = match check_access(&app, &identity, ip).await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
@@ -423,7 +424,7 @@ async fn public(
     // Everything the session logs names its device and node.
     let span = tracing::info_span!("session", user = %identity.device.user, device = %identity.device.device, node = app.node_id);
     let admitted = Admitted {
-        identity,
+        admission: Admission { identity, opening },
         revocation,
         user_org,
         ip,
@@ -495,7 +496,7 @@ fn upgrade_key(
 
 /// A device past authentication and the access check, on its way to a session.
 struct Admitted {
-    identity: Identity,
+    admission: Admission,
     /// Revoked credentials whose device has not confirmed its wipe: a session that only sends
     /// `logout`. Boxed: rare, and every session's task would hold its room.
     revocation: Option<Box<Revocation>>,
@@ -512,15 +513,19 @@ async fn check_access(
     app: &App,
     identity: &Identity,
     ip: IpAddr,
-) -> Result<(Option<Box<Revocation>>, Option<String>), Response<Body>> {
+) -> Result<(Option<Box<Revocation>>, Option<String>, Option<Opening>), Response<Body>> {
     let audit = &app.sessions.access.audit;
-    let (verdict, user_org) = match app
+    let Checked {
+        verdict,
+        org: user_org,
+        opening,
+    } = match app
         .sessions
         .access
         .check(&identity.device, identity.issued_at)
         .await
     {
-        Ok(v) => v,
+        Ok(c) => c,
         Err(e) => {
             outcome("store_unavailable");
             tracing::warn!(error = %e, "access check failed");
@@ -555,7 +560,7 @@ async fn check_access(
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
         Verdict::LoggedOut { revocation, .. } => Some(Box::new(revocation)),
     };
-    Ok((revocation, user_org))
+    Ok((revocation, user_org, opening))
 }
 
 /// Once the `101` is out: the session, recorded in the audit trail from connect to its end.
@@ -578,7 +583,7 @@ fn session(
             return;
         };
         let mut ws = Socket::new(TokioIo::new(upgraded), app.max_message_bytes);
-        let identity = &admitted.identity;
+        let identity = &admitted.admission.identity;
         let (device, ip) = (&identity.device, &admitted.ip);
         if let Some(revocation) = &admitted.revocation {
             outcome("logged_out");
@@ -599,7 +604,7 @@ fn session(
         });
         tracing::info!(user = %device.user, device = %device.device, peer = %ip, "session started");
         let _gauge = ConnectionGauge::up();
-        let ended = driver::run(&mut ws, &app.sessions, identity).await;
+        let ended = driver::run(&mut ws, &app.sessions, &admitted.admission).await;
         let kind = if ended.code == Some(protocol::close::SESSION_EXPIRED) {
             EventKind::IdleLogoff
         } else {

@@ -454,7 +454,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let iat = model.fresh_iat(&d, ahead).await;
                 if model.locked.contains(USERS[user]) {
                     // Refused while locked, whatever the token.
-                    let (verdict, _) = w.access.check(&d, iat).await.expect("check");
+                    let verdict = w.access.check(&d, iat).await.expect("check").verdict;
                     prop_assert_eq!(verdict, Verdict::Locked);
                     continue;
                 }
@@ -490,7 +490,8 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
         devices.sort();
         for d in &devices {
             let login = model.logins[d].clone();
-            let (verdict, _) = w.access.check(d, login.iat).await.expect("check");
+            let checked = w.access.check(d, login.iat).await.expect("check");
+            let verdict = checked.verdict;
             prop_assert!(
                 same(&verdict, &model.verdict(d)),
                 "step {}: {:?} with iat {}: {:?}, the model says {:?}",
@@ -503,7 +504,11 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
             match (verdict, login.floor) {
                 (Verdict::Allowed, None) => first_session(&w, &mut model, d).await?,
                 (Verdict::Allowed, Some(floor_ms)) => {
-                    let start = w.access.session_start(d, login.iat).await.expect("start");
+                    let start = w
+                        .access
+                        .session_start(d, login.iat, checked.opening)
+                        .await
+                        .expect("start");
                     prop_assert_eq!(
                         start,
                         Start::Open { floor_ms },
@@ -649,7 +654,7 @@ fn logged_out(
 async fn first_session(w: &World, model: &mut Model, d: &DeviceRef) -> Result<(), TestCaseError> {
     let iat = model.logins[d].iat;
     let before = now_ms();
-    let start = w.access.session_start(d, iat).await.expect("start");
+    let start = w.access.session_start(d, iat, None).await.expect("start");
     let Start::Open { floor_ms } = start else {
         return Err(TestCaseError::fail(format!(
             "{d:?} with a fresh token: {start:?}"

@@ -12,6 +12,7 @@
 //! row with the device id `""`), so every node checks it at the upgrade; live sessions are
 //! closed through the hub, and on other nodes through the cluster bus.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,30 @@ pub fn org_lookup(store: Arc<dyn MessageStore>) -> crate::audit::OrgLookup {
         let store = store.clone();
         Box::pin(async move { Ok(split(store.access(user, None).await?).0.org) })
     })
+}
+
+/// What the access check at the upgrade decided.
+#[derive(Debug)]
+pub struct Checked {
+    /// Allowed, locked or logged out.
+    pub verdict: Verdict,
+    /// The user's organisation now.
+    pub org: Option<String>,
+    /// When allowed with no floor: the read its session may start on.
+    pub opening: Option<Opening>,
+}
+
+/// An allowed session of a login that needs no floor (the device was never logged out, the
+/// common case), as read by the check at its upgrade: [`LiveLogout::logouts_taken`] before
+/// the read, plus one. Eight bytes, since every connection holds it until its session
+/// starts; any other start is read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening(NonZeroU64);
+
+impl Opening {
+    fn after(logouts: u64) -> Option<Opening> {
+        NonZeroU64::new(logouts.wrapping_add(1)).map(Opening)
+    }
 }
 
 /// What a logout did.
@@ -84,26 +109,51 @@ impl Access {
         Ok((user, dev))
     }
 
-    /// The verdict for a token of `device` issued at `iat`, and the user's organisation.
-    pub async fn check(
-        &self,
-        device: &DeviceRef,
-        iat: u64,
-    ) -> Result<(Verdict, Option<String>), StoreError> {
+    /// The verdict for a token of `device` issued at `iat`, the user's organisation, and (when
+    /// allowed) how its session starts, as of this read.
+    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Checked, StoreError> {
+        // Before the read: a logout taken after it moves the count.
+        let logouts = self.live.logouts_taken();
         let (user, dev) = self.rows(device).await?;
-        Ok((verdict(&user, &dev, &device.device, iat), user.org))
+        let verdict = verdict(&user, &dev, &device.device, iat);
+        let opening = match start(&user, &dev, &device.device, iat, now_ms()) {
+            (Start::Open { floor_ms: 0 }, None) => logouts.and_then(Opening::after),
+            _ => None,
+        };
+        Ok(Checked {
+            verdict,
+            org: user.org,
+            opening,
+        })
     }
 
-    /// Decides again, from the stored state, once the session is registered with the hub (and
-    /// subscribed to the bus): a logout stored before this read is seen here, and one stored
-    /// after it reaches the registered session live. No time-limited memory is involved, so
-    /// however long the upgrade took, a revoked token never gets a session.
+    /// Decides, once the session is registered with the hub (and subscribed to the bus): a
+    /// logout stored after this decision reaches the registered session live. No
+    /// time-limited memory is involved, so however long the upgrade took, a revoked token
+    /// never gets a session.
+    ///
+    /// The check's `opening` decides if no logout reached this node since the check's read
+    /// (nor may have, the bus being down or having lost some): a logout stored after that
+    /// read has either reached this node by now, and the rows are read again, or will reach
+    /// the registered session live.
     ///
     /// A login after a logout of the device starts afresh: the first such session records
     /// when the login began, and every session of it skips what was accepted before.
-    pub async fn session_start(&self, device: &DeviceRef, iat: u64) -> Result<Start, StoreError> {
-        let (user, dev) = self.rows(device).await?;
-        let (start, record) = start(&user, &dev, &device.device, iat, now_ms());
+    pub async fn session_start(
+        &self,
+        device: &DeviceRef,
+        iat: u64,
+        opening: Option<Opening>,
+    ) -> Result<Start, StoreError> {
+        let (start, record) = match opening {
+            Some(o) if self.live.logouts_taken().and_then(Opening::after) == Some(o) => {
+                (Start::Open { floor_ms: 0 }, None)
+            }
+            _ => {
+                let (user, dev) = self.rows(device).await?;
+                start(&user, &dev, &device.device, iat, now_ms())
+            }
+        };
         if let Some(change) = record {
             self.store
                 .update_access(device.user.to_string(), device.device.to_string(), change)

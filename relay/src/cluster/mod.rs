@@ -77,6 +77,8 @@ pub struct Cluster {
     users: tokio::sync::Mutex<HashMap<Arc<str>, UserSub>>,
     outbound: mpsc::Sender<(String, Bytes)>,
     connected: AtomicBool,
+    /// Bus disconnections so far: control messages (logouts) may have been lost in each.
+    disconnects: AtomicU64,
     /// Sequence floor from which deliveries may have been lost; 0 = none.
     gap: AtomicU64,
     store: OnceLock<Arc<dyn MessageStore>>,
@@ -137,6 +139,7 @@ impl Cluster {
             users: tokio::sync::Mutex::new(HashMap::new()),
             outbound,
             connected: AtomicBool::new(false),
+            disconnects: AtomicU64::new(0),
             gap: AtomicU64::new(0),
             store: OnceLock::new(),
             config: config.clone(),
@@ -516,7 +519,7 @@ impl Cluster {
                 tracing::info!("bus connected");
                 // Subscriptions are restored by the client; confirm before reading inboxes.
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-                self.connected.store(true, Ordering::Relaxed);
+                self.connected.store(true, Ordering::SeqCst);
                 metrics::gauge!("relay_bus_connected").set(1.0);
                 self.heartbeat();
                 self.publish_control(
@@ -531,7 +534,8 @@ impl Cluster {
                 tracing::warn!(
                     "bus disconnected: deliveries to other nodes fall back to inbox checks"
                 );
-                self.connected.store(false, Ordering::Relaxed);
+                self.disconnects.fetch_add(1, Ordering::SeqCst);
+                self.connected.store(false, Ordering::SeqCst);
                 metrics::gauge!("relay_bus_connected").set(0.0);
                 metrics::counter!("relay_bus_disconnects_total").increment(1);
                 self.mark_gap(now_ms());
@@ -642,6 +646,15 @@ impl LiveLogout for Cluster {
     fn sign_out(&self, target: &Target, reason: &str, signal: uuid::Uuid, at: u64) {
         self.hub.logout(target, reason, signal, at);
         self.tell_others_to_logout(target, reason, signal, at);
+    }
+
+    fn logouts_taken(&self) -> Option<u64> {
+        // The bus's state first: seen up again after a disconnection, that one is counted.
+        if !self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
+        let disconnects = self.disconnects.load(Ordering::SeqCst);
+        Some(self.hub.logouts_taken()?.wrapping_add(disconnects))
     }
 }
 

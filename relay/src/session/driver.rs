@@ -26,7 +26,7 @@ use super::SessionContext;
 use super::budget::{Held, REPLAY_PAGE_BYTES, ReplayMemory};
 use super::socket::{Incoming, ReadError, Socket};
 use super::state::{Action, Answer, Appended, Phase, State, Timeout};
-use crate::access::Start;
+use crate::access::{Opening, Start};
 use crate::auth::Identity;
 use crate::fanout::Registration;
 use crate::protocol::{self, RejectCode, ServerFrame, close};
@@ -65,11 +65,21 @@ type Ws<S> = Socket<S>;
 /// its place in line while it reads frames.
 type Reserving<'a> = Option<Pin<Box<dyn Future<Output = Held> + Send + 'a>>>;
 
+/// A device admitted at its upgrade: its token's identity, and the access read its session may
+/// start on. Passed by one reference, as every open connection's task holds what it is given.
+pub struct Admission {
+    /// Who the token says the device is.
+    pub identity: Identity,
+    /// From the upgrade's access check.
+    pub opening: Option<Opening>,
+}
+
 /// Runs a session to its end. Never panics on network input; every exit path closes the socket.
-pub async fn run<S>(ws: &mut Ws<S>, ctx: &SessionContext, identity: &Identity) -> Ended
+pub async fn run<S>(ws: &mut Ws<S>, ctx: &SessionContext, admission: &Admission) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let identity = &admission.identity;
     let device = &identity.device;
     let now = Instant::now();
     // Bounded so that no `exp` can overflow the clock (the verifier caps lifetimes too).
@@ -103,7 +113,11 @@ where
         let ended = 'started: {
             // The revocation is boxed out of the awaited result, so that neither lives across
             // the logout's await (nor takes room beside the session's).
-            let start = match ctx.access.session_start(device, identity.issued_at).await {
+            let start = match ctx
+                .access
+                .session_start(device, identity.issued_at, admission.opening)
+                .await
+            {
                 Ok(Start::Open { floor_ms }) => Ok(floor_ms),
                 Ok(Start::LoggedOut(r)) => Err(Box::new(r)),
                 Ok(Start::Locked) => {
