@@ -985,6 +985,48 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
             .expect("seen");
     }
     assert_requests(store.cql_requests() - before, n, "the last-seen times");
+    // Audit records: one request per partition (an organisation's report partition takes a
+    // record of every connect of its users), in batches of bounded size.
+    let record = |subject: &str, n: u64| relay::audit::Record {
+        chain: relay::audit::Chain {
+            subject: subject.into(),
+            month: relay::audit::month_of(now_ms()),
+            node: 0,
+        },
+        n,
+        ts: now_ms(),
+        entry: format!("{{\"event\":\"connect\",\"n\":{n}}}"),
+        prev: [1; 32],
+        hash: [2; 32],
+        key_id: "k1".into(),
+    };
+    let before = store.cql_requests();
+    let records: Vec<_> = (0..n)
+        .map(|i| record("org-report", i))
+        .chain((0..3).map(|i| record(&format!("u{i}"), 0)))
+        .collect();
+    relay::store::AuditLog::audit_append(&store, records)
+        .await
+        .expect("audit");
+    assert_requests(store.cql_requests() - before, 1 + 3, "the audit records");
+    // More than one batch holds: several batches, every record stored.
+    let many: Vec<_> = (0..400).map(|i| record("big-org", i)).collect();
+    let before = store.cql_requests();
+    relay::store::AuditLog::audit_append(&store, many)
+        .await
+        .expect("audit");
+    let requests = store.cql_requests() - before;
+    assert!(
+        (2..40).contains(&requests),
+        "{requests} requests for 400 records"
+    );
+    let month = relay::audit::month_of(now_ms());
+    for (subject, count) in [("org-report", n as usize), ("big-org", 400), ("u2", 1)] {
+        let stored = relay::store::AuditLog::audit_read(&store, subject.into(), month)
+            .await
+            .expect("read");
+        assert_eq!(stored.len(), count, "{subject}");
+    }
     store.close().await.expect("close");
     // An inbox kept three years spans 157 weeks: ScyllaDB takes at most 100 keys in one `IN`,
     // so finding its weeks takes two requests, and the rows are still found.

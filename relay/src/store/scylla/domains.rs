@@ -436,24 +436,52 @@ impl AuditLog for ScyllaStore {
         async move {
             let s = &self.shared;
             let ttl = ttl_secs(s.retention.audit_ms);
-            let writes = records.iter().map(|r| {
+            // One batch per partition, of bounded size: an organisation's report partition
+            // takes a record of every connect of its users, and a batch within one partition
+            // is a single write to its replicas. Partitions are written concurrently.
+            let mut partitions: HashMap<(&str, u32), Vec<_>> = HashMap::new();
+            for r in &records {
                 let key = rows::audit_key(&s.ids, &r.chain, r.n);
                 let sealed = rows::seal_audit(&s.ids, &key, &r.chain.subject, &r.entry);
-                s.session.execute_unpaged(
-                    &s.st.insert_audit,
-                    (
-                        s.ids.subject(&r.chain.subject).to_vec(),
-                        r.chain.month as i32,
-                        i32::from(r.chain.node),
-                        r.n as i64,
-                        r.ts as i64,
-                        r.prev.to_vec(),
-                        r.hash.to_vec(),
-                        r.key_id.clone(),
-                        sealed,
-                        ttl,
-                    ),
-                )
+                let row = (
+                    s.ids.subject(&r.chain.subject).to_vec(),
+                    r.chain.month as i32,
+                    i32::from(r.chain.node),
+                    r.n as i64,
+                    r.ts as i64,
+                    r.prev.to_vec(),
+                    r.hash.to_vec(),
+                    r.key_id.clone(),
+                    sealed,
+                    ttl,
+                );
+                partitions
+                    .entry((&r.chain.subject, r.chain.month))
+                    .or_default()
+                    .push(row);
+            }
+            let mut batches = Vec::new();
+            for rows in partitions.into_values() {
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                for row in rows {
+                    bytes += row.8.len() + 128;
+                    batch.push(row);
+                    if bytes >= MAX_BATCH_BYTES {
+                        batches.push(std::mem::take(&mut batch));
+                        bytes = 0;
+                    }
+                }
+                if !batch.is_empty() {
+                    batches.push(batch);
+                }
+            }
+            let writes = batches.iter().map(|rows| {
+                let mut batch = CqlBatch::new(BatchType::Unlogged);
+                for _ in rows {
+                    batch.append_statement(s.st.insert_audit.clone());
+                }
+                async move { s.session.batch(&batch, rows).await }
             });
             for result in join_all(writes).await {
                 result.map_err(unavailable)?;

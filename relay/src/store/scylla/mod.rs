@@ -138,6 +138,9 @@ const WEEK_MS: u64 = 7 * 86_400_000;
 /// restrictions per query by default (`max_clustering_key_restrictions_per_query`,
 /// `max_partition_key_restrictions_per_query`); an inbox kept two years spans more weeks.
 const MAX_IN_VALUES: usize = 100;
+/// What one batch of audit records may carry, roughly (sealed entries and their columns):
+/// well under Cassandra's default `batch_size_fail_threshold` (50 KiB) and ScyllaDB's.
+const MAX_BATCH_BYTES: usize = 16 * 1024;
 
 const HOUR_MS: u64 = 3_600_000;
 
