@@ -22,7 +22,7 @@
 //! Appends are queued to one writer task per node ([`Auditor`]) so a connect never waits for the
 //! audit store; the queue is large and a drop is counted (`relay_audit_dropped_total`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -304,6 +304,9 @@ const CHECKPOINT_HEADS: usize = 1_000;
 /// Chain heads this node knows; re-read from the store on a miss.
 const MAX_HEADS: usize = 100_000;
 
+/// Chain heads read from the store at once.
+const HEAD_READS: usize = 32;
+
 struct Writer {
     store: Arc<dyn AuditLog>,
     node: u8,
@@ -344,7 +347,7 @@ impl Writer {
             self.heads.clear();
         }
         self.resolve_orgs(buf).await;
-        let mut records = Vec::new();
+        let mut links = Vec::new();
         let (mut flushes, mut checkpoints) = (Vec::new(), Vec::new());
         for msg in buf.drain(..) {
             let event = match msg {
@@ -358,7 +361,7 @@ impl Writer {
                 }
                 Msg::Event(event) => event,
             };
-            let entry = serde_json::to_string(&event).unwrap_or_default();
+            let entry: Arc<str> = serde_json::to_string(&event).unwrap_or_default().into();
             let month = month_of(event.ts);
             let mut subjects = vec![event.subject()];
             if let Some(org) = event.org.as_deref().filter(|_| event.event.reported()) {
@@ -371,9 +374,20 @@ impl Writer {
                     month,
                     node: self.node,
                 };
-                records.extend(self.link(chain, event.ts, &entry).await);
+                links.push((chain, event.ts, entry.clone()));
             }
         }
+        let mut missing = HashSet::new();
+        for (chain, _, _) in &links {
+            if !self.heads.contains_key(chain) {
+                missing.insert(chain.clone());
+            }
+        }
+        self.read_heads(missing).await;
+        let records: Vec<Record> = links
+            .into_iter()
+            .filter_map(|(chain, ts, entry)| self.link(chain, ts, &entry))
+            .collect();
         if !records.is_empty() {
             let count = records.len() as u64;
             retry(|| self.store.audit_append(records.clone())).await;
@@ -393,13 +407,27 @@ impl Writer {
         }
     }
 
-    /// The next record of `chain`, linked to its head.
-    async fn link(&mut self, chain: Chain, ts: u64, entry: &str) -> Option<Record> {
-        if !self.heads.contains_key(&chain) {
-            let head = retry(|| self.store.audit_tail(chain.clone())).await;
+    /// Reads the heads of the chains this node does not know yet, together: in a storm of new
+    /// users every connect starts a chain, and a round trip each would hold the trail back.
+    async fn read_heads(&mut self, missing: HashSet<Chain>) {
+        use futures_util::StreamExt as _;
+        let store = &self.store;
+        let heads: Vec<(Chain, Option<Head>)> = futures_util::stream::iter(missing)
+            .map(|chain| async move {
+                let head = retry(|| store.audit_tail(chain.clone())).await;
+                (chain, head)
+            })
+            .buffer_unordered(HEAD_READS)
+            .collect()
+            .await;
+        for (chain, head) in heads {
             self.heads
-                .insert(chain.clone(), head.unwrap_or((u64::MAX, [0u8; 32])));
+                .insert(chain, head.unwrap_or((u64::MAX, [0u8; 32])));
         }
+    }
+
+    /// The next record of `chain`, linked to its head ([`Writer::read_heads`] read it).
+    fn link(&mut self, chain: Chain, ts: u64, entry: &str) -> Option<Record> {
         let head = self.heads.get_mut(&chain)?;
         let n = head.0.wrapping_add(1);
         let kid = self.keys.active_id();
