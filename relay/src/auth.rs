@@ -50,8 +50,8 @@ pub struct Claims {
 pub struct Identity {
     /// The device and its user.
     pub device: DeviceRef,
-    /// Organisation, when the token names one.
-    pub org: Option<String>,
+    /// Organisation, when the token names one (boxed: every open connection holds it).
+    pub org: Option<Box<str>>,
     /// Token expiry, Unix seconds.
     pub expires_at: u64,
     /// Token issue time, Unix seconds: revocations refuse tokens issued before them.
@@ -242,7 +242,7 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
     }
     Ok(Identity {
         device: DeviceRef::new(&c.sub, &c.dev),
-        org: c.org,
+        org: c.org.map(String::into_boxed_str),
         expires_at: c.exp,
         issued_at: c.iat,
         epoch: c.sep,

@@ -426,7 +426,7 @@ async fn public(
     let admitted = Admitted {
         admission: Admission { identity, opening },
         revocation,
-        user_org,
+        user_org: user_org.map(String::into_boxed_str),
         ip,
         held: (permit, client_slot),
     };
@@ -500,11 +500,22 @@ struct Admitted {
     /// Revoked credentials whose device has not confirmed its wipe: a session that only sends
     /// `logout`. Boxed: rare, and every session's task would hold its room.
     revocation: Option<Box<Revocation>>,
-    /// The user's organisation now (for a token that names none).
-    user_org: Option<String>,
+    /// The user's organisation now (for a token that names none); boxed, as every open
+    /// connection's task holds it.
+    user_org: Option<Box<str>>,
     ip: IpAddr,
     /// The connection's slots, given back when the session ends.
     held: (Option<Arc<Slot>>, Option<SourceSlot>),
+}
+
+impl Admitted {
+    /// The organisation a session counts for: the one its token names, or (a token without
+    /// one) the user's current one. Asked again at the end rather than kept: a local would be
+    /// held across the session, in every connection's memory.
+    fn org(&self) -> Option<String> {
+        let org = self.admission.identity.org.as_deref();
+        org.or(self.user_org.as_deref()).map(str::to_string)
+    }
 }
 
 /// The stored access state's verdict on a genuine token: admitted (with the revocation to
@@ -593,12 +604,9 @@ fn session(
         }
         outcome("ok");
         let audit = &app.sessions.access.audit;
-        // A connect counts for the organisation its token names (a token without one: the
-        // user's current organisation).
-        let org = identity.org.as_ref().or(admitted.user_org.as_ref());
         audit.record(Event {
             ip: Some(ip.to_string()),
-            org: org.cloned(),
+            org: admitted.org(),
             org_known: true,
             ..Event::new(EventKind::Connect).device(device)
         });
@@ -612,7 +620,7 @@ fn session(
         };
         audit.record(Event {
             ip: Some(ip.to_string()),
-            org: org.cloned(),
+            org: admitted.org(),
             org_known: true,
             ..Event::new(kind).device(device).reason(ended.reason)
         });

@@ -140,7 +140,10 @@ where
             };
             ctx.last_seen.record(
                 device,
-                identity.org.clone().map(|o| (o, identity.issued_at)),
+                identity
+                    .org
+                    .as_deref()
+                    .map(|o| (o.into(), identity.issued_at)),
             );
             state.start_at(crate::store::seq_floor(floor_ms));
             session(ws, ctx, &mut state, &mut reg).await
