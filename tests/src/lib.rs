@@ -85,6 +85,24 @@ pub fn auditor(
     relay::audit::Auditor::start(store, node, keys, checkpoints, None)
 }
 
+/// The access service over `store` on one node (its own hub, no push), with its audit writer.
+pub fn access(
+    store: Arc<dyn relay::store::MessageStore>,
+) -> (relay::access::Access, tokio::task::JoinHandle<()>) {
+    let (audit, audit_task) = auditor(store.clone(), 0, audit_keys(), None);
+    let hub = Arc::new(relay::fanout::Hub::default());
+    let access = relay::access::Access {
+        store,
+        hub: hub.clone(),
+        presence: hub.clone(),
+        live: hub,
+        audit,
+        dispatcher: None,
+        ack_wait: std::time::Duration::from_secs(5),
+    };
+    (access, audit_task)
+}
+
 impl Place {
     /// A new empty place for `kind`.
     pub async fn new(kind: Kind) -> Place {

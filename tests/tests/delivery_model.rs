@@ -30,7 +30,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use relay::access::{Access, ISSUER_SKEW_S, LogoutReason, Start, Target, Verdict, split};
-use relay::fanout::Hub;
 use relay::store::{DeviceRef, MessageStore, NewMessage, Retention, now_ms};
 use relay_tests::{Kind, Place, Recorder};
 use uuid::Uuid;
@@ -209,18 +208,7 @@ struct World {
 
 impl World {
     fn new(store: Arc<dyn MessageStore>) -> World {
-        let (audit, audit_task) =
-            relay_tests::auditor(store.clone(), 0, relay_tests::audit_keys(), None);
-        let hub = Arc::new(Hub::default());
-        let access = Access {
-            store: store.clone(),
-            hub: hub.clone(),
-            presence: hub.clone(),
-            live: hub,
-            audit,
-            dispatcher: None,
-            ack_wait: Duration::from_secs(5),
-        };
+        let (access, audit_task) = relay_tests::access(store.clone());
         World {
             store,
             access,

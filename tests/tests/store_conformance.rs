@@ -1068,8 +1068,7 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
 /// then the rows are read again, and a logout stored in between is seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cassandra_a_connect_reads_the_access_rows_once_unless_a_logout_came_between() {
-    use relay::access::{Access, LogoutReason, Start, Target, Verdict};
-    use relay::fanout::Hub;
+    use relay::access::{LogoutReason, Start, Target, Verdict};
     let place = Place::new(Kind::Cassandra).await;
     let scylla = Arc::new(
         place
@@ -1082,17 +1081,7 @@ async fn cassandra_a_connect_reads_the_access_rows_once_unless_a_logout_came_bet
             .await,
     );
     let store: Arc<dyn MessageStore> = scylla.clone();
-    let (audit, _audit_task) = auditor(store.clone(), 0, audit_keys(), None);
-    let hub = Arc::new(Hub::default());
-    let access = Access {
-        store: store.clone(),
-        hub: hub.clone(),
-        presence: hub.clone(),
-        live: hub,
-        audit,
-        dispatcher: None,
-        ack_wait: Duration::from_secs(5),
-    };
+    let (access, _audit_task) = relay_tests::access(store.clone());
     let iat = now_ms() / 1000;
     let n = 20;
     let before = scylla.cql_requests();
