@@ -154,6 +154,15 @@ impl TestRelay {
     /// Connects with `token` (in the `Authorization` header) and reads `hello`; a refused
     /// upgrade is an error carrying the status and body.
     pub async fn connect_with(&self, token: &str) -> Result<Client, Refused> {
+        let mut client = self.upgrade(token).await?;
+        let hello = client.frame().await;
+        assert_eq!(hello["type"], "hello", "first frame: {hello}");
+        Ok(client)
+    }
+
+    /// Upgrades with `token` and reads nothing; a refused upgrade is an error carrying the
+    /// status and body.
+    pub async fn upgrade(&self, token: &str) -> Result<Client, Refused> {
         let mut req = format!("ws://{}/v1/ws", self.public)
             .into_client_request()
             .expect("request");
@@ -175,12 +184,7 @@ impl TestRelay {
                 })
             }
             Ok(Err(e)) => panic!("upgrade failed: {e}"),
-            Ok(Ok((ws, _))) => {
-                let mut client = Client { ws };
-                let hello = client.frame().await;
-                assert_eq!(hello["type"], "hello", "first frame: {hello}");
-                Ok(client)
-            }
+            Ok(Ok((ws, _))) => Ok(Client { ws }),
         }
     }
 

@@ -1,7 +1,7 @@
-//! The relay started inside the test process (embedded store, loopback, ephemeral ports) and
-//! driven through its sockets: the listener, the session driver, the hub, the pager and the
-//! admin API, between the unit tests and the end-to-end suites (which run the binary with
-//! clients written by others).
+//! The relay started inside the test process (embedded store unless a case says Cassandra,
+//! loopback, ephemeral ports) and driven through its sockets: the listener, the session driver,
+//! the hub, the pager and the admin API, between the unit tests and the end-to-end suites (which
+//! run the binary with clients written by others).
 
 use std::time::Duration;
 
@@ -457,4 +457,42 @@ async fn a_drain_closes_sessions_with_1012_and_keeps_what_was_accepted() {
 fn base64_of(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// On ScyllaDB a device's last-seen time marks it registered, and its next connect skips the
+/// registration (migration 11). A session whose registration failed must leave none, or the
+/// device would never be registered and its user's messages would pass it by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_a_device_whose_registration_failed_is_registered_at_its_next_connect() {
+    use relay_tests::{Kind, Place};
+    let place = Place::new(Kind::Cassandra).await;
+    let cfg = place.scylla_config();
+    let relay = TestRelay::start_with(|c| {
+        c.storage.backend = relay::config::Backend::Scylla;
+        c.storage.scylla = cfg.clone();
+    })
+    .await;
+    let mut alice = relay.connect("alice", "phone").await;
+    alice.replay().await;
+
+    // Registrations fail while their table lacks a column the relay writes.
+    let session = relay::store::scylla::connect(&cfg).await.expect("connect");
+    let alter = |change: &str| {
+        let cql = format!("ALTER TABLE {}.devices2 {change}", cfg.keyspace);
+        let session = &session;
+        async move { session.query_unpaged(cql, ()).await.expect("alter") }
+    };
+    alter("DROP registered_at").await;
+    let token = relay.token("carol", "phone");
+    let mut carol = relay.upgrade(&token).await.expect("upgrade");
+    assert_eq!(carol.closed(&[]).await, 1013, "try again later");
+    alter("ADD registered_at bigint").await;
+
+    let mut carol = relay.connect("carol", "phone").await;
+    assert!(carol.replay().await.is_empty());
+    let id = alice.send(&["carol"], b"after a failed registration").await;
+    alice.expect("accepted").await;
+    let d = carol.expect("deliver").await;
+    assert_eq!(d["id"], id.as_str());
+    relay.stop().await;
 }

@@ -1035,6 +1035,34 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
         ..LONG
     };
     let store = open(three_years).await;
+    // A reconnect, on a node that never saw the device, of a device whose session ran (its
+    // last-seen time is written only after its registration): the access read alone. Bob was
+    // registered but never seen: registered again.
+    let before = store.cql_requests();
+    for i in 0..n {
+        let d = DeviceRef::new(&format!("u{i}"), "phone");
+        store
+            .access(d.user.to_string(), Some(d.device.to_string()))
+            .await
+            .expect("access");
+        store.register_device(d.clone()).await.expect("register");
+    }
+    assert_requests(
+        store.cql_requests() - before,
+        n,
+        "the reconnects of devices seen before",
+    );
+    let before = store.cql_requests();
+    store
+        .access(bob.user.to_string(), Some(bob.device.to_string()))
+        .await
+        .expect("access");
+    store.register_device(bob.clone()).await.expect("register");
+    assert_requests(store.cql_requests() - before, 2, "a device never seen");
+    assert_eq!(
+        store.devices("u0".into()).await.expect("devices"),
+        vec!["phone".to_string()]
+    );
     let before = store.cql_requests();
     let page = store
         .inbox_page(DeviceRef::new("nobody", "phone"), 0, 1000, usize::MAX)
@@ -1315,7 +1343,7 @@ async fn cassandra_migration_9_moves_every_row_to_pseudonymous_keys() {
         migrate_to(&cfg, Some(&ring), 9).await.expect("migrate"),
         vec![9]
     );
-    // The migrations after it add tables only.
+    // The migrations after it add tables and a column only.
     assert_eq!(
         migrate_to(&cfg, Some(&ring), relay::store::scylla::SCHEMA_VERSION)
             .await

@@ -148,7 +148,9 @@ pub enum Change {
     Lock(Option<Lock>),
     /// Records a confirmation.
     Confirm(Confirmation),
-    /// The device connected or disconnected; the user's org when the token names one.
+    /// The device connected or disconnected; the user's org when the token names one. Recorded
+    /// only once the device's registration succeeded: the ScyllaDB store takes a last-seen
+    /// time as proof that the device is registered, and skips its next registration.
     Seen {
         /// When, ms.
         at: u64,

@@ -151,10 +151,12 @@ where
         if let Some(cluster) = &ctx.cluster {
             cluster.detach(device, reg.since).await;
         }
+        // Only here, past the registration: a last-seen time tells the ScyllaDB store the
+        // device is registered (`Change::Seen`).
+        ctx.last_seen.record(device, None);
         ended
     };
     ctx.hub.unregister(device, reg.id);
-    ctx.last_seen.record(device, None);
     if let Some(code) = ended.code {
         close_with(ws, code, ended.reason, ctx.write_timeout).await;
     }

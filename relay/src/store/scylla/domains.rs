@@ -8,13 +8,13 @@ pub(super) fn access_key(user_p: &[u8], device_p: &[u8]) -> Vec<u8> {
     [user_p, device_p].concat()
 }
 
-/// An access row, its sealed ids opened. A row whose ids do not open fails the read: a
-/// revocation is never mistaken for its absence.
+/// An access row, its sealed ids opened, and whether it says the device is registered. A row
+/// whose ids do not open fails the read: a revocation is never mistaken for its absence.
 pub(super) fn access_row(
     ids: &Pseudonyms,
     user: &str,
     c: AccessColumns,
-) -> Result<(String, AccessRow), StoreError> {
+) -> Result<(String, AccessRow, bool), StoreError> {
     let (
         device_p,
         device,
@@ -30,6 +30,7 @@ pub(super) fn access_row(
         cat,
         seen,
         fresh_from,
+        registered,
     ) = c;
     let key = access_key(&ids.user(user), &device_p);
     let open_one = |table: &[u8], sealed: Option<Vec<u8>>| -> Result<Option<String>, StoreError> {
@@ -68,8 +69,12 @@ pub(super) fn access_row(
             .map(|(signal, at)| Confirmation { signal, at }),
         last_seen: ms(seen),
     };
-    Ok((device, row))
+    Ok((device, row, registered == Some(true)))
 }
+
+/// Devices an access read found registered, at most: the entries of connects refused after
+/// their read are dropped together past it.
+const MAX_FOUND_REGISTERED: usize = 10_000;
 
 impl Messages for ScyllaStore {
     fn append(&self, msg: NewMessage) -> AppendTicket {
@@ -135,7 +140,19 @@ impl Messages for ScyllaStore {
 }
 
 impl Devices for ScyllaStore {
+    /// A device whose access row says it is registered (the connect's access read, made just
+    /// before, found it) is not written again: devices are never unregistered, and the row says
+    /// so only once a session ran after a registration that succeeded.
     fn register_device(&self, device: DeviceRef) -> BoxFuture<'_, Result<(), StoreError>> {
+        let found = self
+            .shared
+            .found_registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&device);
+        if found {
+            return std::future::ready(Ok(())).boxed();
+        }
         self.ops.register(device).boxed()
     }
 
@@ -242,7 +259,18 @@ impl AccessRows for ScyllaStore {
                         .and_then(|c| access_row(&s.ids, &user, c))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            if let Some(d) = &device
+                && rows
+                    .iter()
+                    .any(|(id, _, registered)| id == d && *registered)
+            {
+                let mut found = s.found_registered.lock().unwrap_or_else(|e| e.into_inner());
+                if found.len() >= MAX_FOUND_REGISTERED {
+                    found.clear();
+                }
+                found.insert(DeviceRef::new(&user, d));
+            }
+            Ok(rows.into_iter().map(|(id, row, _)| (id, row)).collect())
         }
         .boxed()
     }

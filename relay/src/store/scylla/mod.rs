@@ -33,10 +33,10 @@
 //! another node while the first attempt is still in flight) can both store it; devices dedupe
 //! by id, as at-least-once delivery requires anyway.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
@@ -174,7 +174,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// Columns of an access row, in the order [`AccessColumns`] reads them.
 macro_rules! access_columns {
     () => {
-        "device_p, device_sealed, org_sealed, WRITETIME(org_sealed), locked_at, lock_reason, revoked_at, revoke_reason, signal, except_sealed, confirmed_signal, confirmed_at, last_seen, fresh_from"
+        "device_p, device_sealed, org_sealed, WRITETIME(org_sealed), locked_at, lock_reason, revoked_at, revoke_reason, signal, except_sealed, confirmed_signal, confirmed_at, last_seen, fresh_from, registered"
     };
 }
 
@@ -193,6 +193,7 @@ type AccessColumns = (
     Option<i64>,
     Option<i64>,
     Option<i64>,
+    Option<bool>,
 );
 
 struct Statements {
@@ -264,7 +265,7 @@ impl Statements {
             revoke: p("UPDATE {ks}.access2 SET revoked_at = ?, revoke_reason = ?, signal = ?, except_sealed = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
             lock: p("UPDATE {ks}.access2 SET locked_at = ?, lock_reason = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
             confirm: p("UPDATE {ks}.access2 SET confirmed_signal = ?, confirmed_at = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
-            seen: p("UPDATE {ks}.access2 SET last_seen = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
+            seen: p("UPDATE {ks}.access2 SET last_seen = ?, device_sealed = ?, registered = true WHERE user_p = ? AND device_p = ?").await?,
             set_org: p("UPDATE {ks}.access2 USING TIMESTAMP ? SET org_sealed = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
             fresh: p("UPDATE {ks}.access2 SET fresh_from = ?, device_sealed = ? WHERE user_p = ? AND device_p = ?").await?,
             insert_org_user: p("INSERT INTO {ks}.org_users2 (org_p, user_p, sealed) VALUES (?, ?, ?)").await?,
@@ -316,6 +317,8 @@ struct Shared {
     /// Until when (ms) this node may issue sequence numbers under its node id: a leased id
     /// that lapsed may already be another node's.
     lease_until: AtomicU64,
+    /// Devices an access read found registered, until their registration takes them.
+    found_registered: Mutex<HashSet<DeviceRef>>,
 }
 
 /// ScyllaDB-backed [`MessageStore`].
@@ -497,6 +500,7 @@ impl ScyllaStore {
             } else {
                 u64::MAX
             }),
+            found_registered: Mutex::default(),
         });
         // Sequence numbers carry the node id, so nodes never collide; a restarted node (or the
         // next holder of a leased id) continues above everything issued under that id before.

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Schema version this relay needs.
-pub const SCHEMA_VERSION: i32 = 10;
+pub const SCHEMA_VERSION: i32 = 11;
 
 /// Migrations, in order: (version, name, CQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         10,
         "backups",
         include_str!("../../../../schema/0010_backups.cql"),
+    ),
+    (
+        11,
+        "registered",
+        include_str!("../../../../schema/0011_registered.cql"),
     ),
 ];
 
