@@ -11,7 +11,7 @@
 //! devices, and starts its appends once every earlier batch has registered its own; a device
 //! list read across a registration is not cached (`DeviceCache`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use futures_util::StreamExt as _;
@@ -63,9 +63,17 @@ type Written = (u64, Instant, Vec<MessageKey>, Option<Vec<Pending>>);
 #[derive(Default)]
 struct DeviceCache {
     lists: HashMap<Arc<str>, (Vec<DeviceRef>, Instant)>,
-    /// Registrations and invalidations so far: a list read across one is used, not cached.
+    /// Registrations and invalidations so far: a list read across one of its user's is used,
+    /// not cached.
     changes: u64,
+    /// The users of the last [`RECENT_CHANGES`] changes, oldest first: a reconnect storm on
+    /// other nodes keeps only its own users' lists out of the cache, not everyone's.
+    recent: VecDeque<Arc<str>>,
 }
+
+/// Changes remembered by user: far more than arrive during one read of device lists (a few
+/// milliseconds); past them, a read caches nothing.
+const RECENT_CHANGES: usize = 4_096;
 
 impl DeviceCache {
     /// The fresh lists of `users`, into `lists`; the others, to be read, and the count to give
@@ -83,15 +91,23 @@ impl DeviceCache {
         (stale, self.changes)
     }
 
-    /// Caches lists read since `lookup` answered `changes`, unless a device changed meanwhile.
+    /// Caches lists read since `lookup` answered `changes`, but not those of users whose
+    /// devices changed meanwhile.
     fn fill<'a>(
         &mut self,
         changes: u64,
         read: impl ExactSizeIterator<Item = (&'a str, &'a Vec<DeviceRef>)>,
     ) {
-        if changes != self.changes {
+        let since = (self.changes - changes) as usize;
+        if since > self.recent.len() {
             return;
         }
+        let changed: HashSet<&str> = self
+            .recent
+            .range(self.recent.len() - since..)
+            .map(|u| &**u)
+            .collect();
+        let read: Vec<_> = read.filter(|(user, _)| !changed.contains(user)).collect();
         let max = crate::store::DEVICE_CACHE_USERS;
         if self.lists.len() + read.len() > max {
             self.lists
@@ -106,9 +122,18 @@ impl DeviceCache {
         }
     }
 
+    /// A device of `user` changed: counted, and remembered by user.
+    fn changed(&mut self, user: &Arc<str>) {
+        self.changes += 1;
+        if self.recent.len() == RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(user.clone());
+    }
+
     /// `device` is registered (here).
     fn registered(&mut self, device: &DeviceRef) {
-        self.changes += 1;
+        self.changed(&device.user);
         if let Some((list, _)) = self.lists.get_mut(&device.user)
             && !list.contains(device)
         {
@@ -118,7 +143,7 @@ impl DeviceCache {
 
     /// `device` registered on another node: its user's list is read again if it lacks it.
     fn seen(&mut self, device: &DeviceRef) {
-        self.changes += 1;
+        self.changed(&device.user);
         if self
             .lists
             .get(&device.user)
@@ -774,5 +799,32 @@ mod tests {
         assert_eq!(lookup(&cache, "v").0, Some(vec![phone.clone()]));
         cache.registered(&tablet);
         assert_eq!(lookup(&cache, "v").0, Some(vec![phone, tablet]));
+    }
+
+    /// Devices connecting elsewhere in the cluster (each a `seen`) keep only their own users'
+    /// lists out of the cache: under a reconnect storm on other nodes, every other list read
+    /// meanwhile is still cached, rather than read again for every batch.
+    #[test]
+    fn a_change_keeps_only_its_own_users_list_read_across_it_out_of_the_cache() {
+        let users = ["v".to_string(), "w".to_string()];
+        let (v, w) = (
+            vec![DeviceRef::new("v", "phone")],
+            vec![DeviceRef::new("w", "phone")],
+        );
+        let mut cache = DeviceCache::default();
+        let (_, changes) = cache.lookup(&users, &mut DeviceLists::new());
+        cache.seen(&DeviceRef::new("w", "tablet"));
+        cache.fill(changes, [("v", &v), ("w", &w)].into_iter());
+        assert_eq!(lookup(&cache, "v").0, Some(v.clone()));
+        assert_eq!(lookup(&cache, "w").0, None);
+
+        // More changes during one read than are remembered: nothing read is cached.
+        let mut cache = DeviceCache::default();
+        let (_, changes) = cache.lookup(&users, &mut DeviceLists::new());
+        for i in 0..=RECENT_CHANGES {
+            cache.seen(&DeviceRef::new(&format!("x{i}"), "phone"));
+        }
+        cache.fill(changes, [("v", &v)].into_iter());
+        assert_eq!(lookup(&cache, "v").0, None);
     }
 }
