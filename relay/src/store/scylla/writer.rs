@@ -9,7 +9,7 @@
 //! done, so that its second attempt finds the first one's row. What the serial writer got from
 //! running one batch at a time is kept explicitly: a batch applies its acks, then registers its
 //! devices, and starts its appends once every earlier batch has registered its own; a device
-//! list read across a registration is not cached (`DeviceCache`).
+//! list read across a registration of its user's device is not cached (`DeviceCache`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
