@@ -895,6 +895,16 @@ fn assert_requests(got: u64, expected: u64, what: &str) {
     );
 }
 
+/// What a connect asks the store before its session starts: the access rows, then the
+/// registration.
+async fn connect_calls(store: &relay::store::scylla::ScyllaStore, d: &DeviceRef) {
+    store
+        .access(d.user.to_string(), Some(d.device.to_string()))
+        .await
+        .expect("access");
+    store.register_device(d.clone()).await.expect("register");
+}
+
 /// ScyllaDB only: what one message and one device's connect cost in CQL requests, counted by
 /// the driver. The figures are the ones BENCHMARKS.md reports; a change that adds a round trip
 /// to either path fails here first.
@@ -964,12 +974,7 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
     // registered unless a logout came between: the next test).
     let before = store.cql_requests();
     for i in 0..n {
-        let d = DeviceRef::new(&format!("u{i}"), "phone");
-        store
-            .access(d.user.to_string(), Some(d.device.to_string()))
-            .await
-            .expect("access");
-        store.register_device(d.clone()).await.expect("register");
+        connect_calls(&store, &DeviceRef::new(&format!("u{i}"), "phone")).await;
     }
     assert_requests(store.cql_requests() - before, 2 * n, "the connects");
     // A session's last-seen time with its token's organisation: one request.
@@ -1040,12 +1045,7 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
     // registered but never seen: registered again.
     let before = store.cql_requests();
     for i in 0..n {
-        let d = DeviceRef::new(&format!("u{i}"), "phone");
-        store
-            .access(d.user.to_string(), Some(d.device.to_string()))
-            .await
-            .expect("access");
-        store.register_device(d.clone()).await.expect("register");
+        connect_calls(&store, &DeviceRef::new(&format!("u{i}"), "phone")).await;
     }
     assert_requests(
         store.cql_requests() - before,
@@ -1053,11 +1053,7 @@ async fn cassandra_the_driver_counts_the_requests_of_a_message_and_a_connect() {
         "the reconnects of devices seen before",
     );
     let before = store.cql_requests();
-    store
-        .access(bob.user.to_string(), Some(bob.device.to_string()))
-        .await
-        .expect("access");
-    store.register_device(bob.clone()).await.expect("register");
+    connect_calls(&store, &bob).await;
     assert_requests(store.cql_requests() - before, 2, "a device never seen");
     assert_eq!(
         store.devices("u0".into()).await.expect("devices"),
