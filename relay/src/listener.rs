@@ -416,7 +416,8 @@ async fn public(
     } else {
         None
     };
-    let (revocation, user_org, opening) = match check_access(&app, &identity, ip).await {
+    let (revocation, user_org, opening, seen_lately) = match check_access(&app, &identity, ip).await
+    {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
@@ -424,7 +425,11 @@ async fn public(
     // Everything the session logs names its device and node.
     let span = tracing::info_span!("session", user = %identity.device.user, device = %identity.device.device, node = app.node_id);
     let admitted = Admitted {
-        admission: Admission { identity, opening },
+        admission: Admission {
+            identity,
+            opening,
+            seen_lately,
+        },
         revocation,
         user_org: user_org.map(String::into_boxed_str),
         ip,
@@ -524,16 +529,29 @@ async fn check_access(
     app: &App,
     identity: &Identity,
     ip: IpAddr,
-) -> Result<(Option<Box<Revocation>>, Option<String>, Option<Opening>), Response<Body>> {
+) -> Result<
+    (
+        Option<Box<Revocation>>,
+        Option<String>,
+        Option<Opening>,
+        bool,
+    ),
+    Response<Body>,
+> {
     let audit = &app.sessions.access.audit;
     let Checked {
         verdict,
         org: user_org,
         opening,
+        seen_lately,
     } = match app
         .sessions
         .access
-        .check(&identity.device, identity.issued_at)
+        .check(
+            &identity.device,
+            identity.issued_at,
+            identity.org.as_deref(),
+        )
         .await
     {
         Ok(c) => c,
@@ -571,7 +589,7 @@ async fn check_access(
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
         Verdict::LoggedOut { revocation, .. } => Some(Box::new(revocation)),
     };
-    Ok((revocation, user_org, opening))
+    Ok((revocation, user_org, opening, seen_lately))
 }
 
 /// Once the `101` is out: the session, recorded in the audit trail from connect to its end.

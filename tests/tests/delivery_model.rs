@@ -442,7 +442,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let iat = model.fresh_iat(&d, ahead).await;
                 if model.locked.contains(USERS[user]) {
                     // Refused while locked, whatever the token.
-                    let verdict = w.access.check(&d, iat).await.expect("check").verdict;
+                    let verdict = w.access.check(&d, iat, None).await.expect("check").verdict;
                     prop_assert_eq!(verdict, Verdict::Locked);
                     continue;
                 }
@@ -478,7 +478,7 @@ async fn run(kind: Kind, ops: Vec<Op>) -> Result<(), TestCaseError> {
         devices.sort();
         for d in &devices {
             let login = model.logins[d].clone();
-            let checked = w.access.check(d, login.iat).await.expect("check");
+            let checked = w.access.check(d, login.iat, None).await.expect("check");
             let verdict = checked.verdict;
             prop_assert!(
                 same(&verdict, &model.verdict(d)),

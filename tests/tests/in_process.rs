@@ -176,6 +176,68 @@ async fn a_second_connection_of_a_device_replaces_the_first() {
     relay.stop().await;
 }
 
+/// The device's last-seen time and its user's organisation, as the admin API shows them.
+async fn seen_and_org(relay: &TestRelay, user: &str, device: &str) -> (Option<u64>, Value) {
+    let (status, body) = relay
+        .admin_call(SUPPORT, "GET", &format!("/v1/users/{user}/devices"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = body["devices"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["device"] == device))
+        .and_then(|d| d["last_seen"].as_u64());
+    (seen, body["org"].clone())
+}
+
+/// Waits until the device's last-seen time is past `after` (a session event's record).
+async fn seen_after(relay: &TestRelay, user: &str, device: &str, after: u64) -> u64 {
+    for _ in 0..100 {
+        if let (Some(t), _) = seen_and_org(relay, user, device).await
+            && t > after
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{user}/{device} was not seen after {after}");
+}
+
+#[tokio::test]
+async fn a_quick_reconnect_does_not_rewrite_the_last_seen_time_until_it_ends() {
+    let relay = TestRelay::start().await;
+    let token = relay.token_with("alice", "phone", |c| c.org = Some("clinic-a".into()));
+    let mut first = relay.connect_with(&token).await.expect("upgrade");
+    first.replay().await;
+    let connected = seen_after(&relay, "alice", "phone", 0).await;
+    first.close().await;
+    let left = seen_after(&relay, "alice", "phone", connected).await;
+
+    // Back with the same token moments later: the row already says what the connect would
+    // write, so the connect writes nothing; the disconnect still does.
+    let mut again = relay.connect_with(&token).await.expect("upgrade");
+    again.replay().await;
+    again.send(&["bob"], b"x").await;
+    again.expect("accepted").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen_and_org(&relay, "alice", "phone").await,
+        (Some(left), json!("clinic-a"))
+    );
+    again.close().await;
+    let left_again = seen_after(&relay, "alice", "phone", left).await;
+
+    // A token naming another organisation is recorded at its connect.
+    let moved = relay.token_with("alice", "phone", |c| c.org = Some("clinic-b".into()));
+    let mut moved = relay.connect_with(&moved).await.expect("upgrade");
+    moved.replay().await;
+    seen_after(&relay, "alice", "phone", left_again).await;
+    assert_eq!(
+        seen_and_org(&relay, "alice", "phone").await.1,
+        json!("clinic-b")
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_session_is_logged_off_and_activity_keeps_it() {
     let relay =

@@ -1111,7 +1111,7 @@ async fn cassandra_a_connect_reads_the_access_rows_once_unless_a_logout_came_bet
     let before = scylla.cql_requests();
     for i in 0..n {
         let d = DeviceRef::new(&format!("u{i}"), "phone");
-        let checked = access.check(&d, iat).await.expect("check");
+        let checked = access.check(&d, iat, None).await.expect("check");
         assert!(matches!(checked.verdict, Verdict::Allowed));
         store.register_device(d.clone()).await.expect("register");
         let start = access
@@ -1125,7 +1125,7 @@ async fn cassandra_a_connect_reads_the_access_rows_once_unless_a_logout_came_bet
 
     // A logout between the check and the session's start: read again, and it is seen.
     let d = DeviceRef::new("u0", "phone");
-    let checked = access.check(&d, iat).await.expect("check");
+    let checked = access.check(&d, iat, None).await.expect("check");
     access
         .logout(Target::Device(d.clone()), LogoutReason::LostDevice, "test")
         .await

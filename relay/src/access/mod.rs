@@ -27,7 +27,7 @@ pub mod model;
 
 pub use model::{
     AccessRow, Change, Confirmation, ISSUER_SKEW_S, Lock, LogoutReason, REASONS, Revocation, Start,
-    Target, Verdict, covers, reason_label, revocation, split, start, verdict,
+    Target, Verdict, covers, reason_label, revocation, seen_lately, split, start, verdict,
 };
 
 /// The audit trail's way to the organisation a user belongs to now (their user row's).
@@ -47,6 +47,8 @@ pub struct Checked {
     pub org: Option<String>,
     /// When allowed with no floor: the read its session may start on.
     pub opening: Option<Opening>,
+    /// The rows already hold what the session's connect would record ([`seen_lately`]).
+    pub seen_lately: bool,
 }
 
 /// An allowed session of a login that needs no floor (the device was never logged out, the
@@ -109,19 +111,26 @@ impl Access {
         Ok((user, dev))
     }
 
-    /// The verdict for a token of `device` issued at `iat`, the user's organisation, and (when
-    /// allowed) how its session starts, as of this read.
-    pub async fn check(&self, device: &DeviceRef, iat: u64) -> Result<Checked, StoreError> {
+    /// The verdict for a token of `device` issued at `iat` naming `org`, the user's
+    /// organisation, and (when allowed) how its session starts, as of this read.
+    pub async fn check(
+        &self,
+        device: &DeviceRef,
+        iat: u64,
+        org: Option<&str>,
+    ) -> Result<Checked, StoreError> {
         // Before the read: a logout taken after it moves the count.
         let logouts = self.live.logouts_taken();
         let (user, dev) = self.rows(device).await?;
         let verdict = verdict(&user, &dev, &device.device, iat);
-        let opening = match start(&user, &dev, &device.device, iat, now_ms()) {
+        let now = now_ms();
+        let opening = match start(&user, &dev, &device.device, iat, now) {
             (Start::Open { floor_ms: 0 }, None) => logouts.and_then(Opening::after),
             _ => None,
         };
         Ok(Checked {
             verdict,
+            seen_lately: seen_lately(&user, &dev, org, iat, now),
             org: user.org,
             opening,
         })

@@ -283,6 +283,32 @@ pub fn start(
     (Start::Open { floor_ms }, Some(Change::Fresh(floor_ms)))
 }
 
+/// How long a device's last-seen time stands for its next connect. A device back within it,
+/// with a token whose organisation the user row already holds, is recorded at its disconnect
+/// only: a reconnect storm writes nothing at its connects, and the time is never earlier than
+/// the true one by more than this (a node that dies mid-session records no disconnect).
+pub const SEEN_STANDS_MS: u64 = 10 * 60 * 1000;
+
+/// Whether the rows already say, near enough, what the connect at `now` (ms) of a token
+/// issued at `iat` (s) naming `org` would record ([`Change::Seen`]): the device was seen
+/// within [`SEEN_STANDS_MS`], and the user's organisation is the token's, from a token no
+/// older.
+pub fn seen_lately(
+    user: &AccessRow,
+    dev: &AccessRow,
+    org: Option<&str>,
+    iat: u64,
+    now: u64,
+) -> bool {
+    let recent = dev
+        .last_seen
+        .is_some_and(|t| now.saturating_sub(t) < SEEN_STANDS_MS);
+    let org_held = org.is_none_or(|o| {
+        user.org.as_deref() == Some(o) && user.org_since.is_some_and(|since| since >= iat)
+    });
+    recent && org_held
+}
+
 /// Splits the rows the store's `access` read gives into the user row and the device rows.
 pub fn split(rows: Vec<(String, AccessRow)>) -> (AccessRow, Vec<(String, AccessRow)>) {
     let mut user = AccessRow::default();
@@ -368,6 +394,44 @@ mod tests {
             signal: Uuid::new_v4(),
             except: except.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn a_connect_needs_no_record_when_the_rows_already_hold_it() {
+        let now = 100 * SEEN_STANDS_MS;
+        let dev = |seen: Option<u64>| AccessRow {
+            last_seen: seen,
+            ..Default::default()
+        };
+        let user = AccessRow {
+            org: Some("clinic-a".into()),
+            org_since: Some(500),
+            ..Default::default()
+        };
+        let lately = Some(now - SEEN_STANDS_MS + 1);
+        assert!(seen_lately(&user, &dev(lately), None, 900, now));
+        assert!(seen_lately(&user, &dev(lately), Some("clinic-a"), 500, now));
+        // Another organisation, or the same from a newer token, is recorded.
+        assert!(!seen_lately(
+            &user,
+            &dev(lately),
+            Some("clinic-b"),
+            500,
+            now
+        ));
+        assert!(!seen_lately(
+            &user,
+            &dev(lately),
+            Some("clinic-a"),
+            501,
+            now
+        ));
+        // So is a device not seen lately, or never.
+        let long_ago = Some(now - SEEN_STANDS_MS);
+        assert!(!seen_lately(&user, &dev(long_ago), None, 900, now));
+        assert!(!seen_lately(&user, &dev(None), None, 900, now));
+        // A time ahead of this node's clock (another node's) stands.
+        assert!(seen_lately(&user, &dev(Some(now + 5_000)), None, 900, now));
     }
 
     #[test]

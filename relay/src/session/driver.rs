@@ -72,6 +72,9 @@ pub struct Admission {
     pub identity: Identity,
     /// From the upgrade's access check.
     pub opening: Option<Opening>,
+    /// The check found the device seen lately, with its token's organisation: its connect is
+    /// not recorded ([`crate::access::seen_lately`]).
+    pub seen_lately: bool,
 }
 
 /// Runs a session to its end. Never panics on network input; every exit path closes the socket.
@@ -138,13 +141,15 @@ where
                         .await;
                 }
             };
-            ctx.last_seen.record(
-                device,
-                identity
-                    .org
-                    .as_deref()
-                    .map(|o| (o.into(), identity.issued_at)),
-            );
+            if !admission.seen_lately {
+                ctx.last_seen.record(
+                    device,
+                    identity
+                        .org
+                        .as_deref()
+                        .map(|o| (o.into(), identity.issued_at)),
+                );
+            }
             state.start_at(crate::store::seq_floor(floor_ms));
             session(ws, ctx, &mut state, &mut reg).await
         };
