@@ -150,6 +150,10 @@ struct Args {
     /// connect into that org's access report partitions, as with real tokens.
     #[arg(long)]
     org: Option<String>,
+    /// Issue time (Unix seconds) of the minted tokens, by default now: runs given the same one
+    /// connect with the same tokens, as devices reconnecting with the tokens they hold.
+    #[arg(long)]
+    iat: Option<u64>,
     /// Write the JSON report here as well.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -960,7 +964,7 @@ fn load_tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
                 sub: sub.clone(),
                 dev: "d".into(),
                 org: args.org.clone(),
-                iat: now,
+                iat: args.iat.unwrap_or(now),
                 exp: now + 86_400,
                 nbf: None,
                 urgent: args.urgent > 0.0,
