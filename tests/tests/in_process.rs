@@ -204,7 +204,24 @@ async fn seen_after(relay: &TestRelay, user: &str, device: &str, after: u64) -> 
 
 #[tokio::test]
 async fn a_quick_reconnect_does_not_rewrite_the_last_seen_time_until_it_ends() {
-    let relay = TestRelay::start().await;
+    a_quick_reconnect_is_recorded_at_its_end(TestRelay::start().await).await;
+}
+
+/// On ScyllaDB the organisation's time is the write time of its column (the token's `iat`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_a_quick_reconnect_does_not_rewrite_the_last_seen_time_until_it_ends() {
+    use relay_tests::{Kind, Place};
+    let place = Place::new(Kind::Cassandra).await;
+    let cfg = place.scylla_config();
+    let relay = TestRelay::start_with(|c| {
+        c.storage.backend = relay::config::Backend::Scylla;
+        c.storage.scylla = cfg.clone();
+    })
+    .await;
+    a_quick_reconnect_is_recorded_at_its_end(relay).await;
+}
+
+async fn a_quick_reconnect_is_recorded_at_its_end(relay: TestRelay) {
     let token = relay.token_with("alice", "phone", |c| c.org = Some("clinic-a".into()));
     let mut first = relay.connect_with(&token).await.expect("upgrade");
     first.replay().await;
