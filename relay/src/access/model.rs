@@ -300,9 +300,10 @@ pub fn seen_lately(
     iat: u64,
     now: u64,
 ) -> bool {
+    // Either way: a time far ahead of this clock (a node's clock gone wrong) is recorded over.
     let recent = dev
         .last_seen
-        .is_some_and(|t| now.saturating_sub(t) < SEEN_STANDS_MS);
+        .is_some_and(|t| t.abs_diff(now) < SEEN_STANDS_MS);
     let org_held = org.is_none_or(|o| {
         user.org.as_deref() == Some(o) && user.org_since.is_some_and(|since| since >= iat)
     });
@@ -430,8 +431,10 @@ mod tests {
         let long_ago = Some(now - SEEN_STANDS_MS);
         assert!(!seen_lately(&user, &dev(long_ago), None, 900, now));
         assert!(!seen_lately(&user, &dev(None), None, 900, now));
-        // A time ahead of this node's clock (another node's) stands.
+        // A time a little ahead of this node's clock (another node's) stands; far ahead, not.
         assert!(seen_lately(&user, &dev(Some(now + 5_000)), None, 900, now));
+        let ahead = Some(now + SEEN_STANDS_MS);
+        assert!(!seen_lately(&user, &dev(ahead), None, 900, now));
     }
 
     #[test]
