@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::{Checked, Opening, Revocation, Verdict};
+use crate::access::{Checked, Revocation, Verdict};
 use crate::audit::{Event, EventKind};
 use crate::auth::{self, FailureLimits, Identity, TokenSource, Verifier};
 use crate::config::Config;
@@ -416,8 +416,7 @@ async fn public(
     } else {
         None
     };
-    let (revocation, user_org, opening, seen_lately) = match check_access(&app, &identity, ip).await
-    {
+    let (revocation, checked) = match check_access(&app, &identity, ip).await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
@@ -427,11 +426,11 @@ async fn public(
     let admitted = Admitted {
         admission: Admission {
             identity,
-            opening,
-            seen_lately,
+            opening: checked.opening,
+            seen_lately: checked.seen_lately,
         },
         revocation,
-        user_org: user_org.map(String::into_boxed_str),
+        user_org: checked.org.map(String::into_boxed_str),
         ip,
         held: (permit, client_slot),
     };
@@ -524,27 +523,14 @@ impl Admitted {
 }
 
 /// The stored access state's verdict on a genuine token: admitted (with the revocation to
-/// deliver, if any, and the user's organisation), or the refusal.
+/// deliver, if any, and what the check read), or the refusal.
 async fn check_access(
     app: &App,
     identity: &Identity,
     ip: IpAddr,
-) -> Result<
-    (
-        Option<Box<Revocation>>,
-        Option<String>,
-        Option<Opening>,
-        bool,
-    ),
-    Response<Body>,
-> {
+) -> Result<(Option<Box<Revocation>>, Checked), Response<Body>> {
     let audit = &app.sessions.access.audit;
-    let Checked {
-        verdict,
-        org: user_org,
-        opening,
-        seen_lately,
-    } = match app
+    let checked = match app
         .sessions
         .access
         .check(
@@ -564,14 +550,14 @@ async fn check_access(
             ));
         }
     };
-    let revocation = match verdict {
+    let revocation = match &checked.verdict {
         Verdict::Allowed => None,
         Verdict::Locked => {
             outcome("account_locked");
             audit.record(Event {
                 ip: Some(ip.to_string()),
                 reason: Some("account_locked".into()),
-                org: user_org,
+                org: checked.org.clone(),
                 org_known: true,
                 ..Event::new(EventKind::AuthFailed).device(&identity.device)
             });
@@ -587,9 +573,9 @@ async fn check_access(
             return Err(failed_login(app, ip, claimed, "revoked", true).await);
         }
         // Not confirmed yet: upgrade only to deliver the `logout` frame.
-        Verdict::LoggedOut { revocation, .. } => Some(Box::new(revocation)),
+        Verdict::LoggedOut { revocation, .. } => Some(Box::new(revocation.clone())),
     };
-    Ok((revocation, user_org, opening, seen_lately))
+    Ok((revocation, checked))
 }
 
 /// Once the `101` is out: the session, recorded in the audit trail from connect to its end.
