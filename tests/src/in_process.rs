@@ -94,6 +94,15 @@ impl TestRelay {
         Self::start_at(tempfile::tempdir().expect("temp dir"), tweak).await
     }
 
+    /// Starts a relay on the ScyllaDB keyspace `cfg` names (a test Cassandra's [`crate::Place`]).
+    pub async fn start_on_scylla(cfg: &relay::config::ScyllaConfig) -> TestRelay {
+        Self::start_with(|c| {
+            c.storage.backend = relay::config::Backend::Scylla;
+            c.storage.scylla = cfg.clone();
+        })
+        .await
+    }
+
     /// Starts a relay on the data directory a stopped one left ([`TestRelay::stop_keeping_data`]).
     pub async fn start_in(dir: tempfile::TempDir) -> TestRelay {
         Self::start_at(dir, |_| {}).await

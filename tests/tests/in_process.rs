@@ -212,12 +212,7 @@ async fn a_quick_reconnect_does_not_rewrite_the_last_seen_time_until_it_ends() {
 async fn cassandra_a_quick_reconnect_does_not_rewrite_the_last_seen_time_until_it_ends() {
     use relay_tests::{Kind, Place};
     let place = Place::new(Kind::Cassandra).await;
-    let cfg = place.scylla_config();
-    let relay = TestRelay::start_with(|c| {
-        c.storage.backend = relay::config::Backend::Scylla;
-        c.storage.scylla = cfg.clone();
-    })
-    .await;
+    let relay = TestRelay::start_on_scylla(&place.scylla_config()).await;
     a_quick_reconnect_is_recorded_at_its_end(relay).await;
 }
 
@@ -546,11 +541,7 @@ async fn cassandra_a_device_whose_registration_failed_is_registered_at_its_next_
     use relay_tests::{Kind, Place};
     let place = Place::new(Kind::Cassandra).await;
     let cfg = place.scylla_config();
-    let relay = TestRelay::start_with(|c| {
-        c.storage.backend = relay::config::Backend::Scylla;
-        c.storage.scylla = cfg.clone();
-    })
-    .await;
+    let relay = TestRelay::start_on_scylla(&cfg).await;
     let mut alice = relay.connect("alice", "phone").await;
     alice.replay().await;
 
