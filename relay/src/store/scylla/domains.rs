@@ -334,8 +334,10 @@ impl AccessRows for ScyllaStore {
                     let org_p = s.ids.org(&org).to_vec();
                     let org_key = [org_p.as_slice(), u.as_slice()].concat();
                     let sealed_user = rows::seal_ids(&s.ids, b"org_users", &org_key, &[&user]);
-                    // One request on every connect: the statements are idempotent, and one
-                    // lost to a partial failure is written again at the next connect.
+                    // One request per recorded connect: the statements are idempotent, and
+                    // one lost to a partial failure is written again at the next recorded
+                    // connect (the device away for 10 minutes, or a newer token: see
+                    // `access::seen_lately`), not at a quick reconnect.
                     s.session
                         .batch(
                             &s.st.seen_with_org,
